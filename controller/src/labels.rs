@@ -1,0 +1,27 @@
+//! Label and annotation keys svcplane reads and writes, and its own managed-by values.
+//!
+//! svcplane never uses kube-controller-manager's managed-by values, so the two can run
+//! on one cluster (for differential tests) without touching each other's slices.
+
+/// `endpointslice.kubernetes.io/managed-by`: which controller owns a slice.
+pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// svcplane's managed-by value for slices computed from Pods.
+pub const SVCPLANE_SLICE_CONTROLLER: &str = "endpointslice-controller.svcplane.io";
+/// svcplane's managed-by value for slices mirrored from hand-written Endpoints.
+pub const SVCPLANE_MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.svcplane.io";
+/// kube-controller-manager's value: svcplane never touches these slices.
+pub const UPSTREAM_SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+/// kube-controller-manager's mirroring value: svcplane never touches these slices.
+pub const UPSTREAM_MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+/// `kubernetes.io/service-name`: the Service a slice belongs to.
+pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// `service.kubernetes.io/headless`: set (empty value) on slices/Endpoints of headless Services.
+pub const HEADLESS: &str = "service.kubernetes.io/headless";
+/// `endpoints.kubernetes.io/last-change-trigger-time`.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// `endpoints.kubernetes.io/over-capacity`: set to "truncated" when an Endpoints was cut.
+pub const OVER_CAPACITY: &str = "endpoints.kubernetes.io/over-capacity";
+/// `endpointslice.kubernetes.io/skip-mirror`: "true" on an Endpoints opts it out of mirroring.
+pub const SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
+/// `kubectl.kubernetes.io/last-applied-configuration`: never copied onto derived objects.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";

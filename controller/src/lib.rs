@@ -1,0 +1,13 @@
+//! svcplane's endpoint controllers.
+//!
+//! Each controller is split in two: a pure planner (no client, no I/O: given a
+//! Service, its Pods or Endpoints and the slices that exist, it returns what to
+//! create, update and delete) and a thin shell that reads reflector stores, calls
+//! the planner and applies the plan. Most tests live on the planners.
+
+pub mod endpoints;
+pub mod endpointslice;
+pub mod labels;
+pub mod mirroring;
+pub mod plan;
+pub mod pod;

@@ -1,0 +1,1 @@
+//! svcplane ipam (see README.md).

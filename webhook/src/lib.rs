@@ -1,0 +1,1 @@
+//! svcplane webhook (see README.md).
