@@ -25,3 +25,12 @@ pub const OVER_CAPACITY: &str = "endpoints.kubernetes.io/over-capacity";
 pub const SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
 /// `kubectl.kubernetes.io/last-applied-configuration`: never copied onto derived objects.
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// `control-plane.alpha.kubernetes.io/leader`: Endpoints used as leader-election
+/// locks carry it; they are never mirrored.
+pub const LEADER_ELECTION: &str = "control-plane.alpha.kubernetes.io/leader";
+/// `endpoints.kubernetes.io/managed-by`: which controller wrote an Endpoints object.
+pub const ENDPOINTS_MANAGED_BY: &str = "endpoints.kubernetes.io/managed-by";
+/// The Endpoints controller's managed-by value. svcplane writes upstream's value on
+/// purpose: an Endpoints is named after its Service, so both controllers would write
+/// the same object, and a different value would make them overwrite each other forever.
+pub const UPSTREAM_ENDPOINTS_CONTROLLER: &str = "endpoint-controller";
