@@ -76,10 +76,7 @@ pub fn is_terminating(pod: &Pod) -> bool {
 
 /// The Pod's phase, `""` when unset.
 fn pod_phase(pod: &Pod) -> &str {
-    pod.status
-        .as_ref()
-        .and_then(|status| status.phase.as_deref())
-        .unwrap_or_default()
+    pod.status.as_ref().and_then(|status| status.phase.as_deref()).unwrap_or_default()
 }
 
 /// True when the Pod is `Succeeded` or `Failed`: it will never run again.
@@ -115,10 +112,7 @@ pub fn selector_matches(
 
 /// True when `spec.publishNotReadyAddresses` is set on the Service.
 pub fn publishes_not_ready(svc: &Service) -> bool {
-    svc.spec
-        .as_ref()
-        .and_then(|spec| spec.publish_not_ready_addresses)
-        .unwrap_or(false)
+    svc.spec.as_ref().and_then(|spec| spec.publish_not_ready_addresses).unwrap_or(false)
 }
 
 /// Upstream `ShouldSetHostname`: the endpoint carries `pod.spec.hostname` only when
@@ -128,8 +122,7 @@ pub fn should_set_hostname(pod: &Pod, svc: &Service) -> bool {
         return false;
     };
     spec.hostname.as_deref().is_some_and(|h| !h.is_empty())
-        && spec.subdomain.as_deref().unwrap_or_default()
-            == svc.metadata.name.as_deref().unwrap_or_default()
+        && spec.subdomain.as_deref().unwrap_or_default() == svc.metadata.name.as_deref().unwrap_or_default()
         && svc.metadata.namespace == pod.metadata.namespace
 }
 
@@ -178,10 +171,7 @@ pub fn find_port(pod: &Pod, svc_port: &ServicePort) -> Result<i32, PortError> {
         .iter()
         .chain(sidecars)
         .find_map(declares)
-        .ok_or_else(|| PortError::NamedPortNotFound {
-            name: name.clone(),
-            protocol: protocol.to_owned(),
-        })
+        .ok_or_else(|| PortError::NamedPortNotFound { name: name.clone(), protocol: protocol.to_owned() })
 }
 
 /// Parses an IP the way Go's `netutils.ParseIPSloppy` does: IPv4 octets may
@@ -197,10 +187,7 @@ pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
     // IPv6 with a dotted IPv4 tail: canonicalise the tail, then parse strictly.
     let (head, tail) = text.rsplit_once(':')?;
     let v4 = parse_ipv4_sloppy(tail)?;
-    format!("{head}:{v4}")
-        .parse::<Ipv6Addr>()
-        .ok()
-        .map(IpAddr::V6)
+    format!("{head}:{v4}").parse::<Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
 /// Dotted-quad IPv4 with optional leading zeros per octet.
@@ -321,10 +308,7 @@ impl Exclusion {
     /// True when the reason keeps the Pod out of every endpoint list; false when it
     /// only degrades it (not ready, a port or a family missing).
     pub fn drops_pod(&self) -> bool {
-        !matches!(
-            self,
-            Exclusion::NotReady | Exclusion::PortNotFound { .. } | Exclusion::NoIpOfFamily { .. }
-        )
+        !matches!(self, Exclusion::NotReady | Exclusion::PortNotFound { .. } | Exclusion::NoIpOfFamily { .. })
     }
 }
 
@@ -336,25 +320,20 @@ impl fmt::Display for Exclusion {
             Exclusion::OtherNamespace { service, pod } => {
                 write!(f, "pod is in namespace {pod}, service in {service}")
             }
-            Exclusion::SelectorMismatch {
-                key,
-                expected,
-                actual: Some(actual),
-            } => write!(f, "label {key}={actual}, selector wants {expected}"),
-            Exclusion::SelectorMismatch {
-                key,
-                expected,
-                actual: None,
-            } => write!(f, "label {key} missing, selector wants {expected}"),
+            Exclusion::SelectorMismatch { key, expected, actual: Some(actual) } => {
+                write!(f, "label {key}={actual}, selector wants {expected}")
+            }
+            Exclusion::SelectorMismatch { key, expected, actual: None } => {
+                write!(f, "label {key} missing, selector wants {expected}")
+            }
             Exclusion::Terminal { phase } => write!(f, "pod phase is {phase}"),
             Exclusion::NoIp => write!(f, "pod has no IP"),
             Exclusion::Terminating => write!(f, "pod is terminating"),
             Exclusion::NodeMissing { node } => write!(f, "node {node:?} not found"),
             Exclusion::NotReady => write!(f, "pod is not ready (published as not ready)"),
-            Exclusion::PortNotFound {
-                service_port,
-                error,
-            } => write!(f, "service port {service_port:?} left out: {error}"),
+            Exclusion::PortNotFound { service_port, error } => {
+                write!(f, "service port {service_port:?} left out: {error}")
+            }
             Exclusion::NoIpOfFamily { family } => write!(f, "pod has no {family} address"),
         }
     }
@@ -402,9 +381,7 @@ pub fn endpoint_exclusions(
         });
     }
     if is_terminal(pod) {
-        reasons.push(Exclusion::Terminal {
-            phase: pod_phase(pod).to_owned(),
-        });
+        reasons.push(Exclusion::Terminal { phase: pod_phase(pod).to_owned() });
     }
     if !has_ip(pod) {
         reasons.push(Exclusion::NoIp);
@@ -414,9 +391,7 @@ pub fn endpoint_exclusions(
     }
     if consumer == Consumer::EndpointSlices && node_found == Some(false) && !pnra {
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-        reasons.push(Exclusion::NodeMissing {
-            node: node.unwrap_or_default(),
-        });
+        reasons.push(Exclusion::NodeMissing { node: node.unwrap_or_default() });
     }
     let ready = match consumer {
         Consumer::EndpointSlices => is_pod_ready(pod) && !is_terminating(pod),
@@ -434,9 +409,7 @@ pub fn endpoint_exclusions(
         }
     }
     if has_ip(pod) {
-        let families = spec
-            .and_then(|s| s.ip_families.as_deref())
-            .unwrap_or_default();
+        let families = spec.and_then(|s| s.ip_families.as_deref()).unwrap_or_default();
         for family in families.iter().filter_map(|f| IpFamily::from_name(f)) {
             if pod_ips_of_family(pod, family).is_empty() {
                 reasons.push(Exclusion::NoIpOfFamily { family });
@@ -449,9 +422,7 @@ pub fn endpoint_exclusions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{
-        ContainerPort, PodCondition, PodIP, PodSpec, PodStatus, ServiceSpec,
-    };
+    use k8s_openapi::api::core::v1::{ContainerPort, PodCondition, PodIP, PodSpec, PodStatus, ServiceSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     fn mk_pod(ips: &[&str]) -> Pod {
@@ -479,13 +450,7 @@ mod tests {
             status: Some(PodStatus {
                 phase: Some("Running".into()),
                 pod_ip: ips.first().map(|ip| (*ip).to_owned()),
-                pod_ips: Some(
-                    ips.iter()
-                        .map(|ip| PodIP {
-                            ip: (*ip).to_owned(),
-                        })
-                        .collect(),
-                ),
+                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: (*ip).to_owned() }).collect()),
                 conditions: Some(vec![PodCondition {
                     type_: "Ready".into(),
                     status: "True".into(),
@@ -536,10 +501,7 @@ mod tests {
         let svc = mk_service(IntOrString::String("http".into()), "UDP");
         assert_eq!(
             find_port(&pod, svc_port(&svc)),
-            Err(PortError::NamedPortNotFound {
-                name: "http".into(),
-                protocol: "UDP".into()
-            })
+            Err(PortError::NamedPortNotFound { name: "http".into(), protocol: "UDP".into() })
         );
     }
 
@@ -566,8 +528,7 @@ mod tests {
             }]),
             ..Default::default()
         };
-        pod.spec.as_mut().unwrap().init_containers =
-            Some(vec![init(None, 1111), init(Some("Always"), 2222)]);
+        pod.spec.as_mut().unwrap().init_containers = Some(vec![init(None, 1111), init(Some("Always"), 2222)]);
         let svc = mk_service(IntOrString::String("metrics".into()), "TCP");
         assert_eq!(find_port(&pod, svc_port(&svc)), Ok(2222));
         pod.spec.as_mut().unwrap().init_containers = Some(vec![init(None, 1111)]);
@@ -599,25 +560,12 @@ mod tests {
 
     #[test]
     fn irregular_ips_are_canonicalised_like_go() {
-        let pod = mk_pod(&[
-            "010.001.002.003",
-            "1234::5678:0000:0000:9abc:def0",
-            "::ffff:1.2.3.4",
-        ]);
-        assert_eq!(
-            pod_ips_of_family(&pod, IpFamily::V4),
-            ["10.1.2.3", "1.2.3.4"]
-        );
-        assert_eq!(
-            pod_ips_of_family(&pod, IpFamily::V6),
-            ["1234::5678:0:0:9abc:def0"]
-        );
+        let pod = mk_pod(&["010.001.002.003", "1234::5678:0000:0000:9abc:def0", "::ffff:1.2.3.4"]);
+        assert_eq!(pod_ips_of_family(&pod, IpFamily::V4), ["10.1.2.3", "1.2.3.4"]);
+        assert_eq!(pod_ips_of_family(&pod, IpFamily::V6), ["1234::5678:0:0:9abc:def0"]);
         assert_eq!(parse_ip_sloppy("1.2.3"), None);
         assert_eq!(parse_ip_sloppy("1.2.3.256"), None);
-        assert_eq!(
-            parse_ip_sloppy("::ffff:01.02.03.04").map(canonical_ip),
-            Some("1.2.3.4".into())
-        );
+        assert_eq!(parse_ip_sloppy("::ffff:01.02.03.04").map(canonical_ip), Some("1.2.3.4".into()));
     }
 
     #[test]
@@ -647,20 +595,13 @@ mod tests {
                     expected: "web".into(),
                     actual: Some("db".into())
                 },
-                Exclusion::NodeMissing {
-                    node: "node-1".into()
-                },
+                Exclusion::NodeMissing { node: "node-1".into() },
                 Exclusion::NotReady,
                 Exclusion::PortNotFound {
                     service_port: "http".into(),
-                    error: PortError::NamedPortNotFound {
-                        name: "grpc".into(),
-                        protocol: "TCP".into()
-                    }
+                    error: PortError::NamedPortNotFound { name: "grpc".into(), protocol: "TCP".into() }
                 },
-                Exclusion::NoIpOfFamily {
-                    family: IpFamily::V4
-                },
+                Exclusion::NoIpOfFamily { family: IpFamily::V4 },
             ]
         );
         let ok = mk_pod(&["10.0.0.1"]);

@@ -1,1 +1,149 @@
-//! (in progress)
+//! The EndpointSlice planner: from a Service, its Pods, Node zones and the slices
+//! svcplane already manages, compute the slices to create, update and delete.
+//!
+//! Pure: no client, no I/O, no clock. It reproduces kube-controller-manager
+//! v1.37.2 (`k8s.io/endpointslice` `Reconciler.Reconcile`), with map iteration
+//! replaced by sorted order so equal inputs always give equal plans. The shell
+//! lists the inputs from reflector stores and applies the plan
+//! (creates, then updates, then deletes).
+//!
+//! - [`desired`]: which endpoints each (address type, port set) group wants.
+//! - [`meta`]: slice labels, ownership, the placeholder slice.
+//! - [`reconcile`]: upstream's minimal-write packing and create→update recycling.
+//! - [`hints`]: `trafficDistribution` hints.
+
+mod desired;
+mod hints;
+mod meta;
+mod reconcile;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::labels::SVCPLANE_SLICE_CONTROLLER;
+use crate::plan::SlicePlan;
+
+pub use desired::{MissingNode, missing_nodes, service_address_families};
+
+/// Upstream `--max-endpoints-per-slice` default.
+pub const DEFAULT_MAX_ENDPOINTS_PER_SLICE: usize = 100;
+
+/// Static settings of the EndpointSlice planner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceConfig {
+    /// Most endpoints one slice holds (upstream flag, 1..=1000; 0 is read as 1).
+    pub max_endpoints_per_slice: usize,
+    /// The `endpointslice.kubernetes.io/managed-by` value written and the only one
+    /// whose slices are ever touched.
+    pub managed_by: String,
+    /// What to do with managed slices when the Service loses its selector or
+    /// becomes `ExternalName`. Upstream (`false`) leaves them untouched forever
+    /// (kubernetes#91072, PR #120775 closed); `true` deletes them.
+    pub delete_when_unselected: bool,
+}
+
+impl Default for SliceConfig {
+    fn default() -> Self {
+        SliceConfig {
+            max_endpoints_per_slice: DEFAULT_MAX_ENDPOINTS_PER_SLICE,
+            managed_by: SVCPLANE_SLICE_CONTROLLER.to_owned(),
+            delete_when_unselected: false,
+        }
+    }
+}
+
+/// What the planner needs to know about a Node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The `topology.kubernetes.io/zone` label, if set.
+    pub zone: Option<String>,
+}
+
+/// Looks Nodes up by name; `None` means the Node does not exist (NotFound).
+pub trait NodeLookup {
+    /// The Node called `name`, if it exists.
+    fn node(&self, name: &str) -> Option<NodeInfo>;
+}
+
+impl NodeLookup for BTreeMap<String, NodeInfo> {
+    fn node(&self, name: &str) -> Option<NodeInfo> {
+        self.get(name).cloned()
+    }
+}
+
+/// Plans the EndpointSlices of one Service.
+///
+/// - `pods`: Pods of the Service's namespace matching its selector. Others are
+///   dropped here too, so passing the whole namespace is correct, only slower.
+/// - `existing`: slices labelled `kubernetes.io/service-name=<svc>` in the
+///   namespace; slices with another managed-by value or a deletionTimestamp are
+///   ignored, as upstream's lister filter does.
+/// - `trigger_time`: the `endpoints.kubernetes.io/last-change-trigger-time` to set
+///   on every slice written; `None` removes the annotation from written slices.
+///
+/// Pods whose Node is missing are left out unless `publishNotReadyAddresses`;
+/// upstream then fails the sync to retry: ask [`missing_nodes`].
+pub fn plan_slices(
+    svc: &Service,
+    pods: &[Arc<Pod>],
+    nodes: &impl NodeLookup,
+    existing: &[Arc<EndpointSlice>],
+    trigger_time: Option<Time>,
+    config: &SliceConfig,
+) -> SlicePlan {
+    let mut managed: Vec<&EndpointSlice> = existing
+        .iter()
+        .map(Arc::as_ref)
+        .filter(|slice| meta::is_managed(slice, svc, &config.managed_by))
+        .collect();
+    // Stable order so the plan does not depend on the store's iteration order.
+    managed.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+
+    if !desired::is_selected(svc) {
+        let delete =
+            if config.delete_when_unselected { managed.into_iter().cloned().collect() } else { Vec::new() };
+        return SlicePlan { delete, ..SlicePlan::default() };
+    }
+    reconcile::reconcile(svc, pods, nodes, &managed, trigger_time, config)
+}
+
+/// Applies a plan to `existing` the way the apiserver would, for tests and
+/// dry runs: deletes by name, replaces updates by name, and names each created
+/// slice `generateName` + a counter not yet used. Sorted by name.
+pub fn apply_plan(existing: &[Arc<EndpointSlice>], plan: &SlicePlan) -> Vec<EndpointSlice> {
+    let mut by_name: BTreeMap<String, EndpointSlice> = existing
+        .iter()
+        .map(|slice| {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            (name, EndpointSlice::clone(slice))
+        })
+        .collect();
+    for slice in &plan.delete {
+        by_name.remove(slice.metadata.name.as_deref().unwrap_or_default());
+    }
+    for slice in &plan.update {
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        by_name.insert(name, slice.clone());
+    }
+    let mut counter = 0usize;
+    for slice in &plan.create {
+        let prefix = slice.metadata.generate_name.clone().unwrap_or_default();
+        let name = loop {
+            counter += 1;
+            let candidate = format!("{prefix}{counter:05}");
+            if !by_name.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        let mut created = slice.clone();
+        created.metadata.name = Some(name.clone());
+        by_name.insert(name, created);
+    }
+    by_name.into_values().collect()
+}

@@ -1,0 +1,257 @@
+//! Desired endpoints: which Pods are endpoints, their fields, and the port-set
+//! group each lands in. Pure.
+//!
+//! Upstream: `podToEndpoint`, `getEndpointPorts`, `getAddressTypesForService` in
+//! `k8s.io/endpointslice/utils.go` and the Pod loop of `reconcileByAddressType`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+
+use super::NodeLookup;
+use crate::pod::{
+    DEFAULT_PROTOCOL, IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family,
+    publishes_not_ready, selector_matches, should_pod_be_in_endpoints, should_set_hostname,
+};
+
+/// One port of a port set, with every field the grouping compares. Upstream
+/// hashes the whole `EndpointPort`; comparing the fields is equivalent.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct PortKeyEntry {
+    name: Option<String>,
+    port: Option<i32>,
+    protocol: Option<String>,
+    app_protocol: Option<String>,
+}
+
+/// An order-insensitive port set (upstream `PortMapKey`); nil and empty are equal.
+pub(super) type PortKey = Vec<PortKeyEntry>;
+
+/// The group key of a port list.
+pub(super) fn port_key(ports: &[EndpointPort]) -> PortKey {
+    let mut key: PortKey = ports
+        .iter()
+        .map(|p| PortKeyEntry {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol.clone(),
+            app_protocol: p.app_protocol.clone(),
+        })
+        .collect();
+    key.sort();
+    key
+}
+
+/// Endpoint identity (upstream `hashEndpoint`): sorted addresses, hostname and the
+/// target's namespace and name. UID, node, zone and conditions are not part of it,
+/// so a recreated Pod with the same name and IP is an in-place change.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct EndpointKey {
+    addresses: Vec<String>,
+    hostname: String,
+    namespace: String,
+    name: String,
+}
+
+/// The identity of an endpoint.
+pub(super) fn endpoint_key(endpoint: &Endpoint) -> EndpointKey {
+    let mut addresses = endpoint.addresses.clone();
+    addresses.sort();
+    let target = endpoint.target_ref.as_ref();
+    EndpointKey {
+        addresses,
+        hostname: endpoint.hostname.clone().unwrap_or_default(),
+        namespace: target.and_then(|t| t.namespace.clone()).unwrap_or_default(),
+        name: target.and_then(|t| t.name.clone()).unwrap_or_default(),
+    }
+}
+
+/// The desired endpoints of one (address type, port set) group.
+#[derive(Clone, Debug, Default)]
+pub(super) struct DesiredGroup {
+    /// The ports every slice of the group carries, in key order.
+    pub ports: Vec<EndpointPort>,
+    /// Endpoints by identity; the sorted map stands in for upstream's hash set.
+    pub endpoints: BTreeMap<EndpointKey, Endpoint>,
+}
+
+/// True when the Service gets Pod-derived slices: it has a selector and is not
+/// `ExternalName` (upstream `syncService` returns early otherwise).
+pub(super) fn is_selected(svc: &Service) -> bool {
+    let Some(spec) = svc.spec.as_ref() else {
+        return false;
+    };
+    spec.type_.as_deref() != Some("ExternalName") && spec.selector.is_some()
+}
+
+/// `clusterIP` is a real IP: neither `None` nor empty (upstream `isServiceIPSet`).
+pub(super) fn is_service_ip_set(svc: &Service) -> bool {
+    let cluster_ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+    !matches!(cluster_ip, None | Some("") | Some("None"))
+}
+
+/// The address types a Service gets slices for (upstream `getAddressTypesForService`):
+/// its `ipFamilies`; when empty (a Service written by an old apiserver), the
+/// clusterIP's family, or both families for a headless Service.
+pub fn service_address_families(svc: &Service) -> Vec<IpFamily> {
+    let spec = svc.spec.as_ref();
+    let mut families: Vec<IpFamily> = spec
+        .and_then(|s| s.ip_families.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| IpFamily::from_name(f))
+        .collect();
+    families.sort();
+    families.dedup();
+    if !families.is_empty() {
+        return families;
+    }
+    if is_service_ip_set(svc) {
+        let cluster_ip = spec.and_then(|s| s.cluster_ip.as_deref()).unwrap_or_default();
+        // Go's IsIPv6String: anything that does not parse as IPv6 counts as IPv4.
+        let v6 = cluster_ip.parse::<IpAddr>().is_ok_and(|ip| IpFamily::of(ip) == IpFamily::V6);
+        return vec![if v6 { IpFamily::V6 } else { IpFamily::V4 }];
+    }
+    vec![IpFamily::V4, IpFamily::V6]
+}
+
+/// The slice ports one Pod resolves (upstream `getEndpointPorts`): a Service port
+/// whose named target the Pod does not declare is left out for that Pod.
+pub(super) fn endpoint_ports(svc: &Service, pod: &Pod) -> Vec<EndpointPort> {
+    let svc_ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref()).unwrap_or_default();
+    let mut ports: Vec<EndpointPort> = svc_ports
+        .iter()
+        .filter_map(|svc_port| {
+            let port = find_port(pod, svc_port).ok()?;
+            Some(EndpointPort {
+                name: Some(svc_port.name.clone().unwrap_or_default()),
+                port: Some(port),
+                protocol: Some(svc_port.protocol.clone().unwrap_or_else(|| DEFAULT_PROTOCOL.to_owned())),
+                app_protocol: svc_port.app_protocol.clone(),
+            })
+        })
+        .collect();
+    // Upstream stores ports in hash order; any fixed order will do (order is
+    // not compared), key order keeps new slices deterministic.
+    ports.sort_by_key(|p| port_key(std::slice::from_ref(p)));
+    ports
+}
+
+/// The endpoint of one Pod for one family (upstream `podToEndpoint`).
+fn build_endpoint(svc: &Service, pod: &Pod, zone: Option<String>, family: IpFamily) -> Endpoint {
+    let serving = is_pod_ready(pod);
+    let terminating = is_terminating(pod);
+    // Upstream: never ready while terminating, unless the Service publishes
+    // not-ready addresses (then always ready; kubernetes#116285).
+    let ready = publishes_not_ready(svc) || (serving && !terminating);
+    let mut addresses = pod_ips_of_family(pod, family);
+    addresses.sort();
+    let spec = pod.spec.as_ref();
+    Endpoint {
+        addresses,
+        conditions: Some(EndpointConditions {
+            ready: Some(ready),
+            serving: Some(serving),
+            terminating: Some(terminating),
+        }),
+        hostname: should_set_hostname(pod, svc).then(|| spec.and_then(|s| s.hostname.clone())).flatten(),
+        node_name: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
+        zone: zone.filter(|z| !z.is_empty()),
+        target_ref: Some(ObjectReference {
+            kind: Some("Pod".to_owned()),
+            namespace: pod.metadata.namespace.clone(),
+            name: pod.metadata.name.clone(),
+            uid: pod.metadata.uid.clone(),
+            ..ObjectReference::default()
+        }),
+        ..Endpoint::default()
+    }
+}
+
+/// The Pods this Service selects, deduplicated by namespace/name and sorted, so
+/// the result does not depend on the order the shell passes them in.
+pub(super) fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<Pod>]) -> Vec<&'a Pod> {
+    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+    let mut selected: Vec<&Pod> = pods
+        .iter()
+        .map(Arc::as_ref)
+        .filter(|pod| pod.metadata.namespace == svc.metadata.namespace)
+        .filter(|pod| {
+            let empty = BTreeMap::new();
+            selector_matches(pod.metadata.labels.as_ref().unwrap_or(&empty), selector)
+        })
+        .collect();
+    selected.sort_by(|a, b| (&a.metadata.name, &a.metadata.uid).cmp(&(&b.metadata.name, &b.metadata.uid)));
+    selected.dedup_by(|a, b| a.metadata.name == b.metadata.name);
+    selected
+}
+
+/// The Pod's Node, `None` when unset or unknown.
+fn node_of(pod: &Pod, nodes: &impl NodeLookup) -> Option<super::NodeInfo> {
+    let name = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())?;
+    if name.is_empty() {
+        return None;
+    }
+    nodes.node(name)
+}
+
+/// Desired endpoints of one family, by port set. A group exists as soon as a
+/// candidate Pod resolves its ports, even if the Pod then yields no endpoint (no
+/// address of this family, or its Node is missing), as upstream.
+pub(super) fn desired_groups(
+    svc: &Service,
+    pods: &[&Pod],
+    nodes: &impl NodeLookup,
+    family: IpFamily,
+) -> BTreeMap<PortKey, DesiredGroup> {
+    let mut groups: BTreeMap<PortKey, DesiredGroup> = BTreeMap::new();
+    for pod in pods {
+        if !should_pod_be_in_endpoints(pod, true) {
+            continue;
+        }
+        let ports = endpoint_ports(svc, pod);
+        let group = groups
+            .entry(port_key(&ports))
+            .or_insert_with(|| DesiredGroup { ports, endpoints: BTreeMap::new() });
+        let node = node_of(pod, nodes);
+        if node.is_none() && !publishes_not_ready(svc) {
+            continue;
+        }
+        let endpoint = build_endpoint(svc, pod, node.and_then(|n| n.zone), family);
+        if !endpoint.addresses.is_empty() {
+            group.endpoints.insert(endpoint_key(&endpoint), endpoint);
+        }
+    }
+    groups
+}
+
+/// A Pod left out because its Node is unknown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingNode {
+    /// The Pod's name.
+    pub pod: String,
+    /// Its `spec.nodeName` (empty when unscheduled).
+    pub node: String,
+}
+
+/// Pods [`super::plan_slices`] left out because their Node is unknown. Upstream
+/// still writes the other endpoints, then fails the sync so the Service is
+/// retried with backoff (kubernetes#107927); the shell should do the same when
+/// this is non-empty. Always empty with `publishNotReadyAddresses`, for
+/// selectorless and ExternalName Services.
+pub fn missing_nodes(svc: &Service, pods: &[Arc<Pod>], nodes: &impl NodeLookup) -> Vec<MissingNode> {
+    if !is_selected(svc) || publishes_not_ready(svc) {
+        return Vec::new();
+    }
+    selected_pods(svc, pods)
+        .into_iter()
+        .filter(|pod| should_pod_be_in_endpoints(pod, true) && node_of(pod, nodes).is_none())
+        .map(|pod| MissingNode {
+            pod: pod.metadata.name.clone().unwrap_or_default(),
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        })
+        .collect()
+}

@@ -1,0 +1,295 @@
+//! Upstream's reconcile loop: per address type, per port set, keep unchanged
+//! slices, update changed ones in place, fill slices with room, create only what
+//! is missing, then turn create+delete pairs into updates. Pure.
+//!
+//! Upstream: `Reconcile`, `reconcileByAddressType`, `reconcileByPortMapping` and
+//! `finalize` in `k8s.io/endpointslice/reconciler.go`. Go iterates maps in random
+//! order; here every collection is sorted (slices by name, endpoints by identity,
+//! port sets by key), so the plan is one of upstream's possible plans and the
+//! same inputs always give it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::desired::{
+    DesiredGroup, EndpointKey, PortKey, desired_groups, endpoint_key, port_key, selected_pods,
+    service_address_families,
+};
+use super::meta::{
+    build_slice, endpoints_equal_beyond_hash, owned_by, placeholder_equal, set_trigger_time, slice_labels,
+};
+use super::{NodeLookup, SliceConfig, hints};
+use crate::plan::SlicePlan;
+use crate::pod::IpFamily;
+
+/// Writes for one address type or one port set, before recycling.
+#[derive(Default)]
+struct Writes {
+    create: Vec<EndpointSlice>,
+    update: Vec<EndpointSlice>,
+    delete: Vec<EndpointSlice>,
+    added: usize,
+    removed: usize,
+}
+
+/// The whole plan for a selected Service; `managed` is sorted by name.
+pub(super) fn reconcile(
+    svc: &Service,
+    pods: &[Arc<Pod>],
+    nodes: &impl NodeLookup,
+    managed: &[&EndpointSlice],
+    trigger_time: Option<Time>,
+    config: &SliceConfig,
+) -> SlicePlan {
+    let families = service_address_families(svc);
+    let pods = selected_pods(svc, pods);
+    let mut by_family: BTreeMap<IpFamily, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut unsupported = Vec::new();
+    for slice in managed {
+        match IpFamily::from_name(&slice.address_type).filter(|f| families.contains(f)) {
+            Some(family) => by_family.entry(family).or_default().push(slice),
+            // e.g. after dual-stack → single-stack: deleted after the per-type work.
+            None => unsupported.push((*slice).clone()),
+        }
+    }
+
+    let mut plan = SlicePlan::default();
+    for family in families {
+        let existing = by_family.remove(&family).unwrap_or_default();
+        let (writes, desired) = reconcile_family(svc, &pods, nodes, &existing, family, config);
+        let Writes { mut create, mut update, mut delete, added, removed } = writes;
+        recycle_deletes(svc, &mut create, &mut update, &mut delete);
+        // Upstream never creates slices for a Service pending deletion, to avoid
+        // racing the garbage collector; updates and deletes still go out.
+        if svc.metadata.deletion_timestamp.is_some() {
+            create.clear();
+        }
+        for slice in create.iter_mut().chain(update.iter_mut()) {
+            set_trigger_time(slice, trigger_time.as_ref());
+        }
+        plan.create.extend(create);
+        plan.update.extend(update);
+        plan.delete.extend(delete);
+        plan.endpoints_added += added;
+        plan.endpoints_removed += removed;
+        plan.endpoints_desired += desired;
+    }
+    plan.delete.extend(unsupported);
+    plan
+}
+
+/// Upstream `reconcileByAddressType` minus the writes. Returns the writes and the
+/// number of desired endpoints.
+fn reconcile_family(
+    svc: &Service,
+    pods: &[&Pod],
+    nodes: &impl NodeLookup,
+    existing: &[&EndpointSlice],
+    family: IpFamily,
+    config: &SliceConfig,
+) -> (Writes, usize) {
+    let mut writes = Writes::default();
+    let mut existing_by_key: BTreeMap<PortKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in existing {
+        if owned_by(slice, svc) {
+            let ports = slice.ports.as_deref().unwrap_or_default();
+            existing_by_key.entry(port_key(ports)).or_default().push(slice);
+        } else {
+            // Left over from a deleted Service of the same name (kubernetes#94720).
+            writes.delete.push((*slice).clone());
+        }
+    }
+
+    let groups = desired_groups(svc, pods, nodes, family);
+    let desired_keys: BTreeSet<PortKey> = groups.keys().cloned().collect();
+    let mut desired = 0;
+    for (key, group) in groups {
+        desired += group.endpoints.len();
+        let slices = existing_by_key.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let port_writes = reconcile_by_port_mapping(svc, slices, group, family, config);
+        writes.create.extend(port_writes.create);
+        writes.update.extend(port_writes.update);
+        writes.delete.extend(port_writes.delete);
+        writes.added += port_writes.added;
+        writes.removed += port_writes.removed;
+    }
+    // Port sets no Pod resolves to any more: all their slices go.
+    for (key, slices) in &existing_by_key {
+        if !desired_keys.contains(key) {
+            writes.delete.extend(slices.iter().map(|s| (*s).clone()));
+        }
+    }
+
+    // Every selected Service keeps at least one slice per address type.
+    if existing.len() == writes.delete.len() && writes.create.is_empty() {
+        let placeholder = build_slice(svc, &[], family, &config.managed_by);
+        // Deleting and recreating an equivalent placeholder would churn every
+        // resync (kubernetes#108231): keep the existing one instead.
+        if writes.delete.len() == 1 && placeholder_equal(&writes.delete[0], &placeholder) {
+            writes.delete.clear();
+        } else {
+            writes.create.push(placeholder);
+        }
+    }
+
+    let changed: BTreeSet<&str> =
+        writes.update.iter().chain(&writes.delete).filter_map(|s| s.metadata.name.as_deref()).collect();
+    let unchanged: Vec<&EndpointSlice> = existing
+        .iter()
+        .copied()
+        .filter(|s| !changed.contains(s.metadata.name.as_deref().unwrap_or_default()))
+        .collect();
+    hints::reconcile_hints(svc, &mut writes.create, &mut writes.update, &unchanged);
+    (writes, desired)
+}
+
+/// Upstream `reconcileByPortMapping` for one port set; `existing` is sorted by name.
+fn reconcile_by_port_mapping(
+    svc: &Service,
+    existing: &[&EndpointSlice],
+    group: DesiredGroup,
+    family: IpFamily,
+    config: &SliceConfig,
+) -> Writes {
+    // A limit of 0 would never place anything; upstream validates 1..=1000.
+    let max = config.max_endpoints_per_slice.max(1);
+    let DesiredGroup { ports, endpoints: mut desired } = group;
+    let mut writes = Writes::default();
+    let mut to_update: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+    let mut unchanged: BTreeMap<String, &EndpointSlice> = BTreeMap::new();
+
+    // 1. Keep endpoints still desired (in their fresh version), drop the others.
+    for slice in existing {
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        let current = slice.endpoints.as_deref().unwrap_or_default();
+        let mut kept = Vec::with_capacity(current.len());
+        let mut endpoint_changed = false;
+        for endpoint in current {
+            // `remove`: an endpoint found once is placed; a duplicate is dropped.
+            if let Some(fresh) = desired.remove(&endpoint_key(endpoint)) {
+                endpoint_changed |= !endpoints_equal_beyond_hash(&fresh, endpoint);
+                kept.push(fresh);
+            }
+        }
+        let (labels, labels_changed) = slice_labels(svc, slice.metadata.labels.as_ref(), &config.managed_by);
+        if endpoint_changed || kept.len() != current.len() {
+            writes.removed += current.len() - kept.len();
+            if kept.is_empty() {
+                writes.delete.push((*slice).clone());
+            } else {
+                let mut updated = (*slice).clone();
+                updated.endpoints = Some(kept);
+                updated.metadata.labels = Some(labels);
+                to_update.insert(name, updated);
+            }
+        } else if labels_changed {
+            let mut updated = (*slice).clone();
+            updated.metadata.labels = Some(labels);
+            to_update.insert(name, updated);
+        } else {
+            unchanged.insert(name, slice);
+        }
+    }
+    writes.added = desired.len();
+
+    // 2. Fill slices already being written, fullest first.
+    if !desired.is_empty() && !to_update.is_empty() {
+        let mut names: Vec<(usize, String)> =
+            to_update.iter().map(|(name, slice)| (endpoint_count(slice), name.clone())).collect();
+        names.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, name) in names {
+            if let Some(slice) = to_update.get_mut(&name) {
+                fill(slice, &mut desired, max);
+            }
+        }
+    }
+
+    // 3. Put a small remainder into the unchanged slice it fills best, else create.
+    while !desired.is_empty() {
+        let reused = if desired.len() < max {
+            slice_to_fill(&unchanged, desired.len(), max).and_then(|name| unchanged.remove(&name))
+        } else {
+            None
+        };
+        let mut slice = match reused {
+            Some(slice) => slice.clone(),
+            None => build_slice(svc, &ports, family, &config.managed_by),
+        };
+        fill(&mut slice, &mut desired, max);
+        match slice.metadata.name.clone() {
+            Some(name) => {
+                to_update.insert(name, slice);
+            }
+            None => writes.create.push(slice),
+        }
+    }
+    writes.update = to_update.into_values().collect();
+    writes
+}
+
+/// Number of endpoints in a slice.
+fn endpoint_count(slice: &EndpointSlice) -> usize {
+    slice.endpoints.as_ref().map_or(0, Vec::len)
+}
+
+/// Moves desired endpoints into `slice` (smallest identity first) until it is full.
+fn fill(slice: &mut EndpointSlice, desired: &mut BTreeMap<EndpointKey, Endpoint>, max: usize) {
+    let endpoints = slice.endpoints.get_or_insert_with(Vec::new);
+    while endpoints.len() < max {
+        let Some((_, endpoint)) = desired.pop_first() else {
+            break;
+        };
+        endpoints.push(endpoint);
+    }
+}
+
+/// Upstream `getSliceToFill`: the unchanged slice that ends closest to full
+/// without exceeding `max` after taking `count` endpoints; first exact fit wins.
+fn slice_to_fill(unchanged: &BTreeMap<String, &EndpointSlice>, count: usize, max: usize) -> Option<String> {
+    let mut closest: Option<(usize, &String)> = None;
+    for (name, slice) in unchanged {
+        let Some(room) = max.checked_sub(count + endpoint_count(slice)) else {
+            continue;
+        };
+        if closest.is_none_or(|(best, _)| room < best) {
+            closest = Some((room, name));
+            if room == 0 {
+                break;
+            }
+        }
+    }
+    // Upstream starts from `closestDiff = max`, so a slice with exactly `max`
+    // room (an empty slice, `count` 0) is never picked; `count` is never 0 here.
+    closest.filter(|(room, _)| *room < max).map(|(_, name)| name.clone())
+}
+
+/// Upstream `finalize` recycling: while both exist, the last create takes the
+/// name of the next delete of the same address type owned by this Service and
+/// becomes an update (no resourceVersion: an unconditional replace).
+fn recycle_deletes(
+    svc: &Service,
+    create: &mut Vec<EndpointSlice>,
+    update: &mut Vec<EndpointSlice>,
+    delete: &mut Vec<EndpointSlice>,
+) {
+    let mut i = 0;
+    while i < delete.len() {
+        let Some(last) = create.last() else {
+            break;
+        };
+        let target = &delete[i];
+        if target.address_type == last.address_type && owned_by(target, svc) {
+            let target = delete.remove(i);
+            if let Some(mut recycled) = create.pop() {
+                recycled.metadata.name = target.metadata.name;
+                update.push(recycled);
+            }
+        } else {
+            i += 1;
+        }
+    }
+}
