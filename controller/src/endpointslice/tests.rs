@@ -725,6 +725,9 @@ struct Scenario {
     pnra: bool,
     traffic: Option<String>,
     max: usize,
+    /// The state before was written for another trafficDistribution and labels.
+    traffic_before: Option<String>,
+    team_label: Option<String>,
     before: Vec<PodShape>,
     after: Vec<PodShape>,
     seed: u64,
@@ -736,18 +739,26 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<bool>(),
         prop::sample::select(vec![None, Some("PreferClose"), Some("PreferSameNode")]),
         1usize..40,
+        (
+            prop::sample::select(vec![None, Some("PreferSameZone"), Some("PreferSameNode")]),
+            prop::option::of(prop::sample::select(vec!["a", "b"])),
+        ),
         prop::collection::vec(pod_shape(), 0..120),
         prop::collection::vec(pod_shape(), 0..120),
         any::<u64>(),
     )
-        .prop_map(|(families, pnra, traffic, max, before, after, seed)| Scenario {
-            families: families.into_iter().map(str::to_owned).collect(),
-            pnra,
-            traffic: traffic.map(str::to_owned),
-            max,
-            before,
-            after,
-            seed,
+        .prop_map(|(families, pnra, traffic, max, (traffic_before, team), before, after, seed)| {
+            Scenario {
+                families: families.into_iter().map(str::to_owned).collect(),
+                pnra,
+                traffic: traffic.map(str::to_owned),
+                max,
+                traffic_before: traffic_before.map(str::to_owned),
+                team_label: team.map(str::to_owned),
+                before,
+                after,
+                seed,
+            }
         })
 }
 
@@ -836,16 +847,38 @@ proptest! {
         let before: Vec<Arc<Pod>> = s.before.iter().enumerate().map(|(i, p)| Arc::new(build_pod(i, p))).collect();
         // Later Pods reuse some names of earlier ones (same identity, new state).
         let after: Vec<Arc<Pod>> = s.after.iter().enumerate().map(|(i, p)| Arc::new(build_pod(i * 2, p))).collect();
-        let state0 = arcs(apply_plan(&[], &plan_slices(&svc, &before, &nodes, &[], None, &config)));
+        let mut svc_before = svc.clone();
+        svc_before.spec.as_mut().unwrap().traffic_distribution = s.traffic_before.clone();
+        svc_before.metadata.labels =
+            s.team_label.clone().map(|team| BTreeMap::from([("team".to_owned(), team)]));
+        let mut state0 = apply_plan(&[], &plan_slices(&svc_before, &before, &nodes, &[], None, &config));
+        // A slice of another controller for the same Service is never planned on.
+        let mut foreign = build_slice(&svc, &[], IpFamily::V4, crate::labels::UPSTREAM_SLICE_CONTROLLER);
+        foreign.metadata.name = Some("foo-kcm".into());
+        state0.push(foreign.clone());
+        let state0 = arcs(state0);
 
         let plan1 = plan_slices(&svc, &after, &nodes, &state0, None, &config);
-        let state1 = apply_plan(&state0, &plan1);
+        let touched = plan1.create.iter().chain(&plan1.update).chain(&plan1.delete);
+        prop_assert!(touched.clone().all(|sl| sl.metadata.name.as_deref() != Some("foo-kcm")));
+        let mut state1 = apply_plan(&state0, &plan1);
+        state1.retain(|sl| sl.metadata.name.as_deref() != Some("foo-kcm"));
 
         // Every eligible Pod exactly once per (family, port set), with the right conditions.
         prop_assert_eq!(actual_entries(&state1), expected_entries(&svc, &after, &nodes));
-        // No slice over the limit; one port set per slice; at least one slice per family.
+        // No slice over the limit, labels follow the Service, hints follow the field.
         for slice in &state1 {
             prop_assert!(slice.endpoints.as_ref().map_or(0, Vec::len) <= s.max);
+            prop_assert!(!slice.metadata.labels.as_ref().unwrap().contains_key("team"));
+            for e in slice.endpoints.iter().flatten() {
+                let ready = e.conditions.as_ref().unwrap().ready == Some(true);
+                let zone_hint = e.hints.as_ref().and_then(|h| h.for_zones.clone());
+                if ready && s.traffic.is_some() {
+                    prop_assert_eq!(zone_hint.map(|z| z[0].name.clone()), e.zone.clone());
+                } else if s.traffic.is_none() {
+                    prop_assert!(e.hints.is_none());
+                }
+            }
         }
         for family in service_address_families(&svc) {
             prop_assert!(state1.iter().any(|sl| sl.address_type == family.as_str()));
