@@ -42,6 +42,9 @@ pub(crate) enum PortIdentity {
     /// Objects decoded from the API (user-written Endpoints, the stored object):
     /// each port with an `appProtocol` is its own key, as the Go pointer is unique.
     Decoded,
+    /// Subsets built by the Endpoints controller from one Service: the pointer is
+    /// shared per Service port, so equal values are the same key.
+    ByValue,
 }
 
 /// Repacks `subsets` into the canonical layout (upstream `RepackSubsets`).
@@ -300,6 +303,7 @@ mod tests {
             subset(&["2.2.2.2"], &[], std::slice::from_ref(&p)),
         ];
         assert_eq!(repack_subsets(&input, PortIdentity::Decoded).len(), 2);
+        assert_eq!(repack_subsets(&input, PortIdentity::ByValue).len(), 1);
     }
 
     #[test]
