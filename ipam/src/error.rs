@@ -52,6 +52,12 @@ pub enum IpamError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A range text that is not a CIDR.
+    #[error("invalid CIDR {range:?}")]
+    InvalidCidr {
+        /// The text as given.
+        range: String,
+    },
     /// A snapshot taken from a different range.
     #[error("snapshot of range {snapshot} does not match range {range}")]
     SnapshotMismatch {
@@ -80,6 +86,7 @@ impl IpamError {
             Self::NotInRange { .. } => "NotInRange",
             Self::RangeTooLarge { .. } => "RangeTooLarge",
             Self::InvalidPortRange { .. } => "InvalidPortRange",
+            Self::InvalidCidr { .. } => "InvalidCidr",
             Self::SnapshotMismatch { .. } => "SnapshotMismatch",
             Self::CorruptSnapshot { .. } => "CorruptSnapshot",
         }

@@ -97,10 +97,8 @@ impl ClusterIpAllocator {
     /// Restores an allocator from a snapshot taken by [`Self::snapshot`] or
     /// from upstream RangeAllocation data.
     pub fn from_snapshot(snapshot: &Snapshot) -> Result<Self, IpamError> {
-        let cidr: IpNetwork = snapshot.range.parse().map_err(|_| IpamError::SnapshotMismatch {
-            range: "a CIDR".to_owned(),
-            snapshot: snapshot.range.clone(),
-        })?;
+        let cidr: IpNetwork =
+            snapshot.range.parse().map_err(|_| IpamError::InvalidCidr { range: snapshot.range.clone() })?;
         let mut allocator = Self::new(cidr)?;
         allocator.restore(snapshot)?;
         Ok(allocator)
@@ -486,5 +484,10 @@ mod tests {
         let mut small = alloc("10.0.0.0/30");
         let corrupt = Snapshot { range: "10.0.0.0/30".into(), data: vec![0x04] };
         assert_eq!(small.restore(&corrupt).unwrap_err().reason(), "CorruptSnapshot");
+        let garbage = Snapshot { range: "not-a-cidr".into(), data: Vec::new() };
+        assert_eq!(
+            ClusterIpAllocator::from_snapshot(&garbage).unwrap_err().to_string(),
+            r#"invalid CIDR "not-a-cidr""#
+        );
     }
 }
