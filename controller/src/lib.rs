@@ -7,7 +7,12 @@
 
 pub mod endpoints;
 pub mod endpointslice;
+pub mod index;
 pub mod labels;
+pub mod metrics;
 pub mod mirroring;
 pub mod plan;
 pub mod pod;
+pub mod run;
+pub mod tracker;
+pub mod trim;

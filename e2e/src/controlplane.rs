@@ -501,16 +501,26 @@ impl ControlPlane {
         }
     }
 
+    /// Adds a process the reaper must kill when the test binary exits.
+    pub(crate) fn track_pid(&self, pid: u32) {
+        use std::io::Write;
+        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("pids")) {
+            let _ = writeln!(f, "{pid}");
+        }
+    }
+
     /// A reaper process that stops the components and removes the directory when
     /// this process exits (statics are never dropped). It polls once a second: it
     /// synchronises nothing in a test, it only cleans up after the binary is gone.
     fn spawn_reaper(&self) -> std::io::Result<()> {
-        let pids: Vec<String> = self.pids().into_iter().map(|(_, p)| p.to_string()).collect();
+        for (_, pid) in self.pids() {
+            self.track_pid(pid);
+        }
+        // Reads the pid file at exit, so processes started later (svcplane) are reaped too.
         let script = format!(
-            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill {pids} 2>/dev/null; \
-             sleep 2; kill -9 {pids} 2>/dev/null; [ -e '{dir}/KEEP' ] || [ -n \"$KEEP\" ] || rm -rf '{dir}'",
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; pids=$(cat '{dir}/pids'); kill $pids 2>/dev/null; \
+             sleep 2; kill -9 $pids 2>/dev/null; [ -e '{dir}/KEEP' ] || [ -n \"$KEEP\" ] || rm -rf '{dir}'",
             parent = std::process::id(),
-            pids = pids.join(" "),
             dir = self.dir.display(),
         );
         let mut cmd = Command::new("bash");

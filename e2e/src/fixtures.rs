@@ -87,7 +87,23 @@ impl TestNamespace {
         set_pod_status(&self.api(), &name, ips, ready).await
     }
 
-    /// Deletes a Pod (graceful: it keeps a deletionTimestamp while it has a finalizer).
+    /// Finishes a Pod's deletion as its kubelet would once containers stopped:
+    /// deletes it with grace period 0 (without a kubelet a graceful delete of a
+    /// bound Pod never completes).
+    pub async fn finish_pod_deletion(&self, name: &str) {
+        match self
+            .api::<Pod>()
+            .delete(name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => panic!("delete pod {name} now: {e}"),
+        }
+    }
+
+    /// Deletes a Pod gracefully: it stays, terminating, until
+    /// [`TestNamespace::finish_pod_deletion`] (there is no kubelet).
     pub async fn delete_pod(&self, name: &str) {
         self.api::<Pod>()
             .delete(name, &DeleteParams::default())

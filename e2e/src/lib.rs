@@ -14,6 +14,8 @@ pub mod certs;
 mod controlplane;
 pub mod fixtures;
 mod ports;
+pub mod slices;
+pub mod svcplane;
 pub mod wait;
 
 pub use controlplane::{

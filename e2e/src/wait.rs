@@ -35,7 +35,12 @@ where
             Ok(v) => return v,
             Err(last) => {
                 if tokio::time::Instant::now() >= deadline {
-                    panic!("timed out after {timeout:?} waiting for {what}; last observation: {last:?}");
+                    let mut last = format!("{last:?}");
+                    if last.len() > 4000 {
+                        last.truncate(4000);
+                        last.push_str("…(cut)");
+                    }
+                    panic!("timed out after {timeout:?} waiting for {what}; last observation: {last}");
                 }
             }
         }

@@ -1,0 +1,43 @@
+# svcplane: `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.DEFAULT_GOAL := help
+.PHONY: help setup controlplane lint unit e2e test demo bench bench-ipam fmt
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: ## Install what the build needs and build the pinned control plane (cached)
+	@bash scripts/setup.sh --with-kubectl
+
+controlplane: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl into the cache
+	@bash e2e/controlplane/build.sh --with-kubectl
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+lint: ## rustfmt check and clippy with warnings denied
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit: ## Unit and property tests (no control plane)
+	$(CARGO) test --workspace --locked --lib --bins
+
+e2e: setup ## End-to-end tests against a real kube-apiserver + etcd
+	$(CARGO) build --locked --bin svcplane
+	$(CARGO) test --locked -p svcplane-e2e
+
+test: setup lint ## Everything CI runs: lint, unit, property and e2e tests
+	$(CARGO) build --locked --bin svcplane
+	$(CARGO) test --workspace --locked
+
+demo: setup ## Real control plane + svcplane + examples/, printing Services, slices and allocations
+	$(CARGO) build --locked --bin svcplane --bin svcplane-demo
+	./target/debug/svcplane-demo
+
+bench-ipam: ## ipam benchmarks against upstream's allocator, with ratios
+	bash ipam/bench.sh
+
+bench: setup ## Benchmarks against kube-controller-manager (not part of make test)
+	bash ipam/bench.sh

@@ -1,0 +1,331 @@
+//! The selector index: which Services select which Pods, kept up to date from
+//! watch events. Pure data structure, no client.
+//!
+//! Upstream matches every Pod event against every Service selector in the namespace
+//! and scans the namespace's Pods on every Service sync, so its cost grows with the
+//! namespace. Here each Service is indexed under ONE of its selector's label pairs
+//! (the one with the fewest Services so far), and each Pod under all of its label
+//! pairs, so:
+//! - a Pod event costs the Services indexed under the Pod's own pairs, then a full
+//!   selector check on each;
+//! - a Service's members are kept as a set, so a sync reads exactly its Pods.
+//!
+//! The index remembers each Pod's last matches, so a Pod whose labels change is
+//! reported to the Services it left as well as those it joined.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+type Namespace = String;
+type Name = String;
+type Pair = (String, String);
+
+/// Service ↔ Pod membership by label selector, per namespace.
+#[derive(Debug, Default)]
+pub struct SelectorIndex {
+    namespaces: HashMap<Namespace, NamespaceIndex>,
+}
+
+#[derive(Debug, Default)]
+struct NamespaceIndex {
+    /// Service name → its selector and the pair it is indexed under.
+    services: HashMap<Name, (BTreeMap<String, String>, Pair)>,
+    /// Label pair → Services indexed under it.
+    services_by_pair: HashMap<Pair, HashSet<Name>>,
+    /// Pod name → its labels.
+    pods: HashMap<Name, BTreeMap<String, String>>,
+    /// Label pair → Pods carrying it.
+    pods_by_pair: HashMap<Pair, HashSet<Name>>,
+    /// Service name → Pods it selects.
+    members: HashMap<Name, BTreeSet<Name>>,
+    /// Pod name → Services that select it.
+    memberships: HashMap<Name, BTreeSet<Name>>,
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl SelectorIndex {
+    /// Records a Service's selector (`None` or empty: selects nothing, as upstream
+    /// treats an empty Service selector as no selector). Returns nothing: the caller
+    /// triggers the Service itself.
+    pub fn upsert_service(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        selector: Option<&BTreeMap<String, String>>,
+    ) {
+        let ns = self.namespaces.entry(namespace.to_string()).or_default();
+        let selector = selector.filter(|s| !s.is_empty());
+        if let Some((old, _)) = ns.services.get(name)
+            && Some(old) == selector
+        {
+            return;
+        }
+        ns.remove_service(name);
+        let Some(selector) = selector else { return };
+        let pair = selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .min_by_key(|p| ns.services_by_pair.get(p).map_or(0, HashSet::len))
+            .unwrap_or_default();
+        ns.services_by_pair.entry(pair.clone()).or_default().insert(name.to_string());
+        let members: BTreeSet<Name> = ns
+            .pods_by_pair
+            .get(&pair)
+            .into_iter()
+            .flatten()
+            .filter(|pod| ns.pods.get(*pod).is_some_and(|labels| selects(selector, labels)))
+            .cloned()
+            .collect();
+        for pod in &members {
+            ns.memberships.entry(pod.clone()).or_default().insert(name.to_string());
+        }
+        ns.members.insert(name.to_string(), members);
+        ns.services.insert(name.to_string(), (selector.clone(), pair));
+    }
+
+    /// Forgets a Service.
+    pub fn remove_service(&mut self, namespace: &str, name: &str) {
+        if let Some(ns) = self.namespaces.get_mut(namespace) {
+            ns.remove_service(name);
+        }
+    }
+
+    /// Records a Pod's labels; returns every Service whose membership the Pod was or
+    /// is in (left, joined or stayed: a stayed Service must re-sync because the Pod's
+    /// status may have changed).
+    pub fn upsert_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> BTreeSet<String> {
+        let empty = BTreeMap::new();
+        let labels = labels.unwrap_or(&empty);
+        let ns = self.namespaces.entry(namespace.to_string()).or_default();
+        let mut affected = ns.memberships.get(name).cloned().unwrap_or_default();
+        if ns.pods.get(name) != Some(labels) {
+            ns.remove_pod(name);
+            for pair in labels.iter() {
+                ns.pods_by_pair.entry((pair.0.clone(), pair.1.clone())).or_default().insert(name.to_string());
+            }
+            let mut joined = BTreeSet::new();
+            for pair in labels.iter() {
+                let Some(candidates) = ns.services_by_pair.get(&(pair.0.clone(), pair.1.clone())) else {
+                    continue;
+                };
+                for svc in candidates {
+                    if ns.services.get(svc).is_some_and(|(selector, _)| selects(selector, labels)) {
+                        joined.insert(svc.clone());
+                    }
+                }
+            }
+            for svc in &joined {
+                ns.members.entry(svc.clone()).or_default().insert(name.to_string());
+            }
+            ns.pods.insert(name.to_string(), labels.clone());
+            affected.extend(joined.iter().cloned());
+            if !joined.is_empty() {
+                ns.memberships.insert(name.to_string(), joined);
+            }
+        }
+        affected
+    }
+
+    /// Forgets a Pod; returns the Services it was a member of.
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> BTreeSet<String> {
+        let Some(ns) = self.namespaces.get_mut(namespace) else { return BTreeSet::new() };
+        let affected = ns.memberships.get(name).cloned().unwrap_or_default();
+        ns.remove_pod(name);
+        affected
+    }
+
+    /// The Pods a Service selects, by name.
+    pub fn members(&self, namespace: &str, service: &str) -> Vec<String> {
+        self.namespaces
+            .get(namespace)
+            .and_then(|ns| ns.members.get(service))
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The Services that select a Pod, by name.
+    pub fn services_of_pod(&self, namespace: &str, pod: &str) -> Vec<String> {
+        self.namespaces
+            .get(namespace)
+            .and_then(|ns| ns.memberships.get(pod))
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every indexed Service as (namespace, name).
+    pub fn services(&self) -> Vec<(String, String)> {
+        self.namespaces
+            .iter()
+            .flat_map(|(ns, idx)| idx.services.keys().map(move |name| (ns.clone(), name.clone())))
+            .collect()
+    }
+
+    /// Every indexed Pod as (namespace, name).
+    pub fn pods(&self) -> Vec<(String, String)> {
+        self.namespaces
+            .iter()
+            .flat_map(|(ns, idx)| idx.pods.keys().map(move |name| (ns.clone(), name.clone())))
+            .collect()
+    }
+
+    /// Number of Services indexed (for metrics and tests).
+    pub fn service_count(&self) -> usize {
+        self.namespaces.values().map(|ns| ns.services.len()).sum()
+    }
+}
+
+impl NamespaceIndex {
+    fn remove_service(&mut self, name: &str) {
+        if let Some((_, pair)) = self.services.remove(name)
+            && let Some(set) = self.services_by_pair.get_mut(&pair)
+        {
+            set.remove(name);
+            if set.is_empty() {
+                self.services_by_pair.remove(&pair);
+            }
+        }
+        for pod in self.members.remove(name).unwrap_or_default() {
+            if let Some(set) = self.memberships.get_mut(&pod) {
+                set.remove(name);
+                if set.is_empty() {
+                    self.memberships.remove(&pod);
+                }
+            }
+        }
+    }
+
+    fn remove_pod(&mut self, name: &str) {
+        if let Some(labels) = self.pods.remove(name) {
+            for pair in labels {
+                if let Some(set) = self.pods_by_pair.get_mut(&pair) {
+                    set.remove(name);
+                    if set.is_empty() {
+                        self.pods_by_pair.remove(&pair);
+                    }
+                }
+            }
+        }
+        for svc in self.memberships.remove(name).unwrap_or_default() {
+            if let Some(set) = self.members.get_mut(&svc) {
+                set.remove(name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn l(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn pod_joins_matching_service_and_leaves_on_label_change() {
+        let mut idx = SelectorIndex::default();
+        idx.upsert_service("ns", "web", Some(&l(&[("app", "web")])));
+        let affected = idx.upsert_pod("ns", "p1", Some(&l(&[("app", "web"), ("tier", "fe")])));
+        assert_eq!(affected, BTreeSet::from(["web".to_string()]));
+        assert_eq!(idx.members("ns", "web"), vec!["p1"]);
+        let affected = idx.upsert_pod("ns", "p1", Some(&l(&[("app", "db")])));
+        assert_eq!(affected, BTreeSet::from(["web".to_string()]), "the Service it left is reported");
+        assert!(idx.members("ns", "web").is_empty());
+    }
+
+    #[test]
+    fn service_added_after_pods_finds_them_and_other_namespaces_are_ignored() {
+        let mut idx = SelectorIndex::default();
+        idx.upsert_pod("ns", "a", Some(&l(&[("app", "x"), ("v", "1")])));
+        idx.upsert_pod("ns", "b", Some(&l(&[("app", "x"), ("v", "2")])));
+        idx.upsert_pod("other", "c", Some(&l(&[("app", "x"), ("v", "1")])));
+        idx.upsert_service("ns", "svc", Some(&l(&[("app", "x"), ("v", "1")])));
+        assert_eq!(idx.members("ns", "svc"), vec!["a"]);
+        idx.upsert_service("ns", "svc", Some(&l(&[("app", "x")])));
+        assert_eq!(idx.members("ns", "svc"), vec!["a", "b"]);
+        idx.upsert_service("ns", "svc", None);
+        assert!(idx.members("ns", "svc").is_empty());
+        assert!(idx.services_of_pod("ns", "a").is_empty());
+    }
+
+    #[test]
+    fn empty_selector_selects_nothing() {
+        let mut idx = SelectorIndex::default();
+        idx.upsert_service("ns", "s", Some(&BTreeMap::new()));
+        assert!(idx.upsert_pod("ns", "p", Some(&l(&[("a", "b")]))).is_empty());
+        assert!(idx.members("ns", "s").is_empty());
+    }
+
+    #[test]
+    fn deleted_pod_reports_its_services() {
+        let mut idx = SelectorIndex::default();
+        idx.upsert_service("ns", "s1", Some(&l(&[("app", "x")])));
+        idx.upsert_service("ns", "s2", Some(&l(&[("tier", "fe")])));
+        idx.upsert_pod("ns", "p", Some(&l(&[("app", "x"), ("tier", "fe")])));
+        assert_eq!(idx.remove_pod("ns", "p"), BTreeSet::from(["s1".to_string(), "s2".to_string()]));
+        assert!(idx.members("ns", "s1").is_empty());
+    }
+
+    fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+        proptest::collection::btree_map("[abc]", "[xy]", 0..3)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Svc(usize, Option<BTreeMap<String, String>>),
+        Pod(usize, Option<BTreeMap<String, String>>),
+    }
+
+    proptest! {
+        /// After any sequence of Service and Pod changes, membership equals a brute
+        /// force match of every selector against every Pod.
+        #[test]
+        fn index_agrees_with_brute_force(ops in proptest::collection::vec(
+            prop_oneof![
+                (0usize..4, proptest::option::of(arb_labels())).prop_map(|(i, s)| Op::Svc(i, s)),
+                (0usize..6, proptest::option::of(arb_labels())).prop_map(|(i, s)| Op::Pod(i, s)),
+            ], 0..40)) {
+            let mut idx = SelectorIndex::default();
+            let mut svcs: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+            let mut pods: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Svc(i, sel) => {
+                        let name = format!("s{i}");
+                        idx.upsert_service("ns", &name, sel.as_ref());
+                        match sel { Some(s) if !s.is_empty() => { svcs.insert(name, s); } _ => { svcs.remove(&name); } }
+                    }
+                    Op::Pod(i, Some(labels)) => {
+                        let name = format!("p{i}");
+                        let before: BTreeSet<String> = svcs.iter()
+                            .filter(|(_, s)| pods.get(&name).is_some_and(|l| selects(s, l)))
+                            .map(|(n, _)| n.clone()).collect();
+                        let affected = idx.upsert_pod("ns", &name, Some(&labels));
+                        let after: BTreeSet<String> = svcs.iter()
+                            .filter(|(_, s)| selects(s, &labels)).map(|(n, _)| n.clone()).collect();
+                        prop_assert_eq!(affected, before.union(&after).cloned().collect::<BTreeSet<_>>());
+                        pods.insert(name, labels);
+                    }
+                    Op::Pod(i, None) => {
+                        let name = format!("p{i}");
+                        idx.remove_pod("ns", &name);
+                        pods.remove(&name);
+                    }
+                }
+            }
+            for (svc, sel) in &svcs {
+                let expected: Vec<String> = pods.iter().filter(|(_, l)| selects(sel, l)).map(|(n, _)| n.clone()).collect();
+                prop_assert_eq!(idx.members("ns", svc), expected);
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Prometheus metrics of the endpoint controllers. Names follow upstream's
+//! `endpoint_slice_controller_*` where there is one, so oracle runs compare.
+
+use std::time::Instant;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Which controller a sample is from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ControllerKind {
+    /// EndpointSlices from Pods.
+    endpointslice,
+    /// Legacy Endpoints from Pods.
+    endpoints,
+    /// EndpointSlices mirrored from hand-written Endpoints.
+    mirroring,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabels {
+    controller: ControllerKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SyncLabels {
+    controller: ControllerKind,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeLabels {
+    controller: ControllerKind,
+    operation: &'static str,
+}
+
+/// The controllers' metrics; cheap to clone (shared cells).
+#[derive(Clone)]
+pub struct Metrics {
+    syncs: Family<SyncLabels, Counter>,
+    sync_duration: Family<ControllerLabels, Histogram>,
+    endpoints_added: Family<ControllerLabels, Histogram>,
+    endpoints_removed: Family<ControllerLabels, Histogram>,
+    changes: Family<ChangeLabels, Counter>,
+    queue_depth: Family<ControllerLabels, Gauge>,
+    stale_skips: Family<ControllerLabels, Counter>,
+}
+
+fn sizes() -> Histogram {
+    Histogram::new([0.0, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0])
+}
+
+fn seconds() -> Histogram {
+    Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
+}
+
+impl Metrics {
+    /// Registers the metrics under `registry` (callers pass a `svcplane_` sub-registry).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            syncs: Family::default(),
+            sync_duration: Family::new_with_constructor(seconds),
+            endpoints_added: Family::new_with_constructor(sizes),
+            endpoints_removed: Family::new_with_constructor(sizes),
+            changes: Family::default(),
+            queue_depth: Family::default(),
+            stale_skips: Family::default(),
+        };
+        registry.register("syncs", "Reconciles of one Service, by result", m.syncs.clone());
+        registry.register("sync_duration_seconds", "Duration of one reconcile", m.sync_duration.clone());
+        registry.register(
+            "endpoints_added_per_sync",
+            "Endpoints added by one reconcile",
+            m.endpoints_added.clone(),
+        );
+        registry.register(
+            "endpoints_removed_per_sync",
+            "Endpoints removed by one reconcile",
+            m.endpoints_removed.clone(),
+        );
+        registry.register("changes", "Objects written, by operation", m.changes.clone());
+        registry.register("queue_depth", "Services waiting for a reconcile", m.queue_depth.clone());
+        registry.register(
+            "stale_cache_skips",
+            "Reconciles postponed because the cache had not seen svcplane's own writes",
+            m.stale_skips.clone(),
+        );
+        m
+    }
+
+    /// Starts timing one reconcile; the guard records duration and result when dropped.
+    pub fn sync(&self, controller: ControllerKind) -> SyncTimer<'_> {
+        SyncTimer { metrics: self, controller, start: Instant::now(), result: "error" }
+    }
+
+    /// Counts a write.
+    pub fn changed(&self, controller: ControllerKind, operation: &'static str, n: usize) {
+        self.changes.get_or_create(&ChangeLabels { controller, operation }).inc_by(n as u64);
+    }
+
+    /// Records endpoint churn of one reconcile.
+    pub fn churn(&self, controller: ControllerKind, added: usize, removed: usize) {
+        let l = ControllerLabels { controller };
+        self.endpoints_added.get_or_create(&l).observe(added as f64);
+        self.endpoints_removed.get_or_create(&l).observe(removed as f64);
+    }
+
+    /// Sets the queue depth.
+    pub fn set_queue_depth(&self, controller: ControllerKind, depth: usize) {
+        self.queue_depth.get_or_create(&ControllerLabels { controller }).set(depth as i64);
+    }
+
+    /// Counts a postponed stale reconcile.
+    pub fn stale_skip(&self, controller: ControllerKind) {
+        self.stale_skips.get_or_create(&ControllerLabels { controller }).inc();
+    }
+}
+
+/// Drop guard timing one reconcile.
+pub struct SyncTimer<'a> {
+    metrics: &'a Metrics,
+    controller: ControllerKind,
+    start: Instant,
+    result: &'static str,
+}
+
+impl SyncTimer<'_> {
+    /// Marks the reconcile as successful (default: error).
+    pub fn success(&mut self) {
+        self.result = "success";
+    }
+
+    /// Marks the reconcile with a named result (e.g. "stale").
+    pub fn result(&mut self, result: &'static str) {
+        self.result = result;
+    }
+}
+
+impl Drop for SyncTimer<'_> {
+    fn drop(&mut self) {
+        let controller = self.controller.clone();
+        self.metrics
+            .syncs
+            .get_or_create(&SyncLabels { controller: controller.clone(), result: self.result })
+            .inc();
+        self.metrics
+            .sync_duration
+            .get_or_create(&ControllerLabels { controller })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

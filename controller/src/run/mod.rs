@@ -1,0 +1,321 @@
+//! The imperative shell: watches, queues, workers and writes. Everything that talks
+//! to the API lives here; the planners it calls are pure.
+//!
+//! One process runs any of three controllers over shared watches:
+//! - `endpointslice`: Service + Pods → svcplane's EndpointSlices;
+//! - `endpoints`: Service + Pods → the legacy Endpoints object;
+//! - `mirroring`: selectorless Service + hand-written Endpoints → mirrored slices.
+
+mod apply;
+mod endpoints;
+mod mirroring;
+pub mod queue;
+mod slices;
+pub mod state;
+
+use std::{fmt, future::Future, sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    Client, Resource, ResourceExt,
+    runtime::events::{Recorder, Reporter},
+};
+use tokio::sync::watch;
+
+use crate::{
+    endpointslice::SliceConfig,
+    metrics::{ControllerKind, Metrics},
+    mirroring::MirroringConfig,
+    tracker::WriteTracker,
+};
+pub use state::{Indexes, Queues, Stores};
+
+/// Flags of the controller role (flattened into `svcplane run`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ControllerArgs {
+    /// Controllers to run: any of endpointslice, endpoints, mirroring.
+    #[arg(long, value_delimiter = ',', default_value = "endpointslice,endpoints,mirroring")]
+    pub controllers: Vec<String>,
+    /// Most endpoints in one EndpointSlice (upstream --max-endpoints-per-slice).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_endpoints_per_slice: u16,
+    /// Most addresses of one Endpoints subset mirrored (upstream --mirroring-max-endpoints-per-subset).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub mirroring_max_endpoints_per_subset: u16,
+    /// Services reconciled at once, per controller (upstream --concurrent-service-endpoint-syncs).
+    #[arg(long, default_value_t = 5)]
+    pub concurrency: usize,
+}
+
+impl Default for ControllerArgs {
+    fn default() -> Self {
+        Self {
+            controllers: vec!["endpointslice".into(), "endpoints".into(), "mirroring".into()],
+            max_endpoints_per_slice: 100,
+            mirroring_max_endpoints_per_subset: 1000,
+            concurrency: 5,
+        }
+    }
+}
+
+/// A queue key: namespace and name of a Service (and of its Endpoints).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl Key {
+    /// The key of an object.
+    pub fn of<K: Resource>(obj: &K) -> Self {
+        Key { namespace: obj.meta().namespace.clone().unwrap_or_default(), name: obj.name_any() }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A write was refused or failed.
+    #[error("failed to {verb} {kind} {namespace}/{name}: {source}")]
+    Write {
+        verb: &'static str,
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The store has not caught up with svcplane's own writes yet.
+    #[error("cache for {0} is behind svcplane's own writes")]
+    Stale(Key),
+    /// Pods reference Nodes that do not exist (upstream retries such syncs).
+    #[error("{0}")]
+    NodesMissing(String),
+}
+
+impl Error {
+    /// Fixed name for metrics labels and Event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Write { verb: "create", .. } => "FailedToCreate",
+            Error::Write { verb: "delete", .. } => "FailedToDelete",
+            Error::Write { .. } => "FailedToUpdate",
+            Error::Stale(_) => "StaleCache",
+            Error::NodesMissing(_) => "NodeNotFound",
+        }
+    }
+}
+
+/// Everything a reconcile needs: built once.
+pub struct Context {
+    /// API client (the only writer is `apply`).
+    pub client: Client,
+    /// Reflector stores.
+    pub stores: Stores,
+    /// Selector and slice-owner indexes.
+    pub indexes: Arc<Indexes>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Events on Services and Endpoints.
+    pub recorder: Recorder,
+    /// Slice planner settings.
+    pub slice_config: SliceConfig,
+    /// Mirroring planner settings.
+    pub mirroring_config: MirroringConfig,
+    /// svcplane's own slice writes not yet seen in the store.
+    pub tracker: WriteTracker,
+    /// Endpoints objects written and their resourceVersion, for the stale check.
+    pub endpoints_tracker: std::sync::Mutex<std::collections::HashMap<Key, String>>,
+    /// Trigger times (last-change-trigger-time annotation), per controller.
+    pub slice_trigger_times: state::TriggerTimes,
+    /// Same, for the Endpoints controller (upstream keeps one per controller).
+    pub endpoints_trigger_times: state::TriggerTimes,
+}
+
+/// Field manager of every write.
+pub const FIELD_MANAGER: &str = "svcplane";
+
+/// Runs the chosen controllers until `shutdown` resolves.
+///
+/// Watches start at once (a standby replica keeps warm caches); workers start when
+/// `leader` turns true. If `leader` turns false again, `run` returns: the process
+/// must exit rather than keep writing without the lease.
+pub async fn run(
+    args: ControllerArgs,
+    client: Client,
+    metrics: Metrics,
+    mut leader: watch::Receiver<bool>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let wants = |c: &str| args.controllers.iter().any(|x| x == c);
+    for c in &args.controllers {
+        if !["endpointslice", "endpoints", "mirroring"].contains(&c.as_str()) {
+            return Err(RunError::UnknownController(c.clone()));
+        }
+    }
+    let queues = Queues {
+        slices: wants("endpointslice").then(queue::WorkQueue::new),
+        endpoints: wants("endpoints").then(queue::WorkQueue::new),
+        mirroring: wants("mirroring").then(queue::WorkQueue::new),
+    };
+    let (stores, indexes, mut synced, watch_tasks) = state::start_watches(&client, queues.clone());
+    let reporter = Reporter {
+        controller: "svcplane".into(),
+        instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        stores,
+        indexes,
+        metrics,
+        slice_config: SliceConfig {
+            max_endpoints_per_slice: args.max_endpoints_per_slice.into(),
+            // Issue #4: a Service that loses its selector or becomes ExternalName
+            // loses its stale slices. Upstream leaves them (kubernetes#91072).
+            delete_when_unselected: true,
+            ..SliceConfig::default()
+        },
+        mirroring_config: MirroringConfig {
+            max_endpoints_per_subset: args.mirroring_max_endpoints_per_subset.into(),
+            ..MirroringConfig::default()
+        },
+        tracker: WriteTracker::default(),
+        endpoints_tracker: Default::default(),
+        slice_trigger_times: Default::default(),
+        endpoints_trigger_times: Default::default(),
+    });
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    tokio::select! {
+        _ = synced.wait_for(|s| *s) => {}
+        _ = &mut shutdown => { stop(&queues, watch_tasks); return Ok(()); }
+    }
+    tracing::info!("caches synced");
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    tokio::select! {
+        r = leader.wait_for(|l| *l) => { if r.is_err() { stop(&queues, watch_tasks); return Err(RunError::LostLease); } }
+        _ = &mut shutdown => { stop(&queues, watch_tasks); return Ok(()); }
+    }
+    tracing::info!(controllers = ?args.controllers, "leading: starting workers");
+    // Everything was queued by the initial lists; queue again whatever the stores
+    // hold that has no live Service (orphans from while no leader ran).
+    queue_orphans(&ctx, &queues);
+
+    let mut workers = Vec::new();
+    for (q, kind) in [
+        (&queues.slices, ControllerKind::endpointslice),
+        (&queues.endpoints, ControllerKind::endpoints),
+        (&queues.mirroring, ControllerKind::mirroring),
+    ] {
+        let Some(q) = q else { continue };
+        for _ in 0..args.concurrency.max(1) {
+            workers.push(tokio::spawn(worker(q.clone(), ctx.clone(), kind.clone())));
+        }
+    }
+
+    let result = tokio::select! {
+        _ = &mut shutdown => Ok(()),
+        _ = leader.wait_for(|l| !*l) => Err(RunError::LostLease),
+    };
+    stop(&queues, watch_tasks);
+    // Let in-flight reconciles finish their writes (graceful shutdown).
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+    }
+    result
+}
+
+/// Why `run` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The lease was lost: the process must exit.
+    #[error("lost the leader lease")]
+    LostLease,
+    /// `--controllers` named something unknown.
+    #[error("unknown controller {0:?} (expected endpointslice, endpoints or mirroring)")]
+    UnknownController(String),
+}
+
+fn stop(queues: &Queues, watch_tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for q in [&queues.slices, &queues.endpoints, &queues.mirroring].into_iter().flatten() {
+        q.shutdown();
+    }
+    for t in watch_tasks {
+        t.abort();
+    }
+}
+
+fn queue_orphans(ctx: &Context, queues: &Queues) {
+    let owners: Vec<(String, String, String)> =
+        state::read(&ctx.indexes.slices_by_owner).keys().cloned().collect();
+    for (namespace, name, managed_by) in owners {
+        let key = Key { namespace, name };
+        let q = match managed_by.as_str() {
+            crate::labels::SVCPLANE_SLICE_CONTROLLER => &queues.slices,
+            _ => &queues.mirroring,
+        };
+        if let Some(q) = q {
+            q.add(key);
+        }
+    }
+    // Upstream's checkLeftoverEndpoints: every Endpoints is synced once at start, so
+    // one whose Service is gone is deleted.
+    if let Some(q) = &queues.endpoints {
+        for ep in ctx.stores.endpoints.state() {
+            let leader_lock = ep
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(crate::labels::LEADER_ELECTION));
+            if !leader_lock {
+                q.add(Key::of(ep.as_ref()));
+            }
+        }
+    }
+}
+
+async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: ControllerKind) {
+    // Per-key failures, for exponential backoff as client-go's rate limiter.
+    let mut failures: std::collections::HashMap<Key, u32> = Default::default();
+    while let Some(key) = queue.next().await {
+        ctx.metrics.set_queue_depth(kind.clone(), queue.len());
+        let result = match kind {
+            ControllerKind::endpointslice => slices::reconcile(&key, &ctx).await,
+            ControllerKind::endpoints => endpoints::reconcile(&key, &ctx).await,
+            ControllerKind::mirroring => mirroring::reconcile(&key, &ctx).await,
+        };
+        queue.done(&key);
+        match result {
+            Ok(()) => {
+                failures.remove(&key);
+            }
+            Err(Error::Stale(_)) => {
+                // The watch event of our own write re-queues the key; this is a fallback.
+                ctx.metrics.stale_skip(kind.clone());
+                queue.add_after(key, Duration::from_millis(500));
+            }
+            Err(e) => {
+                let n = failures.entry(key.clone()).or_default();
+                *n += 1;
+                let delay = Duration::from_millis(5 * 2u64.pow((*n).min(12)));
+                tracing::warn!(controller = ?kind, %key, error = %e, retry_in = ?delay, "reconcile failed");
+                queue.add_after(key, delay);
+            }
+        }
+    }
+}
+
+/// The Service of `key` from the store.
+pub(crate) fn service(ctx: &Context, key: &Key) -> Option<Arc<Service>> {
+    ctx.stores.services.get(&kube::runtime::reflector::ObjectRef::new(&key.name).within(&key.namespace))
+}

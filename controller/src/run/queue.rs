@@ -1,0 +1,161 @@
+//! A keyed work queue with client-go's semantics: a key is queued at most once, is
+//! processed by one worker at a time, and a key added while it is being processed
+//! is processed again afterwards. Keys are reconciled even when their object is
+//! gone, which upstream's controllers rely on (a deleted Service's Endpoints, a
+//! deleted Endpoints' mirrored slices) and kube-runtime's Controller cannot express
+//! (it only reconciles objects present in its store).
+
+use std::{
+    collections::{HashSet, VecDeque},
+    hash::Hash,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+/// The queue; clone the `Arc` to share it between the router and the workers.
+#[derive(Debug)]
+pub struct WorkQueue<K> {
+    state: Mutex<State<K>>,
+    notify: Notify,
+}
+
+#[derive(Debug)]
+struct State<K> {
+    queue: VecDeque<K>,
+    queued: HashSet<K>,
+    active: HashSet<K>,
+    dirty: HashSet<K>,
+    closed: bool,
+}
+
+impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
+    /// An empty queue.
+    pub fn new() -> Arc<Self> {
+        Arc::new(WorkQueue {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                queued: HashSet::new(),
+                active: HashSet::new(),
+                dirty: HashSet::new(),
+                closed: false,
+            }),
+            notify: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<K>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `key` unless it is queued already; if it is being processed, it is
+    /// queued again when that finishes.
+    pub fn add(&self, key: K) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        if s.active.contains(&key) {
+            s.dirty.insert(key);
+        } else if s.queued.insert(key.clone()) {
+            s.queue.push_back(key);
+            drop(s);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Queues `key` after `delay` (retries, stale caches).
+    pub fn add_after(self: &Arc<Self>, key: K, delay: Duration) {
+        let queue = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            queue.add(key);
+        });
+    }
+
+    /// The next key to process; `None` once the queue is shut down.
+    pub async fn next(&self) -> Option<K> {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut s = self.lock();
+                if s.closed {
+                    return None;
+                }
+                if let Some(key) = s.queue.pop_front() {
+                    s.queued.remove(&key);
+                    s.active.insert(key.clone());
+                    if !s.queue.is_empty() {
+                        // Wake another worker for the rest.
+                        self.notify.notify_one();
+                    }
+                    return Some(key);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks `key` processed; requeues it if it was added meanwhile.
+    pub fn done(&self, key: &K) {
+        let mut s = self.lock();
+        s.active.remove(key);
+        if s.dirty.remove(key) && s.queued.insert(key.clone()) {
+            s.queue.push_back(key.clone());
+            drop(s);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Keys waiting (not counting those being processed).
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops handing out keys; `next` returns `None` from now on.
+    pub fn shutdown(&self) {
+        self.lock().closed = true;
+        self.notify.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn duplicate_adds_collapse_and_adds_during_processing_requeue_once() {
+        let q = WorkQueue::new();
+        q.add("a");
+        q.add("a");
+        q.add("b");
+        assert_eq!(q.len(), 2);
+        let k = q.next().await.unwrap();
+        assert_eq!(k, "a");
+        q.add("a");
+        q.add("a");
+        assert_eq!(q.len(), 1, "a is active: only marked dirty");
+        q.done(&k);
+        assert_eq!(q.len(), 2, "a requeued once after done");
+        assert_eq!(q.next().await, Some("b"));
+        assert_eq!(q.next().await, Some("a"));
+    }
+
+    #[tokio::test]
+    async fn shutdown_releases_waiting_workers() {
+        let q: Arc<WorkQueue<u8>> = WorkQueue::new();
+        let worker = tokio::spawn({
+            let q = q.clone();
+            async move { q.next().await }
+        });
+        tokio::task::yield_now().await;
+        q.shutdown();
+        assert_eq!(worker.await.unwrap(), None);
+    }
+}

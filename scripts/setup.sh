@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what `make test` and `make demo` need on a fresh machine, then builds the
+# pinned control plane (cached: a warm run does nothing). Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing_debs=()
+for tool in make git curl; do command -v "$tool" >/dev/null || missing_debs+=("$tool"); done
+command -v cc >/dev/null || missing_debs+=(build-essential)
+if [ "${#missing_debs[@]}" -gt 0 ]; then
+  say "installing ${missing_debs[*]} with apt-get"
+  as_root apt-get update -qq && as_root apt-get install -y -qq "${missing_debs[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found: install Rust with rustup (https://rustup.rs) and re-run" >&2
+  exit 1
+fi
+# rust-toolchain.toml pins the toolchain and its components; this installs them if absent.
+rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+if ! command -v go >/dev/null; then
+  echo "setup: Go not found: the control plane is built from Go modules; install Go >= 1.25 and re-run" >&2
+  exit 1
+fi
+bash e2e/controlplane/build.sh "$@" >/dev/null
