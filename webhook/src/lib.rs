@@ -1,24 +1,230 @@
-//! svcplane's admission webhook (in progress; see README.md).
+//! svcplane's admission webhook: every Service's ClusterIPs and NodePorts
+//! come from svcplane-ipam, recorded as one `AllocationClaim` per value.
+//!
+//! - [`admit`]: pure plan of what a Service needs, and the JSON patch.
+//! - [`index`]: the in-memory bitmap index of one replica (no I/O).
+//! - [`claim`]: the claim object and value naming (no I/O).
+//! - [`store`]: claims create/delete (409 is the lock) and the watches.
+//! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
+//! - [`repair`]: the leader's reconcile of claims against Services.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! See README.md for the design and its failure analysis.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod admit;
+pub mod claim;
+pub mod handler;
+pub mod index;
+pub mod metrics;
+pub mod repair;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use claim::{AllocationClaim, AllocationClaimSpec, Owner, Value};
+pub use index::PoolConfig;
+pub use server::WebhookServer;
+
+use svcplane_ipam::{IpamError, PortRange};
 
 /// Flags of the webhook role (flattened into `svcplane run`).
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct WebhookArgs {}
+#[derive(clap::Args, Clone, Debug)]
+pub struct WebhookArgs {
+    /// Address the HTTPS server listens on.
+    #[arg(long = "webhook-bind-address", default_value = "0.0.0.0:9443")]
+    pub bind_address: SocketAddr,
+    /// Serving certificate (PEM chain); re-read on an interval.
+    #[arg(long = "webhook-tls-cert-file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Serving key (PEM).
+    #[arg(long = "webhook-tls-key-file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// How often the certificate files are checked for changes.
+    #[arg(long = "webhook-cert-reload-interval", default_value = "60s", value_parser = parse_duration)]
+    pub cert_reload_interval: Duration,
+    /// Generate a CA and serving certificate at start-up and write the CA
+    /// into the named webhook configurations' caBundle.
+    #[arg(long = "webhook-self-signed")]
+    pub self_signed: bool,
+    /// DNS names / IPs of the self-signed serving certificate.
+    #[arg(
+        long = "webhook-self-signed-names",
+        value_delimiter = ',',
+        default_value = "svcplane-webhook.svcplane-system.svc"
+    )]
+    pub self_signed_names: Vec<String>,
+    /// MutatingWebhookConfiguration to patch the caBundle into.
+    #[arg(long = "webhook-mutating-configuration")]
+    pub mutating_configuration: Option<String>,
+    /// ValidatingWebhookConfiguration to patch the caBundle into.
+    #[arg(long = "webhook-validating-configuration")]
+    pub validating_configuration: Option<String>,
+    /// Service CIDRs used when the cluster has no ServiceCIDR objects
+    /// (comma-separated, default family first).
+    #[arg(long = "webhook-service-cidrs", default_value = "10.96.0.0/16")]
+    pub service_cidrs: String,
+    /// NodePort range (the apiserver's --service-node-port-range).
+    #[arg(long = "webhook-node-port-range", default_value = "30000-32767")]
+    pub node_port_range: String,
+    /// Largest AdmissionReview body accepted.
+    #[arg(long = "webhook-max-body-bytes", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Delete a Service's claims as soon as the watch sees it deleted.
+    #[arg(long = "webhook-release-on-delete", default_value_t = true, action = clap::ArgAction::Set)]
+    pub release_on_delete: bool,
+    /// Time between repair passes.
+    #[arg(long = "webhook-repair-interval", default_value = "30s", value_parser = parse_duration)]
+    pub repair_interval: Duration,
+    /// Age after which a claim no Service holds is released (longer than the
+    /// apiserver's 60 s request timeout).
+    #[arg(long = "webhook-repair-grace", default_value = "90s", value_parser = parse_duration)]
+    pub repair_grace: Duration,
+}
 
-/// Why the webhook stopped.
+impl Default for WebhookArgs {
+    fn default() -> Self {
+        Self {
+            bind_address: SocketAddr::from(([0, 0, 0, 0], 9443)),
+            tls_cert_file: None,
+            tls_key_file: None,
+            cert_reload_interval: Duration::from_secs(60),
+            self_signed: false,
+            self_signed_names: vec!["svcplane-webhook.svcplane-system.svc".to_owned()],
+            mutating_configuration: None,
+            validating_configuration: None,
+            service_cidrs: "10.96.0.0/16".to_owned(),
+            node_port_range: "30000-32767".to_owned(),
+            max_body_bytes: 1 << 20,
+            release_on_delete: true,
+            repair_interval: Duration::from_secs(30),
+            repair_grace: Duration::from_secs(90),
+        }
+    }
+}
+
+impl WebhookArgs {
+    /// The fallback pools from the flags.
+    pub fn pool_config(&self) -> Result<PoolConfig, Error> {
+        let cidrs = store::parse_cidrs(&self.service_cidrs).map_err(Error::Flag)?;
+        let node_ports: PortRange = self.node_port_range.parse().map_err(Error::Pools)?;
+        Ok(PoolConfig { cidrs, node_ports })
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("invalid duration {text:?}"))?;
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// Why the webhook stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Not built yet.
-    #[error("the webhook is not implemented yet")]
-    NotImplemented,
+    /// A flag value is unusable.
+    #[error("invalid flag: {0}")]
+    Flag(String),
+    /// The pools cannot be built.
+    #[error("invalid pool: {0}")]
+    Pools(#[source] IpamError),
+    /// Certificate or key problem.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The listen address cannot be bound.
+    #[error("failed to bind {0}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    /// An API call failed.
+    #[error("failed to {what}")]
+    Kube {
+        /// What was attempted.
+        what: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The index was not built in time.
+    #[error("the allocation index was not built in time")]
+    NotReady,
+}
+
+impl Error {
+    /// A fixed name for metric labels and Event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Flag(_) => "InvalidFlag",
+            Error::Pools(_) => "InvalidPool",
+            Error::Tls(_) => "TlsError",
+            Error::Bind(..) => "BindError",
+            Error::Kube { .. } => "ApiError",
+            Error::NotReady => "NotReady",
+        }
+    }
 }
 
 /// Serves the webhook until `shutdown` resolves.
 pub async fn run(
-    _args: WebhookArgs,
-    _client: kube::Client,
-    _shutdown: impl Future<Output = ()> + Send + 'static,
+    args: WebhookArgs,
+    client: kube::Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    Err(Error::NotImplemented)
+    let server = WebhookServer::start(&args, client).await?;
+    shutdown.await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Runs the repair loop until `shutdown` resolves; run it on the leader only.
+pub async fn run_repair(
+    args: WebhookArgs,
+    client: kube::Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    run_repair_with_metrics(args, client, Arc::new(metrics::Metrics::new()), shutdown).await
+}
+
+/// Like [`run_repair`], counting findings in `metrics` (share the server's
+/// to export them on its `/metrics`).
+pub async fn run_repair_with_metrics(
+    args: WebhookArgs,
+    client: kube::Client,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let pools = args.pool_config()?;
+    repair::repair_loop(client, pools, args.repair_interval, args.repair_grace, metrics, shutdown).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_the_usual_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn default_flags_give_usable_pools() {
+        let pools = WebhookArgs::default().pool_config().unwrap();
+        assert_eq!(pools.node_ports, PortRange::DEFAULT_NODE_PORTS);
+    }
 }

@@ -1,0 +1,136 @@
+//! Thin axum handlers: parse the AdmissionReview, run the pure plan, let the
+//! store claim, answer with a patch or a denial. A body that is not an
+//! AdmissionReview gets a 400.
+//!
+//! Calls the API only through [`Store::reserve`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use k8s_openapi::api::core::v1::Service;
+use kube::core::admission::{
+    AdmissionRequest, AdmissionResponse, AdmissionReview, Operation as KubeOperation,
+};
+use tracing::{debug, info};
+
+use crate::admit::{Denial, Mode, Operation, Request, build_patch, plan_admission};
+use crate::metrics::{AdmissionLabels, Metrics};
+use crate::store::Store;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The claim store and index.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// `POST /mutate`.
+pub async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+    review(&state, Mode::Mutate, &body).await
+}
+
+/// `POST /validate`.
+pub async fn validate(State(state): State<AppState>, body: Bytes) -> Response {
+    review(&state, Mode::Validate, &body).await
+}
+
+async fn review(state: &AppState, mode: Mode, body: &[u8]) -> Response {
+    let started = Instant::now();
+    let webhook = if mode == Mode::Mutate { "mutate" } else { "validate" };
+    let count = |result: &str, reason: &str| {
+        state
+            .metrics
+            .admissions
+            .get_or_create(&AdmissionLabels {
+                webhook: webhook.to_owned(),
+                result: result.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    };
+    let request: AdmissionRequest<Service> = match serde_json::from_slice::<AdmissionReview<Service>>(body)
+        .map_err(|e| e.to_string())
+        .and_then(|review| {
+            review.try_into().map_err(|e: kube::core::admission::ConvertAdmissionReviewError| e.to_string())
+        }) {
+        Ok(request) => request,
+        Err(error) => {
+            count("invalid", "MalformedReview");
+            let answer =
+                AdmissionResponse::invalid(format!("malformed AdmissionReview: {error}")).into_review();
+            return (StatusCode::BAD_REQUEST, Json(answer)).into_response();
+        }
+    };
+    let response = answer(state, mode, &request).await;
+    let (result, reason) = match (&response.allowed, response.result.reason.as_str()) {
+        (true, _) => ("allowed", String::new()),
+        (false, reason) => ("denied", reason.to_owned()),
+    };
+    count(result, &reason);
+    state.metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
+    (StatusCode::OK, Json(response.into_review())).into_response()
+}
+
+async fn answer(state: &AppState, mode: Mode, request: &AdmissionRequest<Service>) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    let operation = match request.operation {
+        KubeOperation::Create => Operation::Create,
+        KubeOperation::Update => Operation::Update,
+        _ => return response,
+    };
+    let Some(service) = request.object.as_ref() else { return response };
+    if !state.store.is_ready() {
+        let denial =
+            Denial { field: String::new(), message: "allocation index not built yet".into(), code: 503 };
+        return deny(response, &denial);
+    }
+    let families = state.store.index().config().families();
+    let namespace = request.namespace.as_deref().unwrap_or_default();
+    let input = Request {
+        operation,
+        mode,
+        namespace,
+        service,
+        old: request.old_object.as_ref(),
+        families: &families,
+    };
+    let plan = match plan_admission(&input) {
+        Ok(plan) if plan.is_empty() => return response,
+        Ok(plan) => plan,
+        Err(denial) => return deny(response, &denial),
+    };
+    match state.store.reserve(&plan, request.dry_run).await {
+        Ok(assigned) if mode == Mode::Mutate => {
+            debug!(owner = %plan.owner, ?assigned, dry_run = request.dry_run, "assigned");
+            match response.with_patch(build_patch(&plan, &assigned)) {
+                Ok(patched) => patched,
+                Err(error) => {
+                    let message = format!("could not encode the patch: {error}");
+                    deny(
+                        AdmissionResponse::from(request),
+                        &Denial { field: String::new(), message, code: 500 },
+                    )
+                }
+            }
+        }
+        Ok(_) => response,
+        Err(denial) => {
+            info!(owner = %plan.owner, %denial, dry_run = request.dry_run, "denied");
+            deny(response, &denial)
+        }
+    }
+}
+
+fn deny(response: AdmissionResponse, denial: &Denial) -> AdmissionResponse {
+    let mut response = response.deny(denial.to_string());
+    response.result.code = denial.code;
+    response.result.reason = denial.reason().to_owned();
+    response
+}

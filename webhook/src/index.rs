@@ -1,0 +1,458 @@
+//! The in-memory allocation index of one replica: ipam bitmaps over the
+//! current pools, plus who holds each value.
+//!
+//! Input: claims (from the claim store), the values of Services (from the
+//! Service watch), pool changes (ServiceCIDRs or flags), and this replica's
+//! in-flight picks. Output: candidate values and holder look-ups. No I/O:
+//! `store.rs` feeds it and turns picks into claims.
+//!
+//! A bit is set exactly when its value is claimed, held by a Service, or
+//! pending in a request of this replica. The bitmap is only an index for
+//! picking candidates quickly; the claim objects are the truth, and a pick is
+//! only kept once its claim create succeeded.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use svcplane_ipam::{
+    ClusterIpAllocator, IpFamily, IpamError, NodePortAllocator, NodePortAssignment, NodePortError,
+    NodePortNeeds, PortRange, ServicePort, assign_node_ports,
+};
+
+use crate::claim::{Owner, Value};
+
+/// The pools values come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Service CIDRs; the family of the first is the cluster's default family.
+    pub cidrs: Vec<IpNetwork>,
+    /// The NodePort range (also used for health-check NodePorts).
+    pub node_ports: PortRange,
+}
+
+impl PoolConfig {
+    /// The cluster's IP families in order, the default first.
+    pub fn families(&self) -> Vec<IpFamily> {
+        let mut families = Vec::new();
+        for cidr in &self.cidrs {
+            let family = if cidr.is_ipv4() { IpFamily::IPv4 } else { IpFamily::IPv6 };
+            if !families.contains(&family) {
+                families.push(family);
+            }
+        }
+        families
+    }
+}
+
+/// What the index knows about a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRecord {
+    /// The Service the claim was made for.
+    pub owner: Owner,
+    /// The claim object's uid, for delete preconditions.
+    pub uid: Option<String>,
+}
+
+/// Who holds a value, for denials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// A claim names this Service.
+    Claim(Owner),
+    /// A Service carries the value without (yet) a claim.
+    Service(Owner),
+    /// Another request in flight on this replica.
+    Pending,
+}
+
+impl Holder {
+    /// The holder as a denial names it.
+    pub fn describe(&self) -> String {
+        match self {
+            Holder::Claim(owner) | Holder::Service(owner) => owner.to_string(),
+            Holder::Pending => "a concurrent request".to_owned(),
+        }
+    }
+}
+
+/// Usage of one pool, for metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// `10.96.0.0/16` or `30000-32767`.
+    pub pool: String,
+    /// Values set in the bitmap.
+    pub used: usize,
+    /// Values free.
+    pub free: usize,
+}
+
+/// The allocation index of one replica.
+#[derive(Debug)]
+pub struct Index {
+    config: PoolConfig,
+    ips: Vec<ClusterIpAllocator>,
+    ports: NodePortAllocator,
+    claims: HashMap<Value, ClaimRecord>,
+    held: HashMap<Value, BTreeSet<Owner>>,
+    services: HashMap<Owner, BTreeSet<Value>>,
+    pending: HashMap<Value, usize>,
+}
+
+impl Index {
+    /// An empty index over `config`'s pools.
+    pub fn new(config: PoolConfig) -> Result<Self, IpamError> {
+        let (ips, ports) = build_allocators(&config)?;
+        Ok(Self {
+            config,
+            ips,
+            ports,
+            claims: HashMap::new(),
+            held: HashMap::new(),
+            services: HashMap::new(),
+            pending: HashMap::new(),
+        })
+    }
+
+    /// The current pools.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// Replaces the pools and re-marks every known value: O(values), only on
+    /// a pool change.
+    pub fn set_pools(&mut self, config: PoolConfig) -> Result<(), IpamError> {
+        if config == self.config {
+            return Ok(());
+        }
+        let (ips, ports) = build_allocators(&config)?;
+        self.config = config;
+        self.ips = ips;
+        self.ports = ports;
+        let values: BTreeSet<Value> =
+            self.claims.keys().chain(self.held.keys()).chain(self.pending.keys()).copied().collect();
+        for value in values {
+            self.sync(value);
+        }
+        Ok(())
+    }
+
+    /// Replaces all claims (after a relist).
+    pub fn replace_claims(&mut self, claims: impl IntoIterator<Item = (Value, ClaimRecord)>) {
+        let old: Vec<Value> = self.claims.keys().copied().collect();
+        self.claims = claims.into_iter().collect();
+        for value in old.into_iter().chain(self.claims.keys().copied().collect::<Vec<_>>()) {
+            self.sync(value);
+        }
+    }
+
+    /// Records a claim seen in the store or just created.
+    pub fn apply_claim(&mut self, value: Value, record: ClaimRecord) {
+        self.claims.insert(value, record);
+        self.sync(value);
+    }
+
+    /// Forgets a deleted claim.
+    pub fn delete_claim(&mut self, value: Value) {
+        self.claims.remove(&value);
+        self.sync(value);
+    }
+
+    /// The claim on `value`, if any.
+    pub fn claim(&self, value: Value) -> Option<&ClaimRecord> {
+        self.claims.get(&value)
+    }
+
+    /// Every claim, for the Service-delete release.
+    pub fn claims(&self) -> impl Iterator<Item = (&Value, &ClaimRecord)> {
+        self.claims.iter()
+    }
+
+    /// Replaces the values of all Services (after a relist).
+    pub fn replace_services(&mut self, services: impl IntoIterator<Item = (Owner, BTreeSet<Value>)>) {
+        let owners: Vec<Owner> = self.services.keys().cloned().collect();
+        for owner in owners {
+            self.delete_service(&owner);
+        }
+        for (owner, values) in services {
+            self.apply_service(owner, values);
+        }
+    }
+
+    /// Records the values a Service carries now.
+    pub fn apply_service(&mut self, owner: Owner, values: BTreeSet<Value>) {
+        let old = self.services.insert(owner.clone(), values.clone()).unwrap_or_default();
+        for gone in old.difference(&values) {
+            if let Some(holders) = self.held.get_mut(gone) {
+                holders.remove(&owner);
+                if holders.is_empty() {
+                    self.held.remove(gone);
+                }
+            }
+            self.sync(*gone);
+        }
+        for new in values.difference(&old) {
+            self.held.entry(*new).or_default().insert(owner.clone());
+            self.sync(*new);
+        }
+    }
+
+    /// Forgets a deleted Service; returns the values it carried.
+    pub fn delete_service(&mut self, owner: &Owner) -> BTreeSet<Value> {
+        let old = self.services.get(owner).cloned().unwrap_or_default();
+        self.apply_service(owner.clone(), BTreeSet::new());
+        self.services.remove(owner);
+        old
+    }
+
+    /// Who holds `value`, other than `me`; `None` when it is free or only
+    /// `me` holds it.
+    pub fn other_holder(&self, value: Value, me: &Owner) -> Option<Holder> {
+        if let Some(claim) = self.claims.get(&value) {
+            return (!claim.owner.matches(me)).then(|| Holder::Claim(claim.owner.clone()));
+        }
+        if let Some(holders) = self.held.get(&value)
+            && let Some(other) = holders.iter().find(|owner| !owner.matches(me))
+        {
+            return Some(Holder::Service(other.clone()));
+        }
+        self.pending.contains_key(&value).then_some(Holder::Pending)
+    }
+
+    /// Whether `value` lies in a current pool, or the pool it is outside of.
+    pub fn check_in_range(&self, value: Value) -> Result<(), IpamError> {
+        match value {
+            Value::Ip(ip) => {
+                if self.ips.iter().any(|pool| pool.contains(ip)) {
+                    Ok(())
+                } else {
+                    let range = self
+                        .ips
+                        .iter()
+                        .filter(|pool| pool.family() == IpFamily::of(ip))
+                        .map(|pool| pool.cidr().to_string())
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    Err(IpamError::NotInRange { value: ip.to_string(), range })
+                }
+            }
+            Value::Port(port) => {
+                if self.ports.contains(port) {
+                    Ok(())
+                } else {
+                    Err(IpamError::NotInRange {
+                        value: port.to_string(),
+                        range: self.ports.range().to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Marks `value` as pending for a request (a static value being claimed).
+    pub fn hold_pending(&mut self, value: Value) {
+        *self.pending.entry(value).or_default() += 1;
+        self.sync(value);
+    }
+
+    /// Ends one pending hold on `value`.
+    pub fn release_pending(&mut self, value: Value) {
+        if let Some(count) = self.pending.get_mut(&value) {
+            *count -= 1;
+            if *count == 0 {
+                self.pending.remove(&value);
+            }
+        }
+        self.sync(value);
+    }
+
+    /// Picks a free IP of `family` (dynamic, upstream's strategy) and holds
+    /// it pending. Pools of the family are tried in order.
+    pub fn pick_ip(&mut self, family: IpFamily) -> Result<IpAddr, IpamError> {
+        let mut full = Vec::new();
+        for pool in self.ips.iter_mut().filter(|pool| pool.family() == family) {
+            match pool.allocate_next() {
+                Ok(ip) => {
+                    *self.pending.entry(Value::Ip(ip)).or_default() += 1;
+                    return Ok(ip);
+                }
+                Err(_) => full.push(pool.cidr().to_string()),
+            }
+        }
+        if full.is_empty() {
+            full.push(format!("no {family} Service CIDR"));
+        }
+        Err(IpamError::Full { range: full.join(",") })
+    }
+
+    /// Picks the nodePorts and healthCheckNodePort of `ports` with ipam's
+    /// [`assign_node_ports`] and holds them pending. Values already claimed
+    /// for `me` count as free for `me` (a reinvocation or the validating
+    /// call after the mutating one).
+    pub fn pick_node_ports(
+        &mut self,
+        ports: &[ServicePort],
+        needs: NodePortNeeds,
+        me: &Owner,
+    ) -> Result<NodePortAssignment, NodePortError> {
+        // Unmark this owner's own requested ports for the duration of the
+        // (synchronous) assignment, then restore the bits.
+        let requested: Vec<u16> = ports
+            .iter()
+            .filter_map(|port| port.requested_node_port)
+            .chain(needs.health_check.flatten())
+            .collect();
+        let mine: Vec<u16> = requested
+            .into_iter()
+            .filter(|port| {
+                let value = Value::Port(*port);
+                self.claims.get(&value).is_some_and(|claim| claim.owner.matches(me))
+                    && self.held.get(&value).is_none_or(|holders| holders.iter().all(|o| o.matches(me)))
+                    && !self.pending.contains_key(&value)
+            })
+            .collect();
+        for port in &mine {
+            self.ports.release(*port);
+        }
+        let result = assign_node_ports(&mut self.ports, ports, needs);
+        if let Ok(assignment) = &result {
+            let taken: BTreeSet<u16> = assignment
+                .node_ports
+                .iter()
+                .flatten()
+                .chain(&assignment.health_check_node_port)
+                .copied()
+                .collect();
+            for port in taken {
+                *self.pending.entry(Value::Port(port)).or_default() += 1;
+            }
+        }
+        for port in mine {
+            self.sync(Value::Port(port));
+        }
+        result
+    }
+
+    /// Picks one more free NodePort (after a claim conflict) and holds it
+    /// pending.
+    pub fn pick_port(&mut self) -> Result<u16, IpamError> {
+        let port = self.ports.allocate_next()?;
+        *self.pending.entry(Value::Port(port)).or_default() += 1;
+        Ok(port)
+    }
+
+    /// Pool usage for metrics.
+    pub fn usage(&self) -> Vec<PoolUsage> {
+        let mut usage: Vec<PoolUsage> = self
+            .ips
+            .iter()
+            .map(|pool| PoolUsage { pool: pool.cidr().to_string(), used: pool.used(), free: pool.free() })
+            .collect();
+        usage.push(PoolUsage {
+            pool: self.ports.range().to_string(),
+            used: self.ports.used(),
+            free: self.ports.free(),
+        });
+        usage
+    }
+
+    /// Makes the bit of `value` match whether anyone holds it.
+    fn sync(&mut self, value: Value) {
+        let wanted = self.claims.contains_key(&value)
+            || self.held.contains_key(&value)
+            || self.pending.contains_key(&value);
+        match value {
+            Value::Ip(ip) => {
+                if let Some(pool) = self.ips.iter_mut().find(|pool| pool.contains(ip)) {
+                    if wanted && !pool.has(ip) {
+                        // In range and free, so this cannot fail.
+                        let _ = pool.allocate(ip);
+                    } else if !wanted {
+                        pool.release(ip);
+                    }
+                }
+            }
+            Value::Port(port) => {
+                if wanted && !self.ports.has(port) {
+                    let _ = self.ports.allocate(port);
+                } else if !wanted {
+                    self.ports.release(port);
+                }
+            }
+        }
+    }
+}
+
+fn build_allocators(config: &PoolConfig) -> Result<(Vec<ClusterIpAllocator>, NodePortAllocator), IpamError> {
+    let ips =
+        config.cidrs.iter().map(|cidr| ClusterIpAllocator::new(*cidr)).collect::<Result<Vec<_>, _>>()?;
+    Ok((ips, NodePortAllocator::new(config.node_ports)))
+}
+
+#[cfg(test)]
+mod tests {
+    use svcplane_ipam::Protocol;
+
+    use super::*;
+
+    fn mk_index(cidrs: &[&str], ports: &str) -> Index {
+        Index::new(PoolConfig {
+            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            node_ports: ports.parse().unwrap(),
+        })
+        .unwrap()
+    }
+
+    fn owner(name: &str) -> Owner {
+        Owner { namespace: "ns".into(), name: name.into() }
+    }
+
+    #[test]
+    fn claims_services_and_pending_each_keep_a_value_taken() {
+        let mut index = mk_index(&["10.0.0.0/29"], "30000-30001");
+        let ip: IpAddr = "10.0.0.3".parse().unwrap();
+        index.apply_claim(Value::Ip(ip), ClaimRecord { owner: owner("a"), uid: None });
+        index.apply_service(owner("b"), [Value::Ip(ip)].into());
+        index.delete_claim(Value::Ip(ip));
+        assert_eq!(index.other_holder(Value::Ip(ip), &owner("a")), Some(Holder::Service(owner("b"))));
+        index.delete_service(&owner("b"));
+        assert_eq!(index.other_holder(Value::Ip(ip), &owner("a")), None);
+        assert_eq!(index.usage()[0].used, 0);
+    }
+
+    #[test]
+    fn a_full_pool_names_its_cidr() {
+        let mut index = mk_index(&["10.0.0.0/30"], "30000-30001");
+        index.pick_ip(IpFamily::IPv4).unwrap();
+        index.pick_ip(IpFamily::IPv4).unwrap();
+        let err = index.pick_ip(IpFamily::IPv4).unwrap_err();
+        assert_eq!(err.to_string(), "range 10.0.0.0/30 is full");
+    }
+
+    #[test]
+    fn own_claimed_node_port_is_free_for_its_owner_only() {
+        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        index.apply_claim(Value::Port(30005), ClaimRecord { owner: owner("web"), uid: None });
+        let ports = [ServicePort { port: 80, protocol: Protocol::Tcp, requested_node_port: Some(30005) }];
+        let needs = NodePortNeeds { allocate_node_ports: true, health_check: None };
+        assert!(index.pick_node_ports(&ports, needs, &owner("other")).is_err());
+        let got = index.pick_node_ports(&ports, needs, &owner("web")).unwrap();
+        assert_eq!(got.node_ports, vec![Some(30005)]);
+        index.release_pending(Value::Port(30005));
+        assert!(index.claim(Value::Port(30005)).is_some());
+        assert_eq!(index.usage()[1].used, 1);
+    }
+
+    #[test]
+    fn pool_change_keeps_known_values() {
+        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        index.apply_claim(Value::Port(30003), ClaimRecord { owner: owner("web"), uid: None });
+        index
+            .set_pools(PoolConfig {
+                cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+                node_ports: "30000-30020".parse().unwrap(),
+            })
+            .unwrap();
+        assert_eq!(index.usage()[1].used, 1);
+        assert!(index.check_in_range(Value::Ip("10.0.0.5".parse().unwrap())).is_err());
+    }
+}

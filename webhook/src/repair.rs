@@ -1,0 +1,281 @@
+//! The repair loop (run by the leader only): reconciles claims with the
+//! Services that really exist.
+//!
+//! Each pass LISTs claims, *then* Services (so a claim whose Service
+//! committed before the claim list is seen), and with a pure
+//! [`plan_repair`]:
+//! - releases a claim no Service holds once it is older than the grace
+//!   period (the reservation's request was rejected after admission, or the
+//!   Service changed type or was deleted while no replica watched);
+//! - adopts a value a Service holds without a claim (created while the
+//!   webhook was down or bypassed);
+//! - reports duplicates and out-of-range values as Warning Events on the
+//!   Service and as `repair_findings{type}`; those cannot be fixed here
+//!   (upstream says "please recreate service").
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::Error;
+use crate::admit::value_fields;
+use crate::claim::{AllocationClaim, Owner, Value, build_claim};
+use crate::index::{Index, PoolConfig};
+use crate::metrics::Metrics;
+use crate::store::{delete_claim, pools_from};
+
+/// What one pass should do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepairPlan {
+    /// Claims to delete: value and claim uid.
+    pub release: Vec<(Value, Option<String>)>,
+    /// Values to claim for the Service holding them.
+    pub adopt: Vec<(Value, Owner)>,
+    /// Values held by more than one Service: value and `(owner, field)`s.
+    pub duplicates: Vec<(Value, Vec<(Owner, String)>)>,
+    /// Values outside every pool: value, owner, field.
+    pub out_of_range: Vec<(Value, Owner, String)>,
+}
+
+/// Decides a repair pass. `in_range` says whether a value lies in a pool;
+/// `now_ms` and `grace` decide whether an unheld claim is old enough.
+pub fn plan_repair(
+    claims: &[AllocationClaim],
+    services: &[Service],
+    in_range: impl Fn(Value) -> bool,
+    now_ms: i64,
+    grace: Duration,
+) -> RepairPlan {
+    let mut held: BTreeMap<Value, Vec<(Owner, String)>> = BTreeMap::new();
+    for service in services {
+        let owner = Owner { namespace: service.namespace().unwrap_or_default(), name: service.name_any() };
+        let mut seen = BTreeSet::new();
+        for (value, field) in value_fields(service) {
+            // Two ports of one Service sharing a nodePort is one holder.
+            if seen.insert(value) {
+                held.entry(value).or_default().push((owner.clone(), field));
+            }
+        }
+    }
+    let claimed: BTreeMap<Value, &AllocationClaim> =
+        claims.iter().filter_map(|c| Value::from_spec(&c.spec).map(|v| (v, c))).collect();
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let mut plan = RepairPlan::default();
+    for (value, claim) in &claimed {
+        if held.contains_key(value) {
+            continue;
+        }
+        let created =
+            claim.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()).unwrap_or(now_ms);
+        if now_ms.saturating_sub(created) >= grace_ms {
+            plan.release.push((*value, claim.uid()));
+        }
+    }
+    for (value, holders) in held {
+        if !in_range(value) {
+            for (owner, field) in &holders {
+                plan.out_of_range.push((value, owner.clone(), field.clone()));
+            }
+        } else if !claimed.contains_key(&value)
+            && let Some((owner, _)) = holders.first()
+        {
+            plan.adopt.push((value, owner.clone()));
+        }
+        if holders.len() > 1 {
+            plan.duplicates.push((value, holders));
+        }
+    }
+    plan
+}
+
+/// Runs one repair pass against the cluster; returns the plan it applied.
+pub async fn repair_once(
+    client: &Client,
+    fallback: &PoolConfig,
+    grace: Duration,
+    metrics: &Metrics,
+    recorder: &Recorder,
+) -> Result<RepairPlan, Error> {
+    let list_err = |what: &str| {
+        let what = what.to_owned();
+        move |source| Error::Kube { what, source }
+    };
+    let claims_api: Api<AllocationClaim> = Api::all(client.clone());
+    let claims =
+        claims_api.list(&ListParams::default()).await.map_err(list_err("list AllocationClaims"))?.items;
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(list_err("list Services"))?
+        .items;
+    let cidrs: BTreeMap<String, ServiceCIDR> = Api::<ServiceCIDR>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(list_err("list ServiceCIDRs"))?
+        .items
+        .into_iter()
+        .map(|c| (c.name_any(), c))
+        .collect();
+    let pools = Index::new(pools_from(&cidrs, fallback)).map_err(Error::Pools)?;
+    let plan = plan_repair(
+        &claims,
+        &services,
+        |v| pools.check_in_range(v).is_ok(),
+        Timestamp::now().as_millisecond(),
+        grace,
+    );
+
+    for (value, uid) in &plan.release {
+        match delete_claim(&claims_api, *value, uid.clone()).await {
+            Ok(()) => {
+                metrics.repair("leak");
+                info!(%value, "released a claim no Service holds");
+            }
+            Err(error) => {
+                metrics.repair("error");
+                warn!(%value, %error, "could not release claim");
+            }
+        }
+    }
+    for (value, owner) in &plan.adopt {
+        match claims_api.create(&PostParams::default(), &build_claim(*value, owner)).await {
+            Ok(_) => {
+                metrics.repair("adopted");
+                info!(%value, %owner, "adopted a value held without a claim");
+            }
+            // A replica claimed it meanwhile: nothing to adopt.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => {
+                metrics.repair("error");
+                warn!(%value, %error, "could not adopt value");
+            }
+        }
+    }
+    let by_owner: BTreeMap<Owner, &Service> = services
+        .iter()
+        .map(|s| (Owner { namespace: s.namespace().unwrap_or_default(), name: s.name_any() }, s))
+        .collect();
+    for (value, owner, field) in &plan.out_of_range {
+        metrics.repair("outOfRange");
+        let reason = if matches!(value, Value::Ip(_)) { "ClusterIPOutOfRange" } else { "PortOutOfRange" };
+        let note = format!("{field}: {value} is not within any configured pool; please recreate service");
+        publish(recorder, by_owner.get(owner).copied(), reason, note).await;
+    }
+    for (value, holders) in &plan.duplicates {
+        metrics.repair("duplicate");
+        let reason =
+            if matches!(value, Value::Ip(_)) { "ClusterIPAlreadyAllocated" } else { "PortAlreadyAllocated" };
+        let names: Vec<String> = holders.iter().map(|(o, _)| o.to_string()).collect();
+        for (owner, field) in holders {
+            let note = format!(
+                "{field}: {value} is held by more than one Service ({}); please recreate service",
+                names.join(", ")
+            );
+            publish(recorder, by_owner.get(owner).copied(), reason, note).await;
+        }
+    }
+    Ok(plan)
+}
+
+async fn publish(recorder: &Recorder, service: Option<&Service>, reason: &str, note: String) {
+    let Some(service) = service else { return };
+    let reference: ObjectReference = service.object_ref(&());
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Repair".to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &reference).await {
+        warn!(%error, reason, "could not publish repair Event");
+    }
+}
+
+/// Runs [`repair_once`] every `interval` until `shutdown`.
+pub async fn repair_loop(
+    client: Client,
+    fallback: PoolConfig,
+    interval: Duration,
+    grace: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let reporter = Reporter {
+        controller: "svcplane-webhook-repair".to_owned(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let passes = async {
+        loop {
+            if let Err(error) = repair_once(&client, &fallback, grace, &metrics, &recorder).await {
+                metrics.repair("error");
+                warn!(%error, "repair pass failed");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    };
+    tokio::select! {
+        () = passes => {}
+        () = shutdown => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::core::ObjectMeta;
+
+    use super::*;
+
+    fn mk_service(name: &str, ip: &str, node_port: Option<i32>) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ips: Some(vec![ip.into()]),
+                ports: Some(vec![ServicePort { port: 80, node_port, ..Default::default() }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn mk_claim(value: Value, owner: &str, created_ms: i64) -> AllocationClaim {
+        let mut claim = build_claim(value, &Owner { namespace: "ns".into(), name: owner.into() });
+        claim.metadata.creation_timestamp = Some(Time(Timestamp::from_millisecond(created_ms).unwrap()));
+        claim.metadata.uid = Some(format!("uid-{owner}"));
+        claim
+    }
+
+    #[test]
+    fn unheld_claims_are_released_only_after_the_grace_period() {
+        let port = Value::Port(30001);
+        let claims = [mk_claim(port, "gone", 1_000), mk_claim(Value::Port(30002), "young", 9_500)];
+        let plan = plan_repair(&claims, &[], |_| true, 10_000, Duration::from_secs(5));
+        assert_eq!(plan.release, vec![(port, Some("uid-gone".into()))]);
+    }
+
+    #[test]
+    fn held_values_without_claims_are_adopted_and_duplicates_reported() {
+        let services = [mk_service("a", "10.96.0.7", Some(30005)), mk_service("b", "10.96.0.7", None)];
+        let plan = plan_repair(&[], &services, |v| v != Value::Port(30005), 0, Duration::ZERO);
+        assert_eq!(plan.adopt.len(), 1, "{plan:?}");
+        assert_eq!(plan.duplicates.len(), 1);
+        assert_eq!(plan.duplicates[0].1.len(), 2);
+        assert_eq!(plan.out_of_range.len(), 1);
+        assert_eq!(plan.out_of_range[0].2, "spec.ports[0].nodePort");
+    }
+}

@@ -1,0 +1,170 @@
+//! The HTTPS server: axum over rustls, `/mutate`, `/validate`, `/healthz`,
+//! `/readyz`, `/metrics`, and the watches that keep the index current.
+//!
+//! Health routes sit outside the trace layer so probes do not flood the log.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+use kube::Client;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_http::trace::TraceLayer;
+use tracing::info;
+
+use crate::handler::{AppState, mutate, validate};
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::store::{Store, run_watches};
+use crate::{Error, WebhookArgs, tls};
+
+/// A running webhook replica: the server and its watch tasks.
+pub struct WebhookServer {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    /// The claim store, for tests that inspect the index.
+    pub store: Store,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    handle: Handle<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl WebhookServer {
+    /// Binds, starts serving and starts the watches; returns at once (the
+    /// replica answers 503 denials until [`Self::wait_ready`]).
+    pub async fn start(args: &WebhookArgs, client: Client) -> Result<Self, Error> {
+        let pools = args.pool_config()?;
+        let metrics = Arc::new(Metrics::new());
+        let index = Arc::new(Mutex::new(Index::new(pools.clone()).map_err(Error::Pools)?));
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let store = Store::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(run_watches(
+            client.clone(),
+            index.clone(),
+            pools,
+            ready_tx,
+            args.release_on_delete,
+        )));
+
+        let (rustls, reload) = match (&args.tls_cert_file, &args.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let pair = tls::read_pair(cert, key).await?;
+                let config = RustlsConfig::from_config(tls::server_config(&pair.0, &pair.1)?);
+                let reload = tls::reload_loop(
+                    config.clone(),
+                    cert.clone(),
+                    key.clone(),
+                    args.cert_reload_interval,
+                    pair,
+                );
+                (config, Some(reload))
+            }
+            _ if args.self_signed => {
+                let (ca, cert, key) = tls::self_signed(&args.self_signed_names)?;
+                tls::patch_ca_bundle(
+                    &client,
+                    args.mutating_configuration.as_deref(),
+                    args.validating_configuration.as_deref(),
+                    &ca,
+                )
+                .await?;
+                (RustlsConfig::from_config(tls::server_config(cert.as_bytes(), key.as_bytes())?), None)
+            }
+            _ => {
+                return Err(Error::Tls(
+                    "need --webhook-tls-cert-file and --webhook-tls-key-file, or --webhook-self-signed"
+                        .into(),
+                ));
+            }
+        };
+        if let Some(reload) = reload {
+            tasks.push(tokio::spawn(reload));
+        }
+
+        let state = AppState { store: store.clone(), metrics: metrics.clone() };
+        let app = router(state, index, args.max_body_bytes);
+        let listener =
+            std::net::TcpListener::bind(args.bind_address).map_err(|e| Error::Bind(args.bind_address, e))?;
+        listener.set_nonblocking(true).map_err(|e| Error::Bind(args.bind_address, e))?;
+        let addr = listener.local_addr().map_err(|e| Error::Bind(args.bind_address, e))?;
+        let handle = Handle::new();
+        let server = axum_server::from_tcp_rustls(listener, rustls)
+            .map_err(|e| Error::Bind(addr, e))?
+            .handle(handle.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = server.serve(app.into_make_service()).await {
+                tracing::error!(%error, "webhook server stopped");
+            }
+        }));
+        info!(%addr, "webhook serving");
+        Ok(Self { addr, store, metrics, handle, tasks })
+    }
+
+    /// Waits until the index has been rebuilt from the cluster.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), Error> {
+        let started = tokio::time::Instant::now();
+        while !self.store.is_ready() {
+            if started.elapsed() > timeout {
+                return Err(Error::NotReady);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops hard, as a crash would: open connections are cut and the
+    /// watches abort mid-flight.
+    pub fn kill(self) {
+        self.handle.shutdown();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+
+    /// Stops accepting, lets in-flight reviews finish (up to 10 s), then
+    /// stops the watches.
+    pub async fn shutdown(self) {
+        self.handle.graceful_shutdown(Some(Duration::from_secs(10)));
+        let mut tasks = self.tasks;
+        if let Some(server) = tasks.pop() {
+            let _ = server.await;
+        }
+        for task in tasks {
+            task.abort();
+        }
+    }
+}
+
+fn router(state: AppState, index: Arc<Mutex<Index>>, max_body: usize) -> Router {
+    let admission = Router::new()
+        .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state.clone());
+    let metrics = state.metrics.clone();
+    let health = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(move || async move { metrics.encode(Some(&index)) }))
+        .with_state(state);
+    admission.merge(health)
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.store.is_ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "index not built")
+    }
+}
