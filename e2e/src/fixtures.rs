@@ -236,3 +236,41 @@ pub async fn ensure_node(client: &Client, name: &str, internal_ip: &str, zone: O
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
+
+/// A Service `name` selecting `selector` (empty: no selector) with `ports`, labelled
+/// team=e2e (so label copying shows).
+pub fn mk_service(
+    name: &str,
+    selector: &[(&str, &str)],
+    ports: Vec<k8s_openapi::api::core::v1::ServicePort>,
+) -> k8s_openapi::api::core::v1::Service {
+    use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels(&[("team", "e2e")])),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: (!selector.is_empty()).then(|| labels(selector)),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A TCP Service port; `target` is a number or a container port name.
+pub fn mk_port(name: &str, port: i32, target: &str) -> k8s_openapi::api::core::v1::ServicePort {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    k8s_openapi::api::core::v1::ServicePort {
+        name: (!name.is_empty()).then(|| name.into()),
+        port,
+        target_port: Some(match target.parse() {
+            Ok(n) => IntOrString::Int(n),
+            Err(_) => IntOrString::String(target.into()),
+        }),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}

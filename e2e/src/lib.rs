@@ -12,6 +12,7 @@
 
 pub mod certs;
 mod controlplane;
+pub mod differential;
 pub mod fixtures;
 mod ports;
 pub mod slices;

@@ -152,3 +152,21 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
 }
+
+/// One svcplane process for the whole test binary (on the shared control plane),
+/// started once on its own thread's runtime so it outlives every test's runtime.
+/// The first caller's `args` win: a test binary always passes the same ones.
+pub fn shared_svcplane(name: &str, args: &[&str]) -> &'static Svcplane {
+    static SHARED: std::sync::OnceLock<Svcplane> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        let name = name.to_string();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rt.block_on(crate::shared().svcplane(&name, &args))
+        })
+        .join()
+        .expect("start svcplane")
+    })
+}

@@ -1,41 +1,29 @@
 //! svcplane's EndpointSlice controller on a real kube-apiserver (no
 //! kube-controller-manager): each upstream rule, observed through the API.
 
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 
 use k8s_openapi::api::{
-    core::v1::{Pod, Service, ServicePort, ServiceSpec},
+    core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
-    core::ObjectMeta,
 };
 use serde_json::json;
 use svcplane_e2e::{
     TestNamespace,
-    fixtures::{ensure_node, labels, mk_pod, set_pod_ready},
+    fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready},
     shared,
     slices::{Normalized, SVCPLANE, normalize, slices_of},
-    svcplane::Svcplane,
     wait::eventually,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One svcplane for this test binary, started on its own thread's runtime so it
-/// outlives every test's runtime.
 fn controller() {
-    static STARTED: OnceLock<Svcplane> = OnceLock::new();
-    STARTED.get_or_init(|| {
-        std::thread::spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(shared().svcplane("endpointslice", &["--controllers=endpointslice"]))
-        })
-        .join()
-        .expect("start svcplane")
-    });
+    svcplane_e2e::svcplane::shared_svcplane("endpointslice", &["--controllers=endpointslice"]);
 }
 
 async fn setup(prefix: &str) -> (kube::Client, TestNamespace) {
@@ -45,36 +33,6 @@ async fn setup(prefix: &str) -> (kube::Client, TestNamespace) {
     ensure_node(&client, "node-b", "192.0.2.2", Some("zone-b")).await;
     let ns = TestNamespace::new(&client, prefix).await;
     (client, ns)
-}
-
-fn mk_service(name: &str, selector: &[(&str, &str)], ports: Vec<ServicePort>) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(labels(&[("team", "e2e")])),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            selector: (!selector.is_empty()).then(|| labels(selector)),
-            ports: Some(ports),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn port(name: &str, port: i32, target: &str) -> ServicePort {
-    ServicePort {
-        name: Some(name.into()),
-        port,
-        target_port: Some(if let Ok(n) = target.parse() {
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)
-        } else {
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(target.into())
-        }),
-        protocol: Some("TCP".into()),
-        ..Default::default()
-    }
 }
 
 /// Polls svcplane's slices of `svc` until `ok` accepts the normalised view.
@@ -99,7 +57,7 @@ async fn wait_slices(
 #[tokio::test]
 async fn ready_pods_become_ready_endpoints_with_labels_and_owner() {
     let (_client, ns) = setup("slice-basic").await;
-    let svc = ns.create(&mk_service("web", &[("app", "web")], vec![port("http", 80, "http")])).await;
+    let svc = ns.create(&mk_service("web", &[("app", "web")], vec![mk_port("http", 80, "http")])).await;
     for (i, node) in ["node-a", "node-b", "node-a"].iter().enumerate() {
         ns.running_pod(
             mk_pod(&format!("web-{i}"), &[("app", "web")], node, &[("http", 8080)]),
@@ -135,7 +93,7 @@ async fn ready_pods_become_ready_endpoints_with_labels_and_owner() {
 #[tokio::test]
 async fn unready_pod_is_not_ready_and_turns_ready_when_its_status_does() {
     let (_client, ns) = setup("slice-unready").await;
-    ns.create(&mk_service("api", &[("app", "api")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("api", &[("app", "api")], vec![mk_port("http", 80, "8080")])).await;
     ns.running_pod(mk_pod("api-0", &[("app", "api")], "node-a", &[]), &["10.2.0.1"], false).await;
     wait_slices(&ns, "api", "a not-ready endpoint", |n| {
         n.endpoints.len() == 1 && n.endpoints[0].contains("ready=false serving=false terminating=false")
@@ -151,8 +109,11 @@ async fn unready_pod_is_not_ready_and_turns_ready_when_its_status_does() {
 #[tokio::test]
 async fn headless_statefulset_service_publishes_not_ready_peers_with_hostnames() {
     let (_client, ns) = setup("slice-headless").await;
-    let mut svc =
-        mk_service("zk", &[("app", "zk")], vec![port("peer", 2888, "2888"), port("leader", 3888, "3888")]);
+    let mut svc = mk_service(
+        "zk",
+        &[("app", "zk")],
+        vec![mk_port("peer", 2888, "2888"), mk_port("leader", 3888, "3888")],
+    );
     let spec = svc.spec.as_mut().expect("spec");
     spec.cluster_ip = Some("None".into());
     spec.publish_not_ready_addresses = Some(true);
@@ -177,7 +138,7 @@ async fn headless_statefulset_service_publishes_not_ready_peers_with_hostnames()
 #[tokio::test]
 async fn hostname_is_only_set_when_subdomain_names_the_service() {
     let (_client, ns) = setup("slice-hostname").await;
-    ns.create(&mk_service("db", &[("app", "db")], vec![port("sql", 5432, "5432")])).await;
+    ns.create(&mk_service("db", &[("app", "db")], vec![mk_port("sql", 5432, "5432")])).await;
     let mut pod = mk_pod("db-0", &[("app", "db")], "node-a", &[]);
     let ps = pod.spec.as_mut().expect("spec");
     ps.hostname = Some("db-0".into());
@@ -190,7 +151,7 @@ async fn hostname_is_only_set_when_subdomain_names_the_service() {
 #[tokio::test]
 async fn scaling_to_250_pods_gives_3_slices_and_back_to_0_a_placeholder() {
     let (_client, ns) = setup("slice-scale").await;
-    ns.create(&mk_service("big", &[("app", "big")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("big", &[("app", "big")], vec![mk_port("http", 80, "8080")])).await;
     let empty =
         wait_slices(&ns, "big", "a placeholder slice", |n| n.slices_per_group.values().sum::<usize>() == 1)
             .await;
@@ -230,7 +191,7 @@ async fn scaling_to_250_pods_gives_3_slices_and_back_to_0_a_placeholder() {
 #[tokio::test]
 async fn deleted_pod_is_terminating_then_gone() {
     let (_client, ns) = setup("slice-terminating").await;
-    ns.create(&mk_service("t", &[("app", "t")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("t", &[("app", "t")], vec![mk_port("http", 80, "8080")])).await;
     let mut pod = mk_pod("t-0", &[("app", "t")], "node-a", &[]);
     pod.metadata.finalizers = Some(vec!["svcplane.test/hold".into()]);
     ns.running_pod(pod, &["10.6.0.1"], true).await;
@@ -254,7 +215,7 @@ async fn deleted_pod_is_terminating_then_gone() {
 #[tokio::test]
 async fn named_target_port_resolving_to_different_container_ports_makes_two_port_groups() {
     let (_client, ns) = setup("slice-named-port").await;
-    ns.create(&mk_service("mixed", &[("app", "mixed")], vec![port("http", 80, "http")])).await;
+    ns.create(&mk_service("mixed", &[("app", "mixed")], vec![mk_port("http", 80, "http")])).await;
     ns.running_pod(mk_pod("v1-0", &[("app", "mixed")], "node-a", &[("http", 8080)]), &["10.7.0.1"], true)
         .await;
     ns.running_pod(mk_pod("v2-0", &[("app", "mixed")], "node-a", &[("http", 9090)]), &["10.7.0.2"], true)
@@ -269,7 +230,7 @@ async fn named_target_port_resolving_to_different_container_ports_makes_two_port
 #[tokio::test]
 async fn dual_stack_service_gets_an_ipv4_and_an_ipv6_slice() {
     let (_client, ns) = setup("slice-dual").await;
-    let mut svc = mk_service("dual", &[("app", "dual")], vec![port("http", 80, "8080")]);
+    let mut svc = mk_service("dual", &[("app", "dual")], vec![mk_port("http", 80, "8080")]);
     svc.spec.as_mut().expect("spec").ip_family_policy = Some("RequireDualStack".into());
     ns.create(&svc).await;
     ns.running_pod(mk_pod("dual-0", &[("app", "dual")], "node-a", &[]), &["10.8.0.1", "fd00:8::1"], true)
@@ -282,7 +243,7 @@ async fn dual_stack_service_gets_an_ipv4_and_an_ipv6_slice() {
 #[tokio::test]
 async fn ineligible_pods_are_left_out() {
     let (_client, ns) = setup("slice-ineligible").await;
-    ns.create(&mk_service("x", &[("app", "x")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("x", &[("app", "x")], vec![mk_port("http", 80, "8080")])).await;
     ns.running_pod(mk_pod("good", &[("app", "x")], "node-a", &[]), &["10.9.0.1"], true).await;
     ns.running_pod(mk_pod("no-ip", &[("app", "x")], "node-a", &[]), &[], true).await;
     ns.running_pod(
@@ -307,7 +268,7 @@ async fn ineligible_pods_are_left_out() {
 #[tokio::test]
 async fn selectorless_and_external_name_services_get_no_slices_and_lose_stale_ones() {
     let (_client, ns) = setup("slice-noselector").await;
-    ns.create(&mk_service("ext", &[], vec![port("http", 80, "80")])).await;
+    ns.create(&mk_service("ext", &[], vec![mk_port("http", 80, "80")])).await;
     let mut en = mk_service("cname", &[("app", "c")], vec![]);
     let spec = en.spec.as_mut().expect("spec");
     spec.type_ = Some("ExternalName".into());
@@ -315,7 +276,7 @@ async fn selectorless_and_external_name_services_get_no_slices_and_lose_stale_on
     spec.ports = None;
     ns.create(&en).await;
     // A selector Service that has slices, then loses its selector.
-    ns.create(&mk_service("was", &[("app", "was")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("was", &[("app", "was")], vec![mk_port("http", 80, "8080")])).await;
     ns.running_pod(mk_pod("was-0", &[("app", "was")], "node-a", &[]), &["10.10.0.1"], true).await;
     wait_slices(&ns, "was", "1 endpoint", |n| n.endpoint_count() == 1).await;
     ns.api::<Service>()
@@ -331,7 +292,7 @@ async fn selectorless_and_external_name_services_get_no_slices_and_lose_stale_on
 #[tokio::test]
 async fn slices_of_other_managers_are_never_touched() {
     let (_client, ns) = setup("slice-foreign").await;
-    ns.create(&mk_service("f", &[("app", "f")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("f", &[("app", "f")], vec![mk_port("http", 80, "8080")])).await;
     let foreign: EndpointSlice = serde_json::from_value(json!({
         "metadata": {"name": "f-foreign", "labels": {
             "kubernetes.io/service-name": "f",
@@ -351,7 +312,7 @@ async fn slices_of_other_managers_are_never_touched() {
 #[tokio::test]
 async fn deleting_the_service_deletes_its_slices() {
     let (_client, ns) = setup("slice-svc-delete").await;
-    ns.create(&mk_service("gone", &[("app", "gone")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("gone", &[("app", "gone")], vec![mk_port("http", 80, "8080")])).await;
     ns.running_pod(mk_pod("gone-0", &[("app", "gone")], "node-a", &[]), &["10.12.0.1"], true).await;
     wait_slices(&ns, "gone", "1 endpoint", |n| n.endpoint_count() == 1).await;
     ns.api::<Service>().delete("gone", &DeleteParams::default()).await.expect("delete service");
@@ -362,8 +323,8 @@ async fn deleting_the_service_deletes_its_slices() {
 #[tokio::test]
 async fn pod_label_change_moves_it_between_services() {
     let (_client, ns) = setup("slice-relabel").await;
-    ns.create(&mk_service("blue", &[("color", "blue")], vec![port("http", 80, "8080")])).await;
-    ns.create(&mk_service("green", &[("color", "green")], vec![port("http", 80, "8080")])).await;
+    ns.create(&mk_service("blue", &[("color", "blue")], vec![mk_port("http", 80, "8080")])).await;
+    ns.create(&mk_service("green", &[("color", "green")], vec![mk_port("http", 80, "8080")])).await;
     ns.running_pod(mk_pod("p", &[("color", "blue")], "node-a", &[]), &["10.13.0.1"], true).await;
     wait_slices(&ns, "blue", "p in blue", |n| n.endpoint_count() == 1).await;
     ns.api::<Pod>()

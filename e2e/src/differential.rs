@@ -1,0 +1,189 @@
+//! Differential checks: kube-controller-manager (the oracle) and svcplane run on the
+//! same apiserver and the same objects; their results must match once normalised.
+//!
+//! - EndpointSlices: both controllers write slices (different managed-by values);
+//!   compared with [`crate::slices::normalize`].
+//! - Endpoints: only one object per Service can exist, so kube-controller-manager
+//!   writes it and svcplane's pure planner is run on the same live objects; the
+//!   two are compared after upstream's repacking (order-free).
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{EndpointSubset, Endpoints, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{Api, api::ListParams};
+use svcplane_controller::endpoints::{EndpointsPlan, desired_endpoints};
+
+use crate::{
+    TestNamespace,
+    slices::{Normalized, SVCPLANE, SVCPLANE_MIRROR, UPSTREAM, UPSTREAM_MIRROR, normalize, slices_of},
+    wait::eventually,
+};
+
+/// How long a scenario step may take to converge on both sides.
+pub const CONVERGE: Duration = Duration::from_secs(45);
+
+/// Both controllers' normalised slices of one Service.
+#[derive(Debug)]
+pub struct Pair {
+    /// kube-controller-manager's.
+    pub upstream: Normalized,
+    /// svcplane's.
+    pub svcplane: Normalized,
+}
+
+/// Waits until svcplane's slices of `svc` equal upstream's (endpoints and labels)
+/// and `expect` holds on upstream's; panics with both views otherwise.
+pub async fn converge_slices(ns: &TestNamespace, svc: &str, expect: impl Fn(&Normalized) -> bool) -> Pair {
+    converge_with(ns, svc, UPSTREAM, SVCPLANE, expect).await
+}
+
+/// Same for mirrored slices.
+pub async fn converge_mirrored(ns: &TestNamespace, svc: &str, expect: impl Fn(&Normalized) -> bool) -> Pair {
+    converge_with(ns, svc, UPSTREAM_MIRROR, SVCPLANE_MIRROR, expect).await
+}
+
+async fn converge_with(
+    ns: &TestNamespace,
+    svc: &str,
+    upstream_by: &str,
+    svcplane_by: &str,
+    expect: impl Fn(&Normalized) -> bool,
+) -> Pair {
+    let api: Api<EndpointSlice> = ns.api();
+    eventually(&format!("svcplane's slices of {}/{svc} to equal upstream's", ns.name), CONVERGE, || {
+        let api = api.clone();
+        let expect = &expect;
+        async move {
+            let upstream = normalize(&slices_of(&api, svc, upstream_by).await);
+            let svcplane = normalize(&slices_of(&api, svc, svcplane_by).await);
+            if upstream.endpoints == svcplane.endpoints
+                && upstream.labels == svcplane.labels
+                && expect(&upstream)
+            {
+                Ok(Pair { upstream, svcplane })
+            } else {
+                Err(diff(&upstream, &svcplane))
+            }
+        }
+    })
+    .await
+}
+
+fn diff(upstream: &Normalized, svcplane: &Normalized) -> String {
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|x| !b.contains(x)).cloned().collect()
+    };
+    let ul: Vec<String> = upstream.labels.iter().cloned().collect();
+    let sl: Vec<String> = svcplane.labels.iter().cloned().collect();
+    format!(
+        "upstream {} endpoints, svcplane {}; only upstream: {:?}; only svcplane: {:?}; labels only upstream: {:?}; labels only svcplane: {:?}",
+        upstream.endpoints.len(),
+        svcplane.endpoints.len(),
+        only(&upstream.endpoints, &svcplane.endpoints),
+        only(&svcplane.endpoints, &upstream.endpoints),
+        only(&ul, &sl),
+        only(&sl, &ul),
+    )
+}
+
+/// Waits until kube-controller-manager's Endpoints of `svc` equals what svcplane's
+/// Endpoints planner computes from the same live Service and Pods, and `expect`
+/// holds on it; returns it.
+pub async fn converge_endpoints(
+    ns: &TestNamespace,
+    svc: &str,
+    expect: impl Fn(Option<&Endpoints>) -> bool,
+) -> Option<Endpoints> {
+    let (eps, svcs, pods): (Api<Endpoints>, Api<Service>, Api<Pod>) = (ns.api(), ns.api(), ns.api());
+    eventually(
+        &format!("svcplane's Endpoints plan for {}/{svc} to equal upstream's", ns.name),
+        CONVERGE,
+        || {
+            let (eps, svcs, pods, expect) = (eps.clone(), svcs.clone(), pods.clone(), &expect);
+            async move {
+                let actual = eps.get_opt(svc).await.map_err(|e| e.to_string())?;
+                let service = svcs.get_opt(svc).await.map_err(|e| e.to_string())?;
+                let pods: Vec<Arc<Pod>> = pods
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect();
+                let planned = match desired_endpoints(service.as_ref(), &pods, None, None) {
+                    EndpointsPlan::Create(e) | EndpointsPlan::Update(e) => Some(e),
+                    EndpointsPlan::Nothing | EndpointsPlan::Delete => None,
+                };
+                // For a selectorless Service the controller leaves user Endpoints alone.
+                let selectorless = service
+                    .as_ref()
+                    .is_some_and(|s| s.spec.as_ref().and_then(|s| s.selector.as_ref()).is_none());
+                let same = selectorless
+                    || normalize_endpoints(actual.as_ref()) == normalize_endpoints(planned.as_ref());
+                if same && expect(actual.as_ref()) {
+                    Ok(actual)
+                } else {
+                    Err(format!(
+                        "upstream: {:?}\nsvcplane plan: {:?}",
+                        normalize_endpoints(actual.as_ref()),
+                        normalize_endpoints(planned.as_ref())
+                    ))
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Endpoints as sorted lines: labels, the over-capacity annotation, and one line
+/// per (subset ports, address, readiness).
+pub fn normalize_endpoints(ep: Option<&Endpoints>) -> Vec<String> {
+    let Some(ep) = ep else { return vec!["<none>".into()] };
+    let mut lines = Vec::new();
+    for (k, v) in ep.metadata.labels.iter().flatten() {
+        lines.push(format!("label {k}={v}"));
+    }
+    if let Some(v) =
+        ep.metadata.annotations.as_ref().and_then(|a| a.get("endpoints.kubernetes.io/over-capacity"))
+    {
+        lines.push(format!("over-capacity {v}"));
+    }
+    for subset in ep.subsets.iter().flatten() {
+        let ports = subset_ports(subset);
+        for (kind, list) in [("ready", &subset.addresses), ("notready", &subset.not_ready_addresses)] {
+            for a in list.iter().flatten() {
+                lines.push(format!(
+                    "{ports} {kind} {} host={} node={} target={}",
+                    a.ip,
+                    a.hostname.clone().unwrap_or_default(),
+                    a.node_name.clone().unwrap_or_default(),
+                    a.target_ref.as_ref().and_then(|t| t.name.clone()).unwrap_or_default()
+                ));
+            }
+        }
+    }
+    lines.sort();
+    lines
+}
+
+fn subset_ports(subset: &EndpointSubset) -> String {
+    let mut ports: Vec<String> = subset
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{}:{}/{}",
+                p.name.clone().unwrap_or_default(),
+                p.port,
+                p.protocol.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    ports.sort();
+    format!("[{}]", ports.join(","))
+}

@@ -1,0 +1,258 @@
+//! Issue #7: the webhook allocates ClusterIPs and NodePorts for Services on a
+//! real kube-apiserver, which calls it over HTTPS on 127.0.0.1.
+
+mod webhook_support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
+use svcplane_e2e::{shared, wait::eventually};
+use svcplane_webhook::metrics::Metrics;
+use svcplane_webhook::repair::repair_once;
+use svcplane_webhook::{Value, WebhookArgs};
+use webhook_support::*;
+
+fn node_ports(svc: &Service) -> Vec<i32> {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.node_port)
+        .collect()
+}
+
+fn claim_of(value: &str) -> String {
+    let value = match value.parse::<std::net::IpAddr>() {
+        Ok(ip) => Value::Ip(ip),
+        Err(_) => Value::Port(value.parse().expect("port")),
+    };
+    value.claim_name()
+}
+
+async fn repair_until(
+    client: &kube::Client,
+    args: &WebhookArgs,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) {
+    let metrics = Metrics::new();
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "e2e".into(), instance: None });
+    let pools = args.pool_config().expect("pools");
+    eventually(what, Duration::from_secs(30), || async {
+        repair_once(client, &pools, args.repair_grace, &metrics, &recorder)
+            .await
+            .map_err(|e| e.to_string())?;
+        let names = claim_names(client).await;
+        if done(&names) { Ok(()) } else { Err(format!("{} claims", names.len())) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn node_port_service_gets_its_values_from_the_webhook_and_denials_name_the_holder() {
+    let cp = shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let (_certs, args) = serving_cert(cp);
+    let server = start_replica(&args, &client).await;
+    let ns = scoped_namespace(&client, "wh-create", "create").await;
+    register(&client, cp, "svcplane-create", server.addr, "create").await;
+    wait_webhook_active(&ns, &server).await;
+
+    let mut svc = mk_service("web", "NodePort", &[(53, None), (53, None), (80, None)]);
+    let ports = svc.spec.as_mut().and_then(|s| s.ports.as_mut()).expect("ports");
+    ports[0].name = Some("dns-tcp".into());
+    ports[1].name = Some("dns-udp".into());
+    ports[1].protocol = Some("UDP".into());
+    let created = ns.create(&svc).await;
+    let spec = created.spec.clone().expect("spec");
+    let ip = spec.cluster_ip.clone().expect("clusterIP");
+    let got = node_ports(&created);
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0], got[1], "same port number across protocols shares one nodePort");
+    assert_ne!(got[0], got[2]);
+    let claims = claim_names(&client).await;
+    for value in [ip.clone(), got[0].to_string(), got[2].to_string()] {
+        assert!(claims.contains(&claim_of(&value)), "claim for {value} in {claims:?}");
+    }
+    assert!(server.metrics.allocations.get() >= 3);
+
+    // A user-given nodePort that is taken: the denial names field and holder.
+    let taken = mk_service("second", "NodePort", &[(81, None), (82, Some(got[2]))]);
+    let err = ns.api::<Service>().create(&PostParams::default(), &taken).await.expect_err("must be denied");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("spec.ports[1].nodePort: {} is already allocated to {}/web", got[2], ns.name)),
+        "{text}"
+    );
+    // The denied request left nothing claimed behind.
+    let after = claim_names(&client).await;
+    assert_eq!(after.iter().filter(|c| !claims.contains(c)).count(), 0, "{after:?}");
+
+    // Deletion releases, from the watch.
+    ns.api::<Service>().delete("web", &DeleteParams::default()).await.expect("delete");
+    eventually("claims released after delete", Duration::from_secs(20), || async {
+        let names = claim_names(&client).await;
+        if names.contains(&claim_of(&ip)) || names.contains(&claim_of(&got[0].to_string())) {
+            Err(names.len())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    server.kill();
+}
+
+#[tokio::test]
+async fn dry_run_reserves_nothing_and_updates_allocate_only_transitions() {
+    let cp = shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let (_certs, args) = serving_cert(cp);
+    let server = start_replica(&args, &client).await;
+    let ns = scoped_namespace(&client, "wh-update", "update").await;
+    register(&client, cp, "svcplane-update", server.addr, "update").await;
+    wait_webhook_active(&ns, &server).await;
+    let api: Api<Service> = ns.api();
+
+    let before = claim_names(&client).await.len();
+    let dry = api
+        .create(
+            &PostParams { dry_run: true, ..Default::default() },
+            &mk_service("dry", "NodePort", &[(80, None)]),
+        )
+        .await
+        .expect("dry-run create");
+    assert!(dry.spec.as_ref().and_then(|s| s.cluster_ip.clone()).is_some());
+    let dry_ports = node_ports(&dry);
+    assert_eq!(dry_ports.len(), 1);
+    assert!(!claim_names(&client).await.contains(&claim_of(&dry_ports[0].to_string())));
+    assert_eq!(server.store.index().claim(Value::Port(dry_ports[0] as u16)), None);
+    let _ = before;
+
+    let created = ns.create(&mk_service("svc", "ClusterIP", &[(80, None)])).await;
+    let ip = created.spec.clone().and_then(|s| s.cluster_ip).expect("ip");
+    assert!(claim_names(&client).await.contains(&claim_of(&ip)));
+
+    // ClusterIP -> NodePort allocates a port; the IP is kept.
+    let patch = serde_json::json!({"spec": {"type": "NodePort"}});
+    let updated =
+        api.patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("to NodePort");
+    assert_eq!(updated.spec.clone().and_then(|s| s.cluster_ip), Some(ip.clone()));
+    let port = node_ports(&updated)[0];
+    assert!(claim_names(&client).await.contains(&claim_of(&port.to_string())));
+
+    // Re-applying without the nodePort does not re-allocate.
+    let again = api
+        .patch(
+            "svc",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"labels": {"x": "y"}}})),
+        )
+        .await
+        .expect("touch");
+    assert_eq!(node_ports(&again), vec![port]);
+
+    // NodePort -> ClusterIP drops the port; repair releases its claim.
+    let patch = serde_json::json!({"spec": {"type": "ClusterIP", "ports": [{"name": "p80", "port": 80, "nodePort": null}]}});
+    let back = api.patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("to ClusterIP");
+    assert!(node_ports(&back).is_empty());
+    let port_claim = claim_of(&port.to_string());
+    repair_until(&client, &args, "port claim released", |names| !names.contains(&port_claim)).await;
+    assert!(claim_names(&client).await.contains(&claim_of(&ip)), "the IP stays claimed");
+
+    // -> ExternalName releases the IP.
+    let patch = serde_json::json!({"spec": {"type": "ExternalName", "externalName": "example.com", "clusterIP": "", "clusterIPs": null, "ipFamilies": null, "ipFamilyPolicy": null}});
+    api.patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("to ExternalName");
+    let ip_claim = claim_of(&ip);
+    repair_until(&client, &args, "ip claim released", |names| !names.contains(&ip_claim)).await;
+    server.kill();
+}
+
+#[tokio::test]
+async fn load_balancer_local_gets_a_health_check_port_and_no_node_ports_when_disabled() {
+    let cp = shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let (_certs, args) = serving_cert(cp);
+    let server = start_replica(&args, &client).await;
+    let ns = scoped_namespace(&client, "wh-lb", "lb").await;
+    register(&client, cp, "svcplane-lb", server.addr, "lb").await;
+    wait_webhook_active(&ns, &server).await;
+
+    let mut svc = mk_service("lb", "LoadBalancer", &[(80, None)]);
+    let spec = svc.spec.as_mut().expect("spec");
+    spec.external_traffic_policy = Some("Local".into());
+    spec.allocate_load_balancer_node_ports = Some(false);
+    let created = ns.create(&svc).await;
+    assert!(node_ports(&created).is_empty());
+    let health = created.spec.and_then(|s| s.health_check_node_port).expect("healthCheckNodePort");
+    assert!(claim_names(&client).await.contains(&claim_of(&health.to_string())));
+
+    let mut headless = mk_service("headless", "ClusterIP", &[(80, None)]);
+    headless.spec.as_mut().expect("spec").cluster_ip = Some("None".into());
+    let created = ns.create(&headless).await;
+    assert_eq!(created.spec.and_then(|s| s.cluster_ip).as_deref(), Some("None"));
+    server.kill();
+}
+
+#[tokio::test]
+async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
+    let cp = shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let (_certs, args) = serving_cert(cp);
+    let server = start_replica(&args, &client).await;
+    let ns = scoped_namespace(&client, "wh-restart", "restart").await;
+    register(&client, cp, "svcplane-restart", server.addr, "restart").await;
+    wait_webhook_active(&ns, &server).await;
+    let api: Api<Service> = ns.api();
+    for i in 0..5 {
+        ns.create(&mk_service(&format!("s{i}"), "NodePort", &[(80, None)])).await;
+    }
+    let before: BTreeSet<String> = claim_names(&client).await.into_iter().collect();
+    server.kill();
+
+    let mut args = args.clone();
+    args.bind_address = "127.0.0.1:0".parse().expect("addr");
+    let restarted = start_replica(&args, &client).await;
+    register(&client, cp, "svcplane-restart", restarted.addr, "restart").await;
+    wait_webhook_active(&ns, &restarted).await;
+    for (value, _) in restarted.store.index().claims() {
+        assert!(before.contains(&value.claim_name()));
+    }
+    assert!(restarted.store.index().claims().count() >= before.len(), "index rebuilt from the store");
+    let new = ns.create(&mk_service("after", "NodePort", &[(80, None)])).await;
+    let ip = new.spec.clone().and_then(|s| s.cluster_ip).expect("ip");
+    assert!(!before.contains(&claim_of(&ip)), "a new Service never gets a held IP");
+    assert!(!before.contains(&claim_of(&node_ports(&new)[0].to_string())));
+    let list = api.list(&Default::default()).await.expect("list");
+    assert_eq!(list.items.len(), 6);
+
+    // Malformed bodies: 400, and the server keeps answering.
+    let ca = tempfile::NamedTempFile::new().expect("ca file");
+    std::fs::write(ca.path(), cp.ca_pem()).expect("write ca");
+    let url = format!("https://{}/mutate", restarted.addr);
+    for body in ["not json", "{\"kind\":\"AdmissionReview\"}", "{\"request\": 5}"] {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(ca.path())
+            .args(["-H", "Content-Type: application/json", "--data", body, &url])
+            .output()
+            .expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "body {body:?}");
+    }
+    let health = std::process::Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(ca.path())
+        .arg(format!("https://{}/healthz", restarted.addr))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "ok");
+    ns.create(&mk_service("still-up", "ClusterIP", &[(80, None)])).await;
+    restarted.kill();
+}

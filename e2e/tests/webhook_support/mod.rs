@@ -1,0 +1,193 @@
+//! Shared set-up of the webhook e2e binaries: install the claim CRD, start
+//! in-process replicas with a serving certificate the apiserver trusts, and
+//! register webhook configurations scoped to labelled namespaces.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::ObjectMeta;
+use kube::{Client, CustomResourceExt};
+use svcplane_e2e::{ControlPlane, TestNamespace, wait::eventually};
+use svcplane_webhook::{AllocationClaim, WebhookArgs, WebhookServer};
+
+/// Label that scopes a test's webhook configurations to its namespaces.
+pub const SCOPE_LABEL: &str = "svcplane.dev/webhook-test";
+
+/// Installs the AllocationClaim CRD and waits until it is served.
+pub async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = AllocationClaim::crd();
+    let name = crd.metadata.name.clone().expect("crd name");
+    crds.patch(&name, &PatchParams::apply("svcplane-e2e").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply CRD");
+    let claims: Api<AllocationClaim> = Api::all(client.clone());
+    eventually("AllocationClaim served", Duration::from_secs(30), || async {
+        claims.list(&ListParams::default().limit(1)).await.map(|_| ())
+    })
+    .await;
+}
+
+/// Writes a serving certificate for 127.0.0.1 signed by the test CA.
+pub fn serving_cert(cp: &ControlPlane) -> (tempfile::TempDir, WebhookArgs) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = cp.ca.server(&["127.0.0.1"]).expect("serving cert");
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    std::fs::write(&cert, pair.cert_pem).expect("write cert");
+    std::fs::write(&key, pair.key_pem).expect("write key");
+    let args = WebhookArgs {
+        bind_address: "127.0.0.1:0".parse().expect("addr"),
+        tls_cert_file: Some(cert),
+        tls_key_file: Some(key),
+        repair_grace: Duration::from_secs(3),
+        repair_interval: Duration::from_millis(500),
+        ..WebhookArgs::default()
+    };
+    (dir, args)
+}
+
+/// Starts one replica and waits until its index is built.
+pub async fn start_replica(args: &WebhookArgs, client: &Client) -> WebhookServer {
+    let server = WebhookServer::start(args, client.clone()).await.expect("start webhook");
+    server.wait_ready(Duration::from_secs(30)).await.expect("webhook ready");
+    server
+}
+
+/// Creates a namespace labelled for `scope`.
+pub async fn scoped_namespace(client: &Client, prefix: &str, scope: &str) -> TestNamespace {
+    let ns = TestNamespace::new(client, prefix).await;
+    let patch = serde_json::json!({"metadata": {"labels": {SCOPE_LABEL: scope}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("label namespace");
+    ns
+}
+
+/// Registers mutating + validating configurations named `name` calling the
+/// replica at `addr` for namespaces labelled `scope`.
+pub async fn register(
+    client: &Client,
+    cp: &ControlPlane,
+    name: &str,
+    addr: std::net::SocketAddr,
+    scope: &str,
+) {
+    let selector = LabelSelector {
+        match_labels: Some(BTreeMap::from([(SCOPE_LABEL.to_owned(), scope.to_owned())])),
+        ..Default::default()
+    };
+    let rules = vec![RuleWithOperations {
+        api_groups: Some(vec![String::new()]),
+        api_versions: Some(vec!["v1".into()]),
+        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+        resources: Some(vec!["services".into()]),
+        scope: Some("Namespaced".into()),
+    }];
+    let config = |path: &str| WebhookClientConfig {
+        url: Some(format!("https://{addr}/{path}")),
+        ca_bundle: Some(ByteString(cp.ca_pem().into_bytes())),
+        service: None,
+    };
+    let mutating = MutatingWebhookConfiguration {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "allocate.svcplane.dev".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: config("mutate"),
+            side_effects: "NoneOnDryRun".into(),
+            failure_policy: Some("Fail".into()),
+            namespace_selector: Some(selector.clone()),
+            rules: Some(rules.clone()),
+            timeout_seconds: Some(10),
+            ..Default::default()
+        }]),
+    };
+    let validating = ValidatingWebhookConfiguration {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        webhooks: Some(vec![ValidatingWebhook {
+            name: "claims.svcplane.dev".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: config("validate"),
+            side_effects: "NoneOnDryRun".into(),
+            failure_policy: Some("Fail".into()),
+            namespace_selector: Some(selector),
+            rules: Some(rules),
+            timeout_seconds: Some(10),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let pp = PatchParams::apply("svcplane-e2e").force();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .patch(name, &pp, &Patch::Apply(&mutating))
+        .await
+        .expect("apply mutating configuration");
+    Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .patch(name, &pp, &Patch::Apply(&validating))
+        .await
+        .expect("apply validating configuration");
+}
+
+/// Waits until a dry-run create in `ns` reaches the replica (its dry-run
+/// counter moves): the apiserver has picked up the configuration.
+pub async fn wait_webhook_active(ns: &TestNamespace, server: &WebhookServer) {
+    let before = server.metrics.dry_runs.get();
+    let api: Api<Service> = ns.api();
+    eventually("webhook called for a dry-run marker", Duration::from_secs(30), || async {
+        let marker = mk_service("marker", "ClusterIP", &[(80, None)]);
+        api.create(&PostParams { dry_run: true, ..Default::default() }, &marker)
+            .await
+            .map_err(|e| e.to_string())?;
+        if server.metrics.dry_runs.get() > before { Ok(()) } else { Err("not called yet".to_owned()) }
+    })
+    .await;
+}
+
+/// A Service with `ports` as `(port, nodePort)`.
+pub fn mk_service(name: &str, kind: &str, ports: &[(i32, Option<i32>)]) -> Service {
+    Service {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(ServiceSpec {
+            type_: Some(kind.into()),
+            selector: Some(BTreeMap::from([("app".to_owned(), name.to_owned())])),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(port, node_port)| ServicePort {
+                        name: Some(format!("p{port}")),
+                        port: *port,
+                        node_port: *node_port,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The claim names that exist now.
+pub async fn claim_names(client: &Client) -> Vec<String> {
+    Api::<AllocationClaim>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("list claims")
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect()
+}
