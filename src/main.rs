@@ -3,6 +3,7 @@
 //! operator tools.
 
 mod admin;
+mod cli;
 mod lease;
 
 use std::{
@@ -36,6 +37,8 @@ struct Cli {
 enum Command {
     /// Run the controllers, webhook and/or repair loop.
     Run(Box<RunArgs>),
+    /// Explain which Pods are endpoints of a Service, and why the others are not.
+    Explain(cli::explain::ExplainArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(&cli.log_format);
     match cli.command {
         Command::Run(args) => run(*args, cli.kubeconfig.as_ref()).await,
+        Command::Explain(args) => cli::explain::run(args, client(cli.kubeconfig.as_ref()).await?).await,
     }
 }
 

@@ -1,0 +1,348 @@
+//! `svcplane explain svc/NAME`: for every Pod in the Service's namespace, whether
+//! it is an endpoint and, if not, why; then the Service's EndpointSlices.
+//!
+//! Reads the Service, the namespace's Pods, the Pods' Nodes and the Service's
+//! EndpointSlices (any managed-by); writes nothing. The reasons come from
+//! [`svcplane_controller::pod::endpoint_exclusions`], the rules the controllers
+//! apply, asked once per consumer: EndpointSlices and legacy Endpoints differ on
+//! terminating Pods and missing Nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context as _;
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{Api, api::ListParams};
+use serde::Serialize;
+use svcplane_controller::{
+    labels,
+    pod::{Consumer, Exclusion, endpoint_exclusions},
+};
+
+use super::{CommonArgs, emit, parse_service_ref, table::Table};
+
+/// `svcplane explain` flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ExplainArgs {
+    /// The Service: svc/NAME.
+    pub service: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// What `explain` found.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ExplainReport {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub service: String,
+    /// `spec.type` (`ClusterIP` when unset).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `spec.selector`; `None` for a selectorless Service.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.publishNotReadyAddresses`.
+    pub publish_not_ready_addresses: bool,
+    /// Every Pod of the namespace, by name.
+    pub pods: Vec<PodReport>,
+    /// The Service's EndpointSlices, whoever manages them.
+    pub slices: Vec<SliceReport>,
+}
+
+/// One Pod's standing with the Service.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct PodReport {
+    /// Pod name.
+    pub name: String,
+    /// `status.podIPs`.
+    pub ips: Vec<String>,
+    /// `spec.nodeName`.
+    pub node: String,
+    /// Standing in the Service's EndpointSlices.
+    pub endpoint_slices: Verdict,
+    /// Standing in the Service's legacy Endpoints object.
+    pub endpoints: Verdict,
+    /// Every reason, once, with the consumers it applies to.
+    pub reasons: Vec<Reason>,
+}
+
+/// A Pod's standing with one consumer.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// A ready endpoint with every port and family.
+    Ready,
+    /// Published, but not ready: it gets no new traffic.
+    NotReady,
+    /// Published, but without some port or IP family.
+    Partial,
+    /// Not an endpoint at all.
+    Excluded,
+}
+
+impl Verdict {
+    fn of(reasons: &[Exclusion]) -> Self {
+        if reasons.is_empty() {
+            Verdict::Ready
+        } else if reasons.iter().any(Exclusion::drops_pod) {
+            Verdict::Excluded
+        } else if reasons.iter().all(|r| *r == Exclusion::NotReady) {
+            Verdict::NotReady
+        } else {
+            Verdict::Partial
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ready => "ready",
+            Verdict::NotReady => "not-ready",
+            Verdict::Partial => "partial",
+            Verdict::Excluded => "excluded",
+        }
+    }
+}
+
+/// One reason a Pod is not (fully) an endpoint.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Reason {
+    /// A fixed name for scripts, e.g. `SelectorMismatch`.
+    pub reason: &'static str,
+    /// The sentence a human reads.
+    pub message: String,
+    /// `EndpointSlices`, `Endpoints` or both.
+    pub applies_to: Vec<&'static str>,
+    /// For a selector mismatch: the label key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// For a selector mismatch: the value the selector wants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+    /// For a selector mismatch: the Pod's value (absent when the label is missing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual: Option<String>,
+}
+
+/// One EndpointSlice of the Service.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceReport {
+    /// Slice name.
+    pub name: String,
+    /// `endpointslice.kubernetes.io/managed-by`.
+    pub managed_by: String,
+    /// `addressType`.
+    pub address_type: String,
+    /// Endpoints whose `ready` condition is not false.
+    pub ready: usize,
+    /// All endpoints.
+    pub endpoints: usize,
+    /// `name:port/protocol` of each port.
+    pub ports: Vec<String>,
+}
+
+/// A fixed name per exclusion, for `-o json` and scripts.
+fn reason_name(exclusion: &Exclusion) -> &'static str {
+    match exclusion {
+        Exclusion::NoSelector => "NoSelector",
+        Exclusion::ExternalName => "ExternalName",
+        Exclusion::OtherNamespace { .. } => "OtherNamespace",
+        Exclusion::SelectorMismatch { .. } => "SelectorMismatch",
+        Exclusion::Terminal { .. } => "Terminal",
+        Exclusion::NoIp => "NoIP",
+        Exclusion::Terminating => "Terminating",
+        Exclusion::NodeMissing { .. } => "NodeMissing",
+        Exclusion::NotReady => "NotReady",
+        Exclusion::PortNotFound { .. } => "PortNotFound",
+        Exclusion::NoIpOfFamily { .. } => "NoIPOfFamily",
+    }
+}
+
+/// Builds one Pod's report from each consumer's exclusions (pure).
+pub fn build_pod_report(svc: &Service, pod: &Pod, node_found: bool) -> PodReport {
+    let for_slices = endpoint_exclusions(svc, pod, Consumer::EndpointSlices, Some(node_found));
+    let for_endpoints = endpoint_exclusions(svc, pod, Consumer::Endpoints, None);
+    // Union in first-seen order; a reason both consumers give is listed once.
+    let mut reasons: Vec<(Exclusion, Vec<&'static str>)> = Vec::new();
+    for (consumer, list) in [("EndpointSlices", &for_slices), ("Endpoints", &for_endpoints)] {
+        for exclusion in list {
+            match reasons.iter_mut().find(|(e, _)| e == exclusion) {
+                Some((_, consumers)) => consumers.push(consumer),
+                None => reasons.push((exclusion.clone(), vec![consumer])),
+            }
+        }
+    }
+    let status = pod.status.as_ref();
+    PodReport {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        ips: status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|ip| ip.ip.clone()).collect(),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        endpoint_slices: Verdict::of(&for_slices),
+        endpoints: Verdict::of(&for_endpoints),
+        reasons: reasons
+            .into_iter()
+            .map(|(exclusion, applies_to)| {
+                let (key, expected, actual) = match &exclusion {
+                    Exclusion::SelectorMismatch { key, expected, actual } => {
+                        (Some(key.clone()), Some(expected.clone()), actual.clone())
+                    }
+                    _ => (None, None, None),
+                };
+                Reason {
+                    reason: reason_name(&exclusion),
+                    message: exclusion.to_string(),
+                    applies_to,
+                    key,
+                    expected,
+                    actual,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Summarises one EndpointSlice (pure).
+pub fn build_slice_report(slice: &EndpointSlice) -> SliceReport {
+    let slice_labels = slice.metadata.labels.as_ref();
+    SliceReport {
+        name: slice.metadata.name.clone().unwrap_or_default(),
+        managed_by: slice_labels.and_then(|l| l.get(labels::MANAGED_BY)).cloned().unwrap_or_default(),
+        address_type: slice.address_type.clone(),
+        // A missing `ready` means ready (the discovery/v1 API contract).
+        ready: slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .count(),
+        endpoints: slice.endpoints.as_ref().map_or(0, Vec::len),
+        ports: slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{}:{}/{}",
+                    p.name.as_deref().unwrap_or_default(),
+                    p.port.map(|n| n.to_string()).unwrap_or_else(|| "*".into()),
+                    p.protocol.as_deref().unwrap_or("TCP")
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Runs `svcplane explain`.
+pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> {
+    let name = parse_service_ref(&args.service)?;
+    let namespace = args.common.namespace(&client);
+    let svc = Api::<Service>::namespaced(client.clone(), &namespace)
+        .get(&name)
+        .await
+        .with_context(|| format!("getting Service {namespace}/{name}"))?;
+    let mut pods = Api::<Pod>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("listing Pods in {namespace}"))?
+        .items;
+    pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+
+    // Ask for each Node by name, as the controller's store lookup does, rather than
+    // listing them all: the report needs only "does it exist".
+    let node_names: BTreeSet<String> =
+        pods.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).filter(|n| !n.is_empty()).collect();
+    let nodes = Api::<Node>::all(client.clone());
+    let mut existing = BTreeSet::new();
+    for node in node_names {
+        if nodes.get_opt(&node).await.with_context(|| format!("getting Node {node}"))?.is_some() {
+            existing.insert(node);
+        }
+    }
+    let node_found = |pod: &Pod| {
+        pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some_and(|n| existing.contains(n))
+    };
+
+    let selector = format!("{}={name}", labels::SERVICE_NAME);
+    let mut slices = Api::<EndpointSlice>::namespaced(client, &namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .with_context(|| format!("listing EndpointSlices of {namespace}/{name}"))?
+        .items;
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+
+    let spec = svc.spec.as_ref();
+    let report = ExplainReport {
+        namespace,
+        service: name,
+        type_: spec.and_then(|s| s.type_.clone()).unwrap_or_else(|| "ClusterIP".into()),
+        selector: spec.and_then(|s| s.selector.clone()),
+        publish_not_ready_addresses: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
+        pods: pods.iter().map(|pod| build_pod_report(&svc, pod, node_found(pod))).collect(),
+        slices: slices.iter().map(build_slice_report).collect(),
+    };
+    emit(args.common.output, &report, render)
+}
+
+/// The human form: a header, the Pods table, the slices table.
+pub fn render(report: &ExplainReport) -> String {
+    let selector = match &report.selector {
+        None => "<none> (selectorless: endpoints are written by hand)".to_owned(),
+        Some(s) if s.is_empty() => "<empty> (selects every Pod)".to_owned(),
+        Some(s) => s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+    };
+    let mut out = format!(
+        "Service:                  {}/{}\nType:                     {}\nSelector:                 {}\nPublishNotReadyAddresses: {}\n\n",
+        report.namespace, report.service, report.type_, selector, report.publish_not_ready_addresses
+    );
+    if report.pods.is_empty() {
+        out.push_str(&format!("No Pods in namespace {}.\n", report.namespace));
+    } else {
+        let mut pods = Table::new(&["POD", "IPS", "NODE", "ENDPOINTSLICES", "ENDPOINTS", "REASONS"]);
+        for pod in &report.pods {
+            let reasons = pod
+                .reasons
+                .iter()
+                .map(|r| {
+                    if r.applies_to.len() == 1 {
+                        format!("{} [{} only]", r.message, r.applies_to.join(""))
+                    } else {
+                        r.message.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            pods.row(vec![
+                pod.name.clone(),
+                pod.ips.join(","),
+                pod.node.clone(),
+                pod.endpoint_slices.as_str().to_owned(),
+                pod.endpoints.as_str().to_owned(),
+                reasons,
+            ]);
+        }
+        out.push_str(&pods.render());
+    }
+    out.push('\n');
+    if report.slices.is_empty() {
+        out.push_str("No EndpointSlices.\n");
+    } else {
+        let mut slices = Table::new(&["ENDPOINTSLICE", "MANAGED-BY", "ADDRESSTYPE", "READY", "PORTS"]);
+        for slice in &report.slices {
+            slices.row(vec![
+                slice.name.clone(),
+                slice.managed_by.clone(),
+                slice.address_type.clone(),
+                format!("{}/{}", slice.ready, slice.endpoints),
+                slice.ports.join(","),
+            ]);
+        }
+        out.push_str(&slices.render());
+    }
+    out
+}
