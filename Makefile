@@ -33,11 +33,10 @@ test: setup lint ## Everything CI runs: lint, unit, property and e2e tests
 	$(CARGO) test --workspace --locked
 
 demo: setup ## Real control plane + svcplane + examples/, printing Services, slices and allocations
-	$(CARGO) build --locked --bin svcplane --bin svcplane-demo
-	./target/debug/svcplane-demo
+	$(CARGO) build --locked --bin svcplane
+	$(CARGO) run --locked -q -p svcplane-e2e --bin svcplane-demo
 
-bench-ipam: ## ipam benchmarks against upstream's allocator, with ratios
+bench-ipam: setup ## ipam benchmarks against upstream's allocator, with ratios
 	bash ipam/bench.sh
 
-bench: setup ## Benchmarks against kube-controller-manager (not part of make test)
-	bash ipam/bench.sh
+bench: bench-ipam ## All benchmarks (not part of make test)
