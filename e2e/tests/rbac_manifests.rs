@@ -1,0 +1,353 @@
+//! The shipped manifests against a real kube-apiserver:
+//! - svcplane runs with nothing but the manifests' RBAC (a ServiceAccount token,
+//!   no admin): its controllers write slices and Endpoints and it takes the Lease;
+//! - the rules are least-privilege (no wildcards; no Secrets);
+//! - `kubectl kustomize manifests/base` is accepted by server-side dry-run and
+//!   matches the committed manifests/rendered/svcplane.yaml.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    coordination::v1::Lease,
+    core::v1::{
+        EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Namespace, Secret, Service, ServiceAccount,
+        ServicePort, ServiceSpec,
+    },
+    discovery::v1::EndpointSlice,
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+};
+use kube::{
+    Api, Client, Resource,
+    api::{ListParams, PostParams},
+    core::ObjectMeta,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use svcplane_e2e::{
+    KubeconfigAuth, TestNamespace, bin_dir,
+    fixtures::{ensure_node, labels, mk_pod},
+    shared,
+    slices::{SVCPLANE, SVCPLANE_MIRROR, slices_of},
+    svcplane::{http_get, svcplane_bin},
+    wait::{eventually, poll_until},
+};
+
+const NAMESPACE: &str = "svcplane-system";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The documents of manifests/rendered/svcplane.yaml.
+fn rendered_documents() -> Vec<serde_yaml::Value> {
+    let path = repo_root().join("manifests/rendered/svcplane.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).expect("YAML document"))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+use serde::Deserialize as _;
+
+/// Every rendered object of `kind`, typed.
+fn objects_of<K: DeserializeOwned>(kind: &str) -> Vec<K> {
+    rendered_documents()
+        .into_iter()
+        .filter(|doc| doc["kind"].as_str() == Some(kind))
+        .map(|doc| serde_yaml::from_value(doc).unwrap_or_else(|e| panic!("{kind}: {e}")))
+        .collect()
+}
+
+/// Creates `obj` through `api`, tolerating "already exists" (tests share the apiserver).
+async fn create<K>(api: &Api<K>, obj: &K)
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create {:?}: {e}", obj.meta().name),
+    }
+}
+
+/// Applies the manifests' Namespace, ServiceAccount and RBAC with the admin client.
+async fn apply_rbac(admin: &Client) {
+    for ns in objects_of::<Namespace>("Namespace") {
+        create(&Api::all(admin.clone()), &ns).await;
+    }
+    for sa in objects_of::<ServiceAccount>("ServiceAccount") {
+        create(&Api::namespaced(admin.clone(), NAMESPACE), &sa).await;
+    }
+    for role in objects_of::<ClusterRole>("ClusterRole") {
+        create(&Api::all(admin.clone()), &role).await;
+    }
+    for binding in objects_of::<ClusterRoleBinding>("ClusterRoleBinding") {
+        create(&Api::all(admin.clone()), &binding).await;
+    }
+    for role in objects_of::<Role>("Role") {
+        create(&Api::namespaced(admin.clone(), NAMESPACE), &role).await;
+    }
+    for binding in objects_of::<RoleBinding>("RoleBinding") {
+        create(&Api::namespaced(admin.clone(), NAMESPACE), &binding).await;
+    }
+}
+
+/// A kubeconfig holding a fresh token of the `svcplane` ServiceAccount.
+async fn service_account_kubeconfig(admin: &Client) -> PathBuf {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["https://kubernetes.default.svc".into()]),
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE)
+        .create_token_request("svcplane", &PostParams::default(), &request)
+        .await
+        .expect("TokenRequest for svcplane")
+        .status
+        .expect("token status")
+        .token
+        .expect("token");
+    shared().write_kubeconfig("svcplane-sa", &KubeconfigAuth::Token(token)).expect("write kubeconfig")
+}
+
+/// `svcplane run` as the ServiceAccount; killed on drop.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("127.0.0.1:{}", listener.local_addr().expect("addr").port())
+}
+
+async fn spawn_svcplane(kubeconfig: &Path) -> Process {
+    let (metrics, health) = (free_addr(), free_addr());
+    let log = shared().log_path("svcplane-rbac");
+    let out = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(svcplane_bin())
+        .arg("run")
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--metrics-bind-address={metrics}"))
+        .arg(format!("--health-probe-bind-address={health}"))
+        .args(["--controllers=endpointslice,endpoints,mirroring", "--leader-elect"])
+        .arg(format!("--leader-election-namespace={NAMESPACE}"))
+        .env("RUST_LOG", "info")
+        .env("POD_NAME", "svcplane-rbac")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log file"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn svcplane");
+    let mut process = Process { child, log };
+    let child = &mut process.child;
+    poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        let exited = child.try_wait().ok().flatten();
+        let health = health.clone();
+        async move {
+            if let Some(status) = exited {
+                return Err(format!("svcplane exited: {status}"));
+            }
+            Ok(http_get(&health, "/readyz").await.is_some_and(|(code, _)| code == 200))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("svcplane not ready: {e}; log: {}", process.log.display()));
+    process
+}
+
+#[tokio::test]
+async fn svcplane_works_with_only_the_manifests_rbac() {
+    let admin = shared().client().await;
+    apply_rbac(&admin).await;
+    let kubeconfig = service_account_kubeconfig(&admin).await;
+    let svcplane = spawn_svcplane(&kubeconfig).await;
+
+    ensure_node(&admin, "node-a", "192.0.2.1", Some("zone-a")).await;
+    let ns = TestNamespace::new(&admin, "rbac").await;
+    let web = Service {
+        metadata: ObjectMeta { name: Some("web".into()), ..Default::default() },
+        spec: Some(ServiceSpec {
+            selector: Some(labels(&[("app", "web")])),
+            ports: Some(vec![ServicePort { name: Some("http".into()), port: 80, ..Default::default() }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    ns.create(&web).await;
+    ns.running_pod(mk_pod("web-0", &[("app", "web")], "node-a", &[]), &["10.244.1.1"], true).await;
+    // Selectorless + hand-written Endpoints: the mirroring controller's path.
+    let db = Service {
+        metadata: ObjectMeta { name: Some("db".into()), ..Default::default() },
+        spec: Some(ServiceSpec {
+            ports: Some(vec![ServicePort { name: Some("sql".into()), port: 5432, ..Default::default() }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    ns.create(&db).await;
+    ns.create(&Endpoints {
+        metadata: ObjectMeta { name: Some("db".into()), ..Default::default() },
+        subsets: Some(vec![EndpointSubset {
+            addresses: Some(vec![EndpointAddress { ip: "192.0.2.50".into(), ..Default::default() }]),
+            ports: Some(vec![EndpointPort { name: Some("sql".into()), port: 5432, ..Default::default() }]),
+            ..Default::default()
+        }]),
+    })
+    .await;
+
+    let slices = ns.api::<EndpointSlice>();
+    eventually("svcplane's slice for web", TIMEOUT, || {
+        let slices = slices.clone();
+        async move {
+            let found = format!("{:?}", slices_of(&slices, "web", SVCPLANE).await);
+            if found.contains("10.244.1.1") { Ok(()) } else { Err(found) }
+        }
+    })
+    .await;
+    eventually("the mirrored slice for db", TIMEOUT, || {
+        let slices = slices.clone();
+        async move {
+            let found = format!("{:?}", slices_of(&slices, "db", SVCPLANE_MIRROR).await);
+            if found.contains("192.0.2.50") { Ok(()) } else { Err(found) }
+        }
+    })
+    .await;
+    let endpoints = ns.api::<Endpoints>();
+    eventually("the legacy Endpoints of web", TIMEOUT, || {
+        let endpoints = endpoints.clone();
+        async move {
+            let found = format!("{:?}", endpoints.get_opt("web").await);
+            if found.contains("10.244.1.1") { Ok(()) } else { Err(found) }
+        }
+    })
+    .await;
+    let lease = Api::<Lease>::namespaced(admin.clone(), NAMESPACE).get("svcplane").await.expect("the Lease");
+    let holder = lease.spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some("svcplane-rbac"));
+
+    let log = std::fs::read_to_string(&svcplane.log).unwrap_or_default();
+    assert!(!log.contains("forbidden"), "svcplane hit an RBAC denial: {}", svcplane.log.display());
+
+    // Least privilege, seen from the ServiceAccount itself.
+    let sa = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig"),
+            &Default::default(),
+        )
+        .await
+        .expect("config"),
+    )
+    .expect("client");
+    let denied = Api::<Secret>::namespaced(sa.clone(), NAMESPACE).list(&ListParams::default()).await;
+    assert!(
+        matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "Secrets must be denied: {denied:?}"
+    );
+    let denied = Api::<Lease>::namespaced(sa, "default").get_opt("svcplane").await;
+    assert!(matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403), "Leases elsewhere: {denied:?}");
+}
+
+#[test]
+fn rbac_rules_name_every_verb_resource_and_group() {
+    let mut rules = Vec::new();
+    for role in objects_of::<ClusterRole>("ClusterRole") {
+        rules.extend(role.rules.unwrap_or_default());
+    }
+    for role in objects_of::<Role>("Role") {
+        rules.extend(role.rules.unwrap_or_default());
+    }
+    assert!(!rules.is_empty());
+    for rule in &rules {
+        let words =
+            rule.verbs.iter().chain(rule.resources.iter().flatten()).chain(rule.api_groups.iter().flatten());
+        assert!(words.clone().all(|w| w != "*" && !w.contains('*')), "wildcard in {rule:?}");
+        assert!(rule.non_resource_urls.is_none(), "{rule:?}");
+    }
+    let verbs_on = |resource: &str| -> Vec<String> {
+        let mut verbs: Vec<String> = rules
+            .iter()
+            .filter(|r| r.resources.iter().flatten().any(|x| x == resource))
+            .flat_map(|r| r.verbs.clone())
+            .collect();
+        verbs.sort();
+        verbs.dedup();
+        verbs
+    };
+    assert_eq!(verbs_on("pods"), ["list", "watch"]);
+    assert_eq!(verbs_on("nodes"), ["list", "watch"]);
+    assert_eq!(verbs_on("endpointslices"), ["create", "delete", "list", "update", "watch"]);
+    assert_eq!(verbs_on("leases"), ["create", "get", "patch", "update"]);
+    assert!(verbs_on("secrets").is_empty() && verbs_on("configmaps").is_empty());
+}
+
+fn kubectl() -> PathBuf {
+    let kubectl = bin_dir().join("kubectl");
+    assert!(kubectl.is_file(), "{} missing: run e2e/controlplane/build.sh --with-kubectl", kubectl.display());
+    kubectl
+}
+
+fn kustomize(dir: &str) -> String {
+    let out = Command::new(kubectl())
+        .args(["kustomize", &repo_root().join(dir).display().to_string()])
+        .output()
+        .expect("kubectl kustomize");
+    assert!(out.status.success(), "kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn server_dry_run(yaml: &str) -> (bool, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(kubectl())
+        .args(["apply", "--server-side", "--dry-run=server", "--field-manager=svcplane-e2e", "-f", "-"])
+        .arg(format!("--kubeconfig={}", shared().kubeconfig_path.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl apply");
+    child.stdin.take().expect("stdin").write_all(yaml.as_bytes()).expect("write manifests");
+    let out = child.wait_with_output().expect("kubectl apply");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn kustomize_output_is_accepted_by_server_side_dry_run_and_matches_rendered() {
+    let rendered =
+        std::fs::read_to_string(repo_root().join("manifests/rendered/svcplane.yaml")).expect("rendered");
+    assert_eq!(
+        kustomize("manifests/base"),
+        rendered,
+        "manifests/rendered/svcplane.yaml is stale: run `kubectl kustomize manifests/base > manifests/rendered/svcplane.yaml`"
+    );
+    // Dry-run creates nothing, so namespaced objects need their Namespace for real.
+    let admin = shared().client().await;
+    for ns in objects_of::<Namespace>("Namespace") {
+        create(&Api::all(admin.clone()), &ns).await;
+    }
+    // The webhook configurations point at a Service that does not answer: a
+    // dry-run never calls them (and they do not match their own kinds).
+    for dir in ["manifests/base", "manifests/overlays/controller-only", "manifests/overlays/kind"] {
+        let (ok, output) = server_dry_run(&kustomize(dir));
+        assert!(ok, "{dir} rejected by the apiserver:\n{output}");
+        assert!(output.contains("(server dry run)"), "{output}");
+    }
+}
