@@ -611,3 +611,23 @@ fn install_panic_hook(dir: &Path) {
         }));
     });
 }
+
+impl ControlPlane {
+    /// The apiserver's count of write requests (POST, PUT, PATCH, DELETE) on
+    /// `resource`, from its own `apiserver_request_total` metric.
+    pub async fn apiserver_writes(&self, client: &kube::Client, resource: &str) -> f64 {
+        let req = http::Request::get("/metrics").body(Vec::new()).expect("request");
+        let text = client.request_text(req).await.unwrap_or_else(|e| panic!("apiserver /metrics: {e}"));
+        let resource = format!("resource=\"{resource}\"");
+        ["POST", "PUT", "PATCH", "DELETE"]
+            .iter()
+            .map(|verb| {
+                crate::svcplane::sum_metric(
+                    &text,
+                    "apiserver_request_total",
+                    &[&resource, &format!("verb=\"{verb}\"")],
+                )
+            })
+            .sum()
+    }
+}
