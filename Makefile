@@ -39,4 +39,6 @@ demo: setup ## Real control plane + svcplane + examples/, printing Services, sli
 bench-ipam: setup ## ipam benchmarks against upstream's allocator, with ratios
 	bash ipam/bench.sh
 
-bench: bench-ipam ## All benchmarks (not part of make test)
+bench: bench-ipam ## All benchmarks (not part of make test): ipam, then scenario A vs kube-controller-manager
+	$(CARGO) build --locked --release --bin svcplane
+	SVCPLANE_BIN=$(CURDIR)/target/release/svcplane $(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-bench -- $(BENCH_ARGS)

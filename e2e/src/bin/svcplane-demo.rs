@@ -19,7 +19,8 @@ use svcplane_e2e::{
 };
 
 const NAMESPACE: &str = "demo";
-const NODES: [(&str, &str, &str); 2] = [("node-a", "192.0.2.11", "zone-a"), ("node-b", "192.0.2.12", "zone-b")];
+const NODES: [(&str, &str, &str); 2] =
+    [("node-a", "192.0.2.11", "zone-a"), ("node-b", "192.0.2.12", "zone-b")];
 
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
     let out = Command::new(bin_dir().join("kubectl"))
@@ -58,7 +59,12 @@ async fn main() {
         "garbage-collector-controller",
     ]);
     let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{e}"));
-    println!("kube-apiserver {} at {} (logs: {}/logs)", svcplane_e2e::kubernetes_version(), cp.server, cp.dir().display());
+    println!(
+        "kube-apiserver {} at {} (logs: {}/logs)",
+        svcplane_e2e::kubernetes_version(),
+        cp.server,
+        cp.dir().display()
+    );
     let client = cp.client().await;
     for (name, ip, zone) in NODES {
         ensure_node(&client, name, ip, Some(zone)).await;
@@ -88,11 +94,20 @@ async fn main() {
             if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none() {
                 let binding = Binding {
                     metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-                    target: ObjectReference { kind: Some("Node".into()), name: Some(node.into()), ..Default::default() },
+                    target: ObjectReference {
+                        kind: Some("Node".into()),
+                        name: Some(node.into()),
+                        ..Default::default()
+                    },
                 };
-                pods.create_subresource::<Binding, serde_json::Value>("binding", &name, &PostParams::default(), &binding)
-                    .await
-                    .unwrap_or_else(|e| panic!("bind {name}: {e}"));
+                pods.create_subresource::<Binding, serde_json::Value>(
+                    "binding",
+                    &name,
+                    &PostParams::default(),
+                    &binding,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("bind {name}: {e}"));
             }
             let ip = format!("10.244.0.{next_ip}");
             next_ip += 1;
@@ -117,7 +132,10 @@ async fn main() {
     banner("kubectl get endpointslices -n demo (written by svcplane)");
     print!(
         "{}",
-        kubectl(&cp, &["get", "endpointslices", "-n", NAMESPACE, "-L", "endpointslice.kubernetes.io/managed-by"])
+        kubectl(
+            &cp,
+            &["get", "endpointslices", "-n", NAMESPACE, "-L", "endpointslice.kubernetes.io/managed-by"]
+        )
     );
     banner("kubectl get endpoints -n demo");
     print!("{}", kubectl(&cp, &["get", "endpoints", "-n", NAMESPACE]));
