@@ -128,7 +128,6 @@ pub async fn register(
             timeout_seconds: Some(10),
             ..Default::default()
         }]),
-        ..Default::default()
     };
     let pp = PatchParams::apply("svcplane-e2e").force();
     Api::<MutatingWebhookConfiguration>::all(client.clone())
