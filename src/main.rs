@@ -39,6 +39,10 @@ enum Command {
     Run(Box<RunArgs>),
     /// Explain which Pods are endpoints of a Service, and why the others are not.
     Explain(cli::explain::ExplainArgs),
+    /// Print the DNS records CoreDNS serves for a Service.
+    Dns(cli::dns::DnsArgs),
+    /// ClusterIP and NodePort pools: usage, and who holds a value.
+    Ipam(cli::ipam::IpamArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -111,6 +115,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(*args, cli.kubeconfig.as_ref()).await,
         Command::Explain(args) => cli::explain::run(args, client(cli.kubeconfig.as_ref()).await?).await,
+        Command::Dns(args) => cli::dns::run(args, client(cli.kubeconfig.as_ref()).await?).await,
+        Command::Ipam(args) => cli::ipam::run(args, client(cli.kubeconfig.as_ref()).await?).await,
     }
 }
 

@@ -8,7 +8,9 @@
 //! `kubectl-svcplane <args>` for `kubectl svcplane <args>`, and clap ignores the
 //! name the binary was invoked as, so a symlink with that name behaves the same.
 
+pub mod dns;
 pub mod explain;
+pub mod ipam;
 
 mod table;
 

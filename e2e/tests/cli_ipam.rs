@@ -1,0 +1,123 @@
+//! `svcplane ipam status` and `svcplane ipam who` against a real kube-apiserver
+//! (dual-stack Service CIDRs, so a `kubernetes` ServiceCIDR object exists).
+
+use std::process::Command;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use kube::{Api, api::ListParams, core::ObjectMeta};
+use serde_json::Value;
+use svcplane_e2e::{TestNamespace, fixtures::labels, shared, svcplane::svcplane_bin};
+
+/// Runs `svcplane <args>`: (success, stdout, stderr).
+fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(svcplane_bin())
+        .arg(format!("--kubeconfig={}", shared().kubeconfig_path.display()))
+        .args(args)
+        .output()
+        .expect("run svcplane");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = run_cli(args);
+    assert!(ok, "{args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn service(name: &str, type_: &str, node_port: Option<i32>) -> Service {
+    Service {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(ServiceSpec {
+            type_: Some(type_.into()),
+            selector: Some(labels(&[("app", name)])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                node_port,
+                ..Default::default()
+            }]),
+            external_traffic_policy: (type_ == "LoadBalancer").then(|| "Local".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn status_counts_every_service_and_who_finds_each_holder() {
+    let client = shared().client().await;
+    let ns = TestNamespace::new(&client, "cli-ipam").await;
+    let web = ns.create(&service("web", "ClusterIP", None)).await;
+    let np = ns.create(&service("np", "NodePort", Some(30080))).await;
+    let lb = ns.create(&service("lb", "LoadBalancer", None)).await;
+
+    // status: pools from the `kubernetes` ServiceCIDR; used = what Services hold.
+    let all = Api::<Service>::all(client.clone()).list(&ListParams::default()).await.expect("list").items;
+    let v4_used = all
+        .iter()
+        .flat_map(|s| s.spec.clone().and_then(|s| s.cluster_ips).unwrap_or_default())
+        .filter(|ip| ip.starts_with("10.96."))
+        .count();
+    let node_ports_used = all
+        .iter()
+        .filter_map(|s| s.spec.clone())
+        .map(|s| {
+            s.ports.unwrap_or_default().iter().filter(|p| p.node_port.is_some()).count()
+                + usize::from(s.health_check_node_port.is_some())
+        })
+        .sum::<usize>();
+    let status = json(&["ipam", "status", "-o", "json"]);
+    let pools = status.as_array().expect("array");
+    let pool = |kind: &str, range: &str| {
+        pools
+            .iter()
+            .find(|p| p["kind"] == kind && p["range"] == range)
+            .unwrap_or_else(|| panic!("no {kind} pool {range}: {status:#}"))
+    };
+    let v4 = pool("ClusterIP", "10.96.0.0/16");
+    assert_eq!(v4["source"], "kubernetes", "the ServiceCIDR object, not the flag");
+    assert_eq!(v4["size"], 65534);
+    assert_eq!(v4["used"], v4_used);
+    assert_eq!(v4["free"], 65534 - v4_used);
+    pool("ClusterIP", "fd00:10:96::/112");
+    let ports = pool("NodePort", "30000-32767");
+    assert_eq!((ports["size"].as_u64(), ports["used"].as_u64()), (Some(2768), Some(node_ports_used as u64)));
+    assert!(node_ports_used >= 3, "np's nodePort, lb's nodePort and healthCheckNodePort");
+
+    let (ok, table, _) = run_cli(&["ipam", "status"]);
+    assert!(ok && table.starts_with("SOURCE") && table.contains("UTILISATION"), "{table}");
+    println!("{table}");
+
+    // who: an IP, a nodePort, a healthCheckNodePort.
+    let web_ip = web.spec.and_then(|s| s.cluster_ip).expect("clusterIP");
+    let holders = json(&["ipam", "who", &web_ip, "-o", "json"]);
+    assert_eq!(holders[0]["service"], "web");
+    assert_eq!(holders[0]["namespace"], ns.name.as_str());
+    assert_eq!(holders[0]["field"], "spec.clusterIPs[0]");
+    let np_port = np.spec.and_then(|s| s.ports).expect("ports")[0].node_port.expect("nodePort");
+    assert_eq!(np_port, 30080);
+    let holders = json(&["ipam", "who", "30080", "-o", "json"]);
+    assert_eq!(
+        (&holders[0]["service"], &holders[0]["field"]),
+        (&Value::from("np"), &Value::from("spec.ports[0].nodePort"))
+    );
+    let health = lb.spec.and_then(|s| s.health_check_node_port).expect("healthCheckNodePort");
+    let holders = json(&["ipam", "who", &health.to_string(), "-o", "json"]);
+    assert_eq!(
+        (&holders[0]["service"], &holders[0]["field"]),
+        (&Value::from("lb"), &Value::from("spec.healthCheckNodePort"))
+    );
+    let (ok, table, _) = run_cli(&["ipam", "who", &web_ip]);
+    assert!(ok && table.contains("spec.clusterIPs[0]"), "{table}");
+    println!("{table}");
+
+    // Nobody, and nonsense.
+    let (ok, _, stderr) = run_cli(&["ipam", "who", "10.96.255.254"]);
+    assert!(!ok && stderr.contains("no Service holds 10.96.255.254"), "{stderr}");
+    let (ok, _, stderr) = run_cli(&["ipam", "who", "not-an-ip"]);
+    assert!(!ok && stderr.contains("neither an IP address nor a port"), "{stderr}");
+}
