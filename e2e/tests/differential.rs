@@ -682,3 +682,137 @@ async fn m12_endpoints_before_service() {
     selectorless(&ns, "db").await;
     converge_mirrored(&ns, "db", has("node=node-a", 1)).await;
 }
+
+#[tokio::test]
+async fn m13_only_not_ready_addresses() {
+    let ns = setup("m13").await;
+    selectorless(&ns, "db").await;
+    ns.create(&endpoints(
+        "db",
+        json!([{"notReadyAddresses": [{"ip": "192.0.2.1"}, {"ip": "192.0.2.2"}], "ports": [{"port": 5432}]}]),
+        json!({}),
+    ))
+    .await;
+    converge_mirrored(&ns, "db", has("ready=false", 2)).await;
+}
+
+#[tokio::test]
+async fn m14_hostname_node_and_target_ref_copied() {
+    let ns = setup("m14").await;
+    selectorless(&ns, "db").await;
+    ns.create(&endpoints(
+        "db",
+        json!([{"addresses": [{"ip": "192.0.2.1", "hostname": "db-0", "nodeName": "node-b",
+            "targetRef": {"kind": "Pod", "name": "db-0", "namespace": ns.name}}], "ports": [{"port": 5432}]}]),
+        json!({}),
+    ))
+    .await;
+    converge_mirrored(&ns, "db", has("host=db-0 node=node-b", 1)).await;
+}
+
+#[tokio::test]
+async fn m15_ipv6_only() {
+    let ns = setup("m15").await;
+    selectorless(&ns, "db").await;
+    ns.create(&endpoints(
+        "db",
+        json!([{"addresses": [{"ip": "2001:db8::10"}, {"ip": "2001:db8::11"}], "ports": [{"port": 5432}]}]),
+        json!({}),
+    ))
+    .await;
+    converge_mirrored(&ns, "db", has("IPv6", 2)).await;
+}
+
+#[tokio::test]
+async fn m16_ports_changed() {
+    let ns = setup("m16").await;
+    selectorless(&ns, "db").await;
+    ns.create(&endpoints(
+        "db",
+        json!([{"addresses": [{"ip": "192.0.2.1"}], "ports": [{"name": "sql", "port": 5432}]}]),
+        json!({}),
+    ))
+    .await;
+    converge_mirrored(&ns, "db", has("5432", 1)).await;
+    ns.api::<Endpoints>()
+        .patch("db", &PatchParams::default(), &Patch::Merge(json!({"subsets": [{"addresses": [{"ip": "192.0.2.1"}], "ports": [{"name": "sql", "port": 6432}]}]})))
+        .await
+        .expect("patch");
+    converge_mirrored(&ns, "db", has("6432", 1)).await;
+}
+
+#[tokio::test]
+async fn m17_skip_mirror_added_later() {
+    let ns = setup("m17").await;
+    selectorless(&ns, "db").await;
+    ns.create(&endpoints(
+        "db",
+        json!([{"addresses": [{"ip": "192.0.2.1"}], "ports": [{"port": 5432}]}]),
+        json!({}),
+    ))
+    .await;
+    converge_mirrored(&ns, "db", count(1)).await;
+    ns.api::<Endpoints>()
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}}}),
+            ),
+        )
+        .await
+        .expect("label");
+    converge_mirrored(&ns, "db", |n| n.slices_per_group.is_empty()).await;
+}
+
+#[tokio::test]
+async fn m18_many_addresses_one_subset() {
+    let ns = setup("m18").await;
+    selectorless(&ns, "db").await;
+    let addrs: Vec<serde_json::Value> =
+        (0..150).map(|i| json!({"ip": format!("198.51.100.{}", i + 1)})).collect();
+    ns.create(&endpoints("db", json!([{"addresses": addrs, "ports": [{"port": 5432}]}]), json!({}))).await;
+    let pair = converge_mirrored(&ns, "db", count(150)).await;
+    assert_eq!(pair.upstream.slices_per_group, pair.svcplane.slices_per_group, "same packing");
+}
+
+#[tokio::test]
+async fn m19_external_name_without_selector_is_mirrored() {
+    let ns = setup("m19").await;
+    let mut svc = mk_service("ext", &[], vec![]);
+    let spec = svc.spec.as_mut().expect("spec");
+    spec.type_ = Some("ExternalName".into());
+    spec.external_name = Some("db.example.com".into());
+    spec.ports = None;
+    ns.create(&svc).await;
+    ns.create(&endpoints(
+        "ext",
+        json!([{"addresses": [{"ip": "192.0.2.7"}], "ports": [{"port": 5432}]}]),
+        json!({}),
+    ))
+    .await;
+    converge_mirrored(&ns, "ext", count(1)).await;
+}
+
+#[tokio::test]
+async fn m20_leader_election_endpoints_not_mirrored() {
+    let ns = setup("m20").await;
+    selectorless(&ns, "lock").await;
+    selectorless(&ns, "marker").await;
+    let mut lock = endpoints(
+        "lock",
+        json!([{"addresses": [{"ip": "192.0.2.1"}], "ports": [{"port": 5432}]}]),
+        json!({}),
+    );
+    lock.metadata.annotations =
+        Some([("control-plane.alpha.kubernetes.io/leader".to_string(), "{}".to_string())].into());
+    ns.create(&lock).await;
+    ns.create(&endpoints(
+        "marker",
+        json!([{"addresses": [{"ip": "192.0.2.9"}], "ports": [{"port": 5432}]}]),
+        json!({}),
+    ))
+    .await;
+    converge_mirrored(&ns, "marker", count(1)).await;
+    converge_mirrored(&ns, "lock", |n| n.slices_per_group.is_empty()).await;
+}
