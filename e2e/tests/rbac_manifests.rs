@@ -351,3 +351,38 @@ async fn kustomize_output_is_accepted_by_server_side_dry_run_and_matches_rendere
         assert!(output.contains("(server dry run)"), "{output}");
     }
 }
+
+#[tokio::test]
+async fn examples_are_accepted_by_server_side_dry_run() {
+    let admin = shared().client().await;
+    let demo = Namespace {
+        metadata: ObjectMeta { name: Some("demo".into()), ..Default::default() },
+        ..Default::default()
+    };
+    create(&Api::all(admin), &demo).await;
+    let mut yaml = String::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("examples"))
+        .expect("examples/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for file in &files {
+        yaml.push_str(&std::fs::read_to_string(file).expect("example"));
+        yaml.push_str("\n---\n");
+    }
+    assert!(files.len() >= 5, "{files:?}");
+    let (ok, output) = server_dry_run(&yaml);
+    assert!(ok, "examples rejected by the apiserver:\n{output}");
+    for object in [
+        "service/web",
+        "service/web-nodeport",
+        "service/zk",
+        "statefulset.apps/zk",
+        "service/external-db",
+        "endpoints/external-db",
+        "service/docs",
+    ] {
+        assert!(output.contains(object), "{object} missing from:\n{output}");
+    }
+}
