@@ -238,19 +238,21 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     std::fs::write(ca.path(), cp.ca_pem()).expect("write ca");
     let url = format!("https://{}/mutate", restarted.addr);
     for body in ["not json", "{\"kind\":\"AdmissionReview\"}", "{\"request\": 5}"] {
-        let out = std::process::Command::new("curl")
+        let out = tokio::process::Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
             .arg(ca.path())
             .args(["-H", "Content-Type: application/json", "--data", body, &url])
             .output()
+            .await
             .expect("curl");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "body {body:?}");
     }
-    let health = std::process::Command::new("curl")
+    let health = tokio::process::Command::new("curl")
         .args(["-s", "--cacert"])
         .arg(ca.path())
         .arg(format!("https://{}/healthz", restarted.addr))
         .output()
+        .await
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&health.stdout), "ok");
     ns.create(&mk_service("still-up", "ClusterIP", &[(80, None)])).await;
