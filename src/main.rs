@@ -210,6 +210,19 @@ async fn run(args: RunArgs, kubeconfig: Option<&PathBuf>) -> anyhow::Result<()> 
             .spawn(async move { svcplane_webhook::run(webhook_args, client, stop).await.context("webhook") });
     }
 
+    if args.roles.iter().any(|r| r == "repair") {
+        // Only the leader repairs; losing the lease ends the process (see lease.rs).
+        let (client, mut leader, stop) = (client.clone(), leader.clone(), stopped());
+        let webhook_args = args.webhook.clone();
+        tasks.spawn(async move {
+            if leader.wait_for(|l| *l).await.is_err() {
+                return Ok(());
+            }
+            tracing::info!("leading: starting the IPAM repair loop");
+            svcplane_webhook::run_repair(webhook_args, client, stop).await.context("repair")
+        });
+    }
+
     let result = tokio::select! {
         _ = shutdown_signal() => Ok(()),
         Some(done) = tasks.join_next() => match done {
