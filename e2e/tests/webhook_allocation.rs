@@ -215,6 +215,16 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
         ns.create(&mk_service(&format!("s{i}"), "NodePort", &[(80, None)])).await;
     }
     let before: BTreeSet<String> = claim_names(&client).await.into_iter().collect();
+    // Claims are cluster-scoped and other tests of this binary make and release
+    // their own meanwhile: compare only this namespace's.
+    let mine_before: BTreeSet<String> = server
+        .store
+        .index()
+        .claims()
+        .filter(|(_, record)| record.owner.namespace == ns.name)
+        .map(|(value, _)| value.claim_name())
+        .collect();
+    assert!(!mine_before.is_empty());
     server.kill();
 
     let mut args = args.clone();
@@ -222,10 +232,14 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     let restarted = start_replica(&args, &client).await;
     register(&client, cp, "svcplane-restart", restarted.addr, "restart").await;
     wait_webhook_active(&ns, &restarted).await;
-    for (value, _) in restarted.store.index().claims() {
-        assert!(before.contains(&value.claim_name()));
-    }
-    assert!(restarted.store.index().claims().count() >= before.len(), "index rebuilt from the store");
+    let mine_after: BTreeSet<String> = restarted
+        .store
+        .index()
+        .claims()
+        .filter(|(_, record)| record.owner.namespace == ns.name)
+        .map(|(value, _)| value.claim_name())
+        .collect();
+    assert_eq!(mine_after, mine_before, "index rebuilt from the store");
     let new = ns.create(&mk_service("after", "NodePort", &[(80, None)])).await;
     let ip = new.spec.clone().and_then(|s| s.cluster_ip).expect("ip");
     assert!(!before.contains(&claim_of(&ip)), "a new Service never gets a held IP");
