@@ -24,6 +24,9 @@ const VERSIONS_ENV: &str = include_str!("../controlplane/versions.env");
 
 /// Default dual-stack Service CIDRs: an IPv4 /16 and an IPv6 /112.
 pub const DEFAULT_SERVICE_CIDRS: &str = "10.96.0.0/16,fd00:10:96::/112";
+/// Tries per component before start-up fails (ports can be taken meanwhile).
+const START_ATTEMPTS: usize = 3;
+
 /// Default NodePort range (the apiserver's default).
 pub const DEFAULT_NODE_PORT_RANGE: &str = "30000-32767";
 
@@ -236,37 +239,25 @@ impl ControlPlane {
         admin: CertPair,
     ) -> Result<(), HarnessError> {
         // Ports picked by binding :0 can be taken by someone else before the component
-        // binds them; a component that exits at once is retried on fresh ports.
-        let mut last_err = None;
-        for _attempt in 0..3 {
-            match self.start_etcd(&etcd).await {
-                Ok(()) => {
-                    last_err = None;
-                    break;
-                }
-                Err(e) => {
-                    self.stop_component("etcd");
-                    last_err = Some(e);
-                }
-            }
-        }
-        if let Some(e) = last_err {
-            return Err(e);
-        }
-        for _attempt in 0..3 {
-            match self.start_apiserver(&apiserver, &client_ca, &sa_key, &admin).await {
-                Ok(()) => {
-                    last_err = None;
-                    break;
-                }
-                Err(e) => {
-                    self.stop_component("kube-apiserver");
-                    last_err = Some(e);
+        // binds them; a component that fails to start is retried on fresh ports.
+        for component in ["etcd", "kube-apiserver"] {
+            let mut attempt = 0;
+            loop {
+                let started = match component {
+                    "etcd" => self.start_etcd(&etcd).await,
+                    _ => self.start_apiserver(&apiserver, &client_ca, &sa_key, &admin).await,
+                };
+                match started {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.stop_component(component);
+                        attempt += 1;
+                        if attempt == START_ATTEMPTS {
+                            return Err(e);
+                        }
+                    }
                 }
             }
-        }
-        if let Some(e) = last_err {
-            return Err(e);
         }
         if let Some(kcm) = kcm {
             self.start_controller_manager(&kcm)?;

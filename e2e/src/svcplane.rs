@@ -38,6 +38,17 @@ impl ControlPlane {
     /// Starts `svcplane run <args>` with the admin kubeconfig and waits for /readyz.
     /// `name` names its log file.
     pub async fn svcplane(&self, name: &str, args: &[&str]) -> Svcplane {
+        self.svcplane_with_kubeconfig(name, &self.kubeconfig_path, args).await
+    }
+
+    /// Like [`ControlPlane::svcplane`], authenticating with `kubeconfig` (e.g. a
+    /// ServiceAccount token, to prove RBAC).
+    pub async fn svcplane_with_kubeconfig(
+        &self,
+        name: &str,
+        kubeconfig: &std::path::Path,
+        args: &[&str],
+    ) -> Svcplane {
         let bin = svcplane_bin();
         assert!(
             bin.is_file(),
@@ -51,7 +62,7 @@ impl ControlPlane {
         let err = out.try_clone().expect("log file");
         let child = Command::new(&bin)
             .arg("run")
-            .arg(format!("--kubeconfig={}", self.kubeconfig_path.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg(format!("--metrics-bind-address={metrics}"))
             .arg(format!("--health-probe-bind-address={health}"))
             .args(args)

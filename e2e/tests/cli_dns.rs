@@ -3,7 +3,7 @@
 //! for ClusterIP (single and dual-stack), headless (hostnames, dashed IPs,
 //! publishNotReadyAddresses) and ExternalName Services.
 
-use std::{collections::BTreeSet, process::Command, sync::OnceLock, time::Duration};
+use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort, ServiceSpec},
@@ -16,22 +16,14 @@ use svcplane_e2e::{
     fixtures::{ensure_node, labels, mk_pod},
     shared,
     slices::{SVCPLANE, slices_of},
-    svcplane::{Svcplane, svcplane_bin},
+    svcplane::{shared_svcplane, svcplane_bin},
     wait::eventually,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn controller() {
-    static STARTED: OnceLock<Svcplane> = OnceLock::new();
-    STARTED.get_or_init(|| {
-        std::thread::spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(shared().svcplane("cli-dns", &["--controllers=endpointslice"]))
-        })
-        .join()
-        .expect("start svcplane")
-    });
+    shared_svcplane("cli-dns", &["--controllers=endpointslice"]);
 }
 
 /// `svcplane dns svc/<name> -n <ns> -o json <extra>` as (name, type, data) triples.

@@ -2,7 +2,7 @@
 //! EndpointSlice controller running: one Pod per reason a Pod can fail to be an
 //! endpoint, and the Service's slices from svcplane and from another manager.
 
-use std::{collections::BTreeMap, path::Path, process::Command, sync::OnceLock, time::Duration};
+use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
 use k8s_openapi::{
     api::{
@@ -18,24 +18,14 @@ use svcplane_e2e::{
     fixtures::{ensure_node, labels, mk_pod},
     shared,
     slices::{SVCPLANE, slices_of},
-    svcplane::{Svcplane, svcplane_bin},
+    svcplane::{shared_svcplane, svcplane_bin},
     wait::eventually,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One svcplane controller for this binary, on its own thread's runtime so it
-/// outlives each test's runtime.
 fn controller() {
-    static STARTED: OnceLock<Svcplane> = OnceLock::new();
-    STARTED.get_or_init(|| {
-        std::thread::spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(shared().svcplane("cli-explain", &["--controllers=endpointslice"]))
-        })
-        .join()
-        .expect("start svcplane")
-    });
+    shared_svcplane("cli-explain", &["--controllers=endpointslice"]);
 }
 
 /// Runs `<bin> --kubeconfig=<admin> <args>` and returns (success, stdout, stderr).

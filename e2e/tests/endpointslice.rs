@@ -7,10 +7,7 @@ use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use kube::{
-    Api,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
-};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use svcplane_e2e::{
     TestNamespace,
@@ -337,5 +334,4 @@ async fn pod_label_change_moves_it_between_services() {
         .expect("relabel");
     wait_slices(&ns, "green", "p in green", |n| n.endpoint_count() == 1).await;
     wait_slices(&ns, "blue", "p gone from blue", |n| n.endpoint_count() == 0).await;
-    let _ = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
 }

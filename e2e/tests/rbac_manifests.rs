@@ -6,9 +6,8 @@
 //!   matches the committed manifests/rendered/svcplane.yaml.
 
 use std::{
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -33,8 +32,7 @@ use svcplane_e2e::{
     fixtures::{ensure_node, labels, mk_pod},
     shared,
     slices::{SVCPLANE, SVCPLANE_MIRROR, slices_of},
-    svcplane::{http_get, svcplane_bin},
-    wait::{eventually, poll_until},
+    wait::eventually,
 };
 
 const NAMESPACE: &str = "svcplane-system";
@@ -120,65 +118,19 @@ async fn service_account_kubeconfig(admin: &Client) -> PathBuf {
     shared().write_kubeconfig("svcplane-sa", &KubeconfigAuth::Token(token)).expect("write kubeconfig")
 }
 
-/// `svcplane run` as the ServiceAccount; killed on drop.
-struct Process {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("127.0.0.1:{}", listener.local_addr().expect("addr").port())
-}
-
-async fn spawn_svcplane(kubeconfig: &Path) -> Process {
-    let (metrics, health) = (free_addr(), free_addr());
-    let log = shared().log_path("svcplane-rbac");
-    let out = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(svcplane_bin())
-        .arg("run")
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .arg(format!("--metrics-bind-address={metrics}"))
-        .arg(format!("--health-probe-bind-address={health}"))
-        .args(["--controllers=endpointslice,endpoints,mirroring", "--leader-elect"])
-        .arg(format!("--leader-election-namespace={NAMESPACE}"))
-        .env("RUST_LOG", "info")
-        .env("POD_NAME", "svcplane-rbac")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("log file"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn svcplane");
-    let mut process = Process { child, log };
-    let child = &mut process.child;
-    poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
-        let exited = child.try_wait().ok().flatten();
-        let health = health.clone();
-        async move {
-            if let Some(status) = exited {
-                return Err(format!("svcplane exited: {status}"));
-            }
-            Ok(http_get(&health, "/readyz").await.is_some_and(|(code, _)| code == 200))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("svcplane not ready: {e}; log: {}", process.log.display()));
-    process
-}
-
 #[tokio::test]
 async fn svcplane_works_with_only_the_manifests_rbac() {
     let admin = shared().client().await;
     apply_rbac(&admin).await;
     let kubeconfig = service_account_kubeconfig(&admin).await;
-    let svcplane = spawn_svcplane(&kubeconfig).await;
+    let leader_ns = format!("--leader-election-namespace={NAMESPACE}");
+    let svcplane = shared()
+        .svcplane_with_kubeconfig(
+            "rbac",
+            &kubeconfig,
+            &["--controllers=endpointslice,endpoints,mirroring", "--leader-elect", &leader_ns],
+        )
+        .await;
 
     ensure_node(&admin, "node-a", "192.0.2.1", Some("zone-a")).await;
     let ns = TestNamespace::new(&admin, "rbac").await;

@@ -4,7 +4,12 @@
 //! scheduler: the demo binds Pods to Nodes and reports their status as a kubelet
 //! would (Running, a Pod IP, Ready), so svcplane has real Pods to work with.
 
-use std::{collections::BTreeMap, path::PathBuf, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
 use kube::{
@@ -22,26 +27,24 @@ const NAMESPACE: &str = "demo";
 const NODES: [(&str, &str, &str); 2] =
     [("node-a", "192.0.2.11", "zone-a"), ("node-b", "192.0.2.12", "zone-b")];
 
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    let out = Command::new(bin_dir().join("kubectl"))
+/// Runs `program --kubeconfig=<admin> args…`; returns stdout then stderr.
+fn run_with_kubeconfig(program: &Path, cp: &ControlPlane, args: &[&str]) -> String {
+    let out = Command::new(program)
         .arg(format!("--kubeconfig={}", cp.kubeconfig_path.display()))
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"));
+        .unwrap_or_else(|e| panic!("{} {args:?}: {e}", program.display()));
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     text
 }
 
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+    run_with_kubeconfig(&bin_dir().join("kubectl"), cp, args)
+}
+
 fn svcplane_cli(cp: &ControlPlane, args: &[&str]) -> String {
-    let out = Command::new(svcplane_e2e::svcplane::svcplane_bin())
-        .arg(format!("--kubeconfig={}", cp.kubeconfig_path.display()))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("svcplane {args:?}: {e}"));
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    text
+    run_with_kubeconfig(&svcplane_e2e::svcplane::svcplane_bin(), cp, args)
 }
 
 fn banner(title: &str) {
