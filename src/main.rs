@@ -92,16 +92,20 @@ fn init_tracing(format: &str) {
     }
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+/// The client configuration: `--kubeconfig`, else in-cluster, $KUBECONFIG, ~/.kube/config.
+async fn config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
         None => kube::Config::infer().await.context("no kubeconfig and not in a cluster")?,
-    };
-    Ok(kube::Client::try_from(config)?)
+    })
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    Ok(kube::Client::try_from(config(kubeconfig).await?)?)
 }
 
 /// A client that sends at most `qps` requests per second on average and `burst` at
@@ -116,14 +120,7 @@ async fn rate_limited_client(
     if qps <= 0.0 {
         return client(kubeconfig).await;
     }
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer().await.context("no kubeconfig and not in a cluster")?,
-    };
+    let config = config(kubeconfig).await?;
     let burst = burst.max(1);
     let window = std::time::Duration::from_secs_f64(f64::from(burst) / qps);
     Ok(kube::client::ClientBuilder::try_from(config)?

@@ -24,7 +24,7 @@ use kube::{Api, api::ListParams};
 use serde::Serialize;
 use svcplane_controller::{labels, pod::publishes_not_ready};
 
-use super::{CommonArgs, emit, parse_service_ref, table::Table};
+use super::{CommonArgs, emit, fetch_service, table::Table};
 
 /// `svcplane dns` flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -139,12 +139,8 @@ pub fn build_records(svc: &Service, slices: &[EndpointSlice], domain: &str) -> V
 
 /// Runs `svcplane dns`.
 pub async fn run(args: DnsArgs, client: kube::Client) -> anyhow::Result<()> {
-    let name = parse_service_ref(&args.service)?;
-    let namespace = args.common.namespace(&client);
-    let svc = Api::<Service>::namespaced(client.clone(), &namespace)
-        .get(&name)
-        .await
-        .with_context(|| format!("getting Service {namespace}/{name}"))?;
+    let (namespace, svc) = fetch_service(&client, &args.common, &args.service).await?;
+    let name = svc.metadata.name.clone().unwrap_or_default();
     let headless = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
     let slices = if headless {
         Api::<EndpointSlice>::namespaced(client, &namespace)

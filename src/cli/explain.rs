@@ -21,7 +21,7 @@ use svcplane_controller::{
     pod::{Consumer, Exclusion, endpoint_exclusions},
 };
 
-use super::{CommonArgs, emit, parse_service_ref, table::Table};
+use super::{CommonArgs, emit, fetch_service, table::Table};
 
 /// `svcplane explain` flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -240,12 +240,8 @@ pub fn build_slice_report(slice: &EndpointSlice) -> SliceReport {
 
 /// Runs `svcplane explain`.
 pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> {
-    let name = parse_service_ref(&args.service)?;
-    let namespace = args.common.namespace(&client);
-    let svc = Api::<Service>::namespaced(client.clone(), &namespace)
-        .get(&name)
-        .await
-        .with_context(|| format!("getting Service {namespace}/{name}"))?;
+    let (namespace, svc) = fetch_service(&client, &args.common, &args.service).await?;
+    let name = svc.metadata.name.clone().unwrap_or_default();
     let mut pods = Api::<Pod>::namespaced(client.clone(), &namespace)
         .list(&ListParams::default())
         .await

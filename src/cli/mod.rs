@@ -58,6 +58,22 @@ pub fn parse_service_ref(text: &str) -> anyhow::Result<String> {
     Ok(name.to_owned())
 }
 
+/// The Service named by `service_ref` (`svc/NAME`) in the chosen namespace, with
+/// that namespace.
+async fn fetch_service(
+    client: &kube::Client,
+    common: &CommonArgs,
+    service_ref: &str,
+) -> anyhow::Result<(String, k8s_openapi::api::core::v1::Service)> {
+    let name = parse_service_ref(service_ref)?;
+    let namespace = common.namespace(client);
+    let svc = kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), &namespace)
+        .get(&name)
+        .await
+        .with_context(|| format!("getting Service {namespace}/{name}"))?;
+    Ok((namespace, svc))
+}
+
 /// Prints `report` as the chosen format; `table` renders the human form.
 fn emit<T: Serialize>(
     format: OutputFormat,
