@@ -14,5 +14,7 @@ pub mod mirroring;
 pub mod plan;
 pub mod pod;
 pub mod run;
+#[cfg(test)]
+mod test_pods;
 pub mod tracker;
 pub mod trim;

@@ -60,6 +60,17 @@ impl fmt::Display for IpFamily {
     }
 }
 
+/// The `targetRef` an endpoint of `pod` carries: kind Pod, namespace, name, uid.
+pub fn pod_reference(pod: &Pod) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        kind: Some("Pod".to_owned()),
+        namespace: pod.metadata.namespace.clone(),
+        name: pod.metadata.name.clone(),
+        uid: pod.metadata.uid.clone(),
+        ..Default::default()
+    }
+}
+
 /// True when the Pod's `Ready` condition has status `True` (upstream `IsPodReady`).
 pub fn is_pod_ready(pod: &Pod) -> bool {
     pod.status
@@ -422,43 +433,23 @@ pub fn endpoint_exclusions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{ContainerPort, PodCondition, PodIP, PodSpec, PodStatus, ServiceSpec};
+    use k8s_openapi::api::core::v1::{ContainerPort, ServiceSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     fn mk_pod(ips: &[&str]) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some("pod-1".into()),
-                namespace: Some("ns".into()),
-                labels: Some(BTreeMap::from([("app".into(), "web".into())])),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some("node-1".into()),
-                containers: vec![Container {
-                    name: "main".into(),
-                    ports: Some(vec![ContainerPort {
-                        name: Some("http".into()),
-                        container_port: 8080,
-                        protocol: Some("TCP".into()),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Running".into()),
-                pod_ip: ips.first().map(|ip| (*ip).to_owned()),
-                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: (*ip).to_owned() }).collect()),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".into(),
-                    status: "True".into(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-        }
+        crate::test_pods::test_pod(crate::test_pods::TestPod {
+            name: "pod-1".into(),
+            namespace: "ns",
+            uid: None,
+            resource_version: None,
+            labels: &[("app", "web")],
+            node: "node-1",
+            container: "main",
+            port: ("http", 8080),
+            ips: ips.iter().map(|ip| (*ip).to_owned()).collect(),
+            phase: "Running",
+            ready: true,
+        })
     }
 
     fn mk_service(target: IntOrString, protocol: &str) -> Service {

@@ -28,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::labels;
 use crate::pod::{
-    DEFAULT_PROTOCOL, find_port, is_pod_ready, publishes_not_ready, selector_matches,
+    DEFAULT_PROTOCOL, find_port, is_pod_ready, pod_reference, publishes_not_ready, selector_matches,
     should_pod_be_in_endpoints, should_set_hostname,
 };
 use repack::{PortIdentity, repack_subsets};
@@ -222,13 +222,7 @@ fn pod_address_for_service(svc: &Service, pod: &Pod) -> Option<EndpointAddress> 
         hostname: None,
         // Upstream always sets the pointer, even to "".
         node_name: Some(node_name),
-        target_ref: Some(ObjectReference {
-            kind: Some("Pod".to_owned()),
-            namespace: pod.metadata.namespace.clone(),
-            name: pod.metadata.name.clone(),
-            uid: pod.metadata.uid.clone(),
-            ..ObjectReference::default()
-        }),
+        target_ref: Some(pod_reference(pod)),
     })
 }
 

@@ -63,13 +63,7 @@ pub(crate) fn repack_subsets(subsets: &[EndpointSubset], identity: PortIdentity)
     let mut members: Vec<BTreeMap<usize, bool>> = Vec::new();
 
     for (subset_no, subset) in subsets.iter().enumerate() {
-        let listed: Vec<(&EndpointAddress, bool)> = subset
-            .addresses
-            .iter()
-            .flatten()
-            .map(|a| (a, true))
-            .chain(subset.not_ready_addresses.iter().flatten().map(|a| (a, false)))
-            .collect();
+        let listed = listed_addresses(subset);
         let subset_ports: Vec<(Option<PortKey>, Option<&EndpointPort>)> = match subset.ports.as_deref() {
             None | Some([]) => vec![(None, None)],
             Some(list) => list
@@ -198,6 +192,18 @@ fn subset_sort_key(subset: &EndpointSubset) -> (Vec<PortSortKey>, Vec<String>, V
 
 fn non_empty<T>(list: Vec<T>) -> Option<Vec<T>> {
     (!list.is_empty()).then_some(list)
+}
+
+/// A subset's addresses with their readiness: `addresses` (ready) first, then
+/// `notReadyAddresses`, in the order written.
+pub(crate) fn listed_addresses(subset: &EndpointSubset) -> Vec<(&EndpointAddress, bool)> {
+    subset
+        .addresses
+        .iter()
+        .flatten()
+        .map(|a| (a, true))
+        .chain(subset.not_ready_addresses.iter().flatten().map(|a| (a, false)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod,
-    PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod, Service, ServicePort,
+    ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -59,41 +59,19 @@ struct PodSpecArgs {
 }
 
 fn mk_pod(n: usize, args: PodSpecArgs) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(format!("pod{n}")),
-            namespace: Some(NS.to_owned()),
-            uid: Some(format!("uid{n}")),
-            resource_version: Some("1".to_owned()),
-            labels: Some(BTreeMap::from([("foo".to_owned(), "bar".to_owned())])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-1".to_owned()),
-            containers: vec![Container {
-                name: "c".to_owned(),
-                ports: Some(vec![ContainerPort {
-                    name: Some("port-name".to_owned()),
-                    container_port: 8080,
-                    protocol: Some("TCP".to_owned()),
-                    ..ContainerPort::default()
-                }]),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some(args.phase.to_owned()),
-            pod_ip: args.ips.first().cloned(),
-            pod_ips: Some(args.ips.into_iter().map(|ip| PodIP { ip }).collect()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".to_owned(),
-                status: if args.ready { "True" } else { "False" }.to_owned(),
-                ..PodCondition::default()
-            }]),
-            ..PodStatus::default()
-        }),
-    }
+    crate::test_pods::test_pod(crate::test_pods::TestPod {
+        name: format!("pod{n}"),
+        namespace: NS,
+        uid: Some(format!("uid{n}")),
+        resource_version: Some("1"),
+        labels: &[("foo", "bar")],
+        node: "node-1",
+        container: "c",
+        port: ("port-name", 8080),
+        ips: args.ips,
+        phase: args.phase,
+        ready: args.ready,
+    })
 }
 
 fn ready_pod(n: usize) -> Pod {

@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
 use super::NodeLookup;
 use crate::pod::{
-    DEFAULT_PROTOCOL, IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family,
+    DEFAULT_PROTOCOL, IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family, pod_reference,
     publishes_not_ready, selector_matches, should_pod_be_in_endpoints, should_set_hostname,
 };
 
@@ -160,13 +160,7 @@ fn build_endpoint(svc: &Service, pod: &Pod, zone: Option<String>, family: IpFami
         hostname: should_set_hostname(pod, svc).then(|| spec.and_then(|s| s.hostname.clone())).flatten(),
         node_name: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
         zone: zone.filter(|z| !z.is_empty()),
-        target_ref: Some(ObjectReference {
-            kind: Some("Pod".to_owned()),
-            namespace: pod.metadata.namespace.clone(),
-            name: pod.metadata.name.clone(),
-            uid: pod.metadata.uid.clone(),
-            ..ObjectReference::default()
-        }),
+        target_ref: Some(pod_reference(pod)),
         ..Endpoint::default()
     }
 }

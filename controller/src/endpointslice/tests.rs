@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
-};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -53,40 +51,19 @@ fn mk_pod(i: usize, ready: bool) -> Pod {
 }
 
 fn mk_pod_with_ips(i: usize, ready: bool, ips: Vec<String>) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(format!("pod{i}")),
-            namespace: Some(NS.into()),
-            uid: Some(format!("uid-{i}")),
-            labels: Some(BTreeMap::from([("app".into(), "web".into())])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-1".into()),
-            containers: vec![Container {
-                name: "main".into(),
-                ports: Some(vec![ContainerPort {
-                    name: Some("http".into()),
-                    container_port: 8080,
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ip: ips.first().cloned(),
-            pod_ips: Some(ips.into_iter().map(|ip| PodIP { ip }).collect()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: if ready { "True" } else { "False" }.into(),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-    }
+    crate::test_pods::test_pod(crate::test_pods::TestPod {
+        name: format!("pod{i}"),
+        namespace: NS,
+        uid: Some(format!("uid-{i}")),
+        resource_version: None,
+        labels: &[("app", "web")],
+        node: "node-1",
+        container: "main",
+        port: ("http", 8080),
+        ips,
+        phase: "Running",
+        ready,
+    })
 }
 
 fn mk_pods(n: usize) -> Vec<Arc<Pod>> {

@@ -99,13 +99,7 @@ impl DesiredState {
             for key in &keys {
                 state.groups.entry(key.clone()).or_default().ports = ports.clone();
             }
-            let listed: Vec<(&EndpointAddress, bool)> = subset
-                .addresses
-                .iter()
-                .flatten()
-                .map(|a| (a, true))
-                .chain(subset.not_ready_addresses.iter().flatten().map(|a| (a, false)))
-                .collect();
+            let listed = crate::endpoints::repack::listed_addresses(subset);
             let mut added = 0usize;
             for (address, ready) in &listed {
                 // Invalid addresses do not use up the cap; addresses after the cap

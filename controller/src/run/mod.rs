@@ -285,8 +285,6 @@ fn queue_orphans(ctx: &Context, queues: &Queues) {
 }
 
 async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: ControllerKind) {
-    // Per-key failures, for exponential backoff as client-go's rate limiter.
-    let mut failures: std::collections::HashMap<Key, u32> = Default::default();
     while let Some(key) = queue.next().await {
         ctx.metrics.set_queue_depth(kind.clone(), queue.len());
         let result = match kind {
@@ -296,20 +294,15 @@ async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: Cont
         };
         queue.done(&key);
         match result {
-            Ok(()) => {
-                failures.remove(&key);
-            }
+            Ok(()) => queue.forget(&key),
             Err(Error::Stale(_)) => {
                 // The watch event of our own write re-queues the key; this is a fallback.
                 ctx.metrics.stale_skip(kind.clone());
                 queue.add_after(key, Duration::from_millis(500));
             }
             Err(e) => {
-                let n = failures.entry(key.clone()).or_default();
-                *n += 1;
-                let delay = Duration::from_millis(5 * 2u64.pow((*n).min(12)));
+                let delay = queue.retry_after_failure(key.clone());
                 tracing::warn!(controller = ?kind, %key, error = %e, retry_in = ?delay, "reconcile failed");
-                queue.add_after(key, delay);
             }
         }
     }

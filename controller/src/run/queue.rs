@@ -27,8 +27,15 @@ struct State<K> {
     queued: HashSet<K>,
     active: HashSet<K>,
     dirty: HashSet<K>,
+    /// Consecutive failures per key, for exponential backoff.
+    failures: std::collections::HashMap<K, u32>,
     closed: bool,
 }
+
+/// First retry delay after a failure; it doubles per consecutive failure.
+const RETRY_BASE: Duration = Duration::from_millis(5);
+/// Most doublings: the delay stops growing at 5 ms × 2^12 ≈ 20 s.
+const RETRY_MAX_DOUBLINGS: u32 = 12;
 
 impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     /// An empty queue.
@@ -39,6 +46,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 queued: HashSet::new(),
                 active: HashSet::new(),
                 dirty: HashSet::new(),
+                failures: std::collections::HashMap::new(),
                 closed: false,
             }),
             notify: Notify::new(),
@@ -72,6 +80,25 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             tokio::time::sleep(delay).await;
             queue.add(key);
         });
+    }
+
+    /// Queues `key` again after a delay that doubles with each consecutive failure
+    /// (client-go's item exponential failure rate limiter); returns the delay.
+    pub fn retry_after_failure(self: &Arc<Self>, key: K) -> Duration {
+        let failures = {
+            let mut s = self.lock();
+            let n = s.failures.entry(key.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let delay = RETRY_BASE * 2u32.pow(failures.min(RETRY_MAX_DOUBLINGS));
+        self.add_after(key, delay);
+        delay
+    }
+
+    /// Forgets `key`'s failures (it succeeded).
+    pub fn forget(&self, key: &K) {
+        self.lock().failures.remove(key);
     }
 
     /// The next key to process; `None` once the queue is shut down.
@@ -145,6 +172,16 @@ mod tests {
         assert_eq!(q.len(), 2, "a requeued once after done");
         assert_eq!(q.next().await, Some("b"));
         assert_eq!(q.next().await, Some("a"));
+    }
+
+    #[tokio::test]
+    async fn retry_delay_doubles_per_failure_and_resets_on_forget() {
+        let q = WorkQueue::new();
+        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(10));
+        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(20));
+        q.forget(&"k");
+        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(10));
+        q.shutdown();
     }
 
     #[tokio::test]
