@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum_server::tls_rustls::RustlsConfig;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -107,42 +107,52 @@ pub async fn patch_ca_bundle(
     validating: Option<&str>,
     ca_pem: &str,
 ) -> Result<(), Error> {
-    let api_err = |e: kube::Error| Error::Kube { what: "patch caBundle".to_owned(), source: e };
     for _attempt in 0..5 {
         let mut conflict = false;
         if let Some(name) = mutating {
-            let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-            let mut config = api.get(name).await.map_err(api_err)?;
-            for hook in config.webhooks.iter_mut().flatten() {
-                hook.client_config.ca_bundle =
-                    Some(merge_bundle(hook.client_config.ca_bundle.as_ref(), ca_pem));
-            }
-            match api.replace(name, &PostParams::default(), &config).await {
-                Err(kube::Error::Api(s)) if s.code == 409 => conflict = true,
-                other => {
-                    other.map_err(api_err)?;
-                }
-            }
+            conflict |= !add_ca::<MutatingWebhookConfiguration>(client, name, ca_pem, |c| {
+                c.webhooks.iter_mut().flatten().map(|h| &mut h.client_config).collect()
+            })
+            .await?;
         }
         if let Some(name) = validating {
-            let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-            let mut config = api.get(name).await.map_err(api_err)?;
-            for hook in config.webhooks.iter_mut().flatten() {
-                hook.client_config.ca_bundle =
-                    Some(merge_bundle(hook.client_config.ca_bundle.as_ref(), ca_pem));
-            }
-            match api.replace(name, &PostParams::default(), &config).await {
-                Err(kube::Error::Api(s)) if s.code == 409 => conflict = true,
-                other => {
-                    other.map_err(api_err)?;
-                }
-            }
+            conflict |= !add_ca::<ValidatingWebhookConfiguration>(client, name, ca_pem, |c| {
+                c.webhooks.iter_mut().flatten().map(|h| &mut h.client_config).collect()
+            })
+            .await?;
         }
         if !conflict {
             return Ok(());
         }
     }
     Err(Error::Tls("caBundle patch kept conflicting".to_owned()))
+}
+
+/// Adds `ca_pem` to every webhook's caBundle in the configuration `name`;
+/// `Ok(false)` when the write lost a race (409) and should be retried.
+async fn add_ca<K>(
+    client: &Client,
+    name: &str,
+    ca_pem: &str,
+    client_configs: for<'a> fn(&'a mut K) -> Vec<&'a mut WebhookClientConfig>,
+) -> Result<bool, Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let api_err = |e: kube::Error| Error::Kube { what: "patch caBundle".to_owned(), source: e };
+    let api: Api<K> = Api::all(client.clone());
+    let mut config = api.get(name).await.map_err(api_err)?;
+    for cc in client_configs(&mut config) {
+        cc.ca_bundle = Some(merge_bundle(cc.ca_bundle.as_ref(), ca_pem));
+    }
+    match api.replace(name, &PostParams::default(), &config).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        other => other.map(|_| true).map_err(api_err),
+    }
 }
 
 fn merge_bundle(existing: Option<&ByteString>, ca_pem: &str) -> ByteString {
