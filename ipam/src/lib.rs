@@ -10,6 +10,7 @@
 //! - [`dualstack`]: kube-apiserver's ipFamilyPolicy decision table.
 //! - [`error`]: the crate error, [`IpamError`].
 
+pub mod allocator;
 pub mod assign;
 pub mod bitmap;
 pub mod dualstack;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod ports;
 pub mod range;
 
+pub use allocator::{Allocator, Pool};
 pub use assign::{
     NodePortAssignment, NodePortError, NodePortNeeds, Protocol, ServicePort, assign_node_ports,
 };
@@ -27,4 +29,4 @@ pub use dualstack::{
 };
 pub use error::IpamError;
 pub use ports::{NodePortAllocator, PortRange, port_static_band};
-pub use range::{ClusterIpAllocator, ip_static_band, upstream_range_size};
+pub use range::{ClusterIpAllocator, IpPool, ip_static_band, upstream_range_size};

@@ -10,7 +10,8 @@ use std::str::FromStr;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-use crate::bitmap::{Bitmap, Snapshot};
+use crate::allocator::{Allocator, Pool};
+use crate::bitmap::Snapshot;
 use crate::error::IpamError;
 
 /// Size of the static (lower) band of a port range, KEP-3668:
@@ -108,15 +109,27 @@ impl FromStr for PortRange {
     }
 }
 
-/// Allocates NodePorts (and health-check NodePorts) from one port range.
-#[derive(Clone, Debug)]
-pub struct NodePortAllocator {
-    range: PortRange,
-    bitmap: Bitmap,
-    rng: SmallRng,
+impl Pool for PortRange {
+    type Value = u16;
+
+    fn offset_of(&self, port: u16) -> Option<usize> {
+        self.contains(port).then(|| usize::from(port - self.first))
+    }
+
+    fn value_at(&self, offset: usize) -> u16 {
+        // offset < size, so first + offset <= last.
+        self.first + offset as u16
+    }
+
+    fn is_named(&self, range: &str) -> bool {
+        range.parse::<PortRange>().ok() == Some(*self)
+    }
 }
 
-impl NodePortAllocator {
+/// Allocates NodePorts (and health-check NodePorts) from one port range.
+pub type NodePortAllocator = Allocator<PortRange>;
+
+impl Allocator<PortRange> {
     /// Creates an empty allocator for `range`.
     pub fn new(range: PortRange) -> Self {
         Self::with_rng(range, SmallRng::from_os_rng())
@@ -137,125 +150,12 @@ impl NodePortAllocator {
 
     fn with_rng(range: PortRange, rng: SmallRng) -> Self {
         let size = range.size();
-        Self { range, bitmap: Bitmap::new(size, port_static_band(size)), rng }
+        Self::from_parts(range, size, port_static_band(size), rng)
     }
 
     /// The port range.
     pub fn range(&self) -> PortRange {
-        self.range
-    }
-
-    /// Number of ports in the range.
-    pub fn size(&self) -> usize {
-        self.bitmap.len()
-    }
-
-    /// Number of ports in the static band (the lowest ones).
-    pub fn static_band(&self) -> usize {
-        self.bitmap.static_band()
-    }
-
-    /// Number of allocated ports.
-    pub fn used(&self) -> usize {
-        self.bitmap.used()
-    }
-
-    /// Number of free ports.
-    pub fn free(&self) -> usize {
-        self.bitmap.free()
-    }
-
-    /// Whether no port is free. O(1).
-    pub fn is_full(&self) -> bool {
-        self.bitmap.is_full()
-    }
-
-    /// Whether `port` lies in the range.
-    pub fn contains(&self, port: u16) -> bool {
-        self.range.contains(port)
-    }
-
-    /// Whether `port` lies in the static band.
-    pub fn is_static(&self, port: u16) -> bool {
-        self.offset_of(port).is_some_and(|offset| offset < self.bitmap.static_band())
-    }
-
-    /// Whether `port` is allocated.
-    pub fn has(&self, port: u16) -> bool {
-        self.offset_of(port).is_some_and(|offset| self.bitmap.has(offset))
-    }
-
-    /// Allocates the given port (a static request): any free port in range.
-    pub fn allocate(&mut self, port: u16) -> Result<(), IpamError> {
-        let offset = self.offset_of(port).ok_or_else(|| IpamError::NotInRange {
-            value: port.to_string(),
-            range: self.range.to_string(),
-        })?;
-        if self.bitmap.allocate(offset) {
-            Ok(())
-        } else {
-            Err(IpamError::Allocated { value: port.to_string(), range: self.range.to_string() })
-        }
-    }
-
-    /// Allocates a free port with upstream's dynamic strategy (upper band
-    /// first).
-    pub fn allocate_next(&mut self) -> Result<u16, IpamError> {
-        match self.bitmap.allocate_next(&mut self.rng) {
-            Some(offset) => Ok(self.port_at(offset)),
-            None => Err(IpamError::Full { range: self.range.to_string() }),
-        }
-    }
-
-    /// Allocates a free port from the static band only.
-    pub fn allocate_next_static(&mut self) -> Result<u16, IpamError> {
-        match self.bitmap.allocate_next_static(&mut self.rng) {
-            Some(offset) => Ok(self.port_at(offset)),
-            None => Err(IpamError::Full { range: format!("{} static band", self.range) }),
-        }
-    }
-
-    /// Releases `port`. Returns whether it was allocated; out-of-range ports
-    /// are ignored, as upstream does.
-    pub fn release(&mut self, port: u16) -> bool {
-        self.offset_of(port).is_some_and(|offset| self.bitmap.release(offset))
-    }
-
-    /// Allocated ports in ascending order.
-    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
-        self.bitmap.iter().map(|offset| self.port_at(offset))
-    }
-
-    /// The state as compact bytes, in upstream's RangeAllocation encoding.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot { range: self.range.to_string(), data: self.bitmap.to_bytes() }
-    }
-
-    /// Replaces the state with `snapshot`, which must name the same range.
-    pub fn restore(&mut self, snapshot: &Snapshot) -> Result<(), IpamError> {
-        if snapshot.range.parse::<PortRange>().ok() != Some(self.range) {
-            return Err(IpamError::SnapshotMismatch {
-                range: self.range.to_string(),
-                snapshot: snapshot.range.clone(),
-            });
-        }
-        self.bitmap
-            .restore(&snapshot.data)
-            .map_err(|source| IpamError::CorruptSnapshot { range: self.range.to_string(), source })
-    }
-
-    /// Heap bytes held by the allocation state.
-    pub fn heap_bytes(&self) -> usize {
-        self.bitmap.heap_bytes()
-    }
-
-    fn offset_of(&self, port: u16) -> Option<usize> {
-        self.range.contains(port).then(|| usize::from(port - self.range.first))
-    }
-
-    fn port_at(&self, offset: usize) -> u16 {
-        // offset < size, so first + offset <= last.
-        self.range.first + offset as u16
+        self.pool
     }
 }
 

@@ -18,13 +18,15 @@
 //!   range, 16 times upstream's room, and the static band is unaffected.
 //!   Addresses beyond the tracked part are reported as not in range.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-use crate::bitmap::{Bitmap, Snapshot};
+use crate::allocator::{Allocator, Pool};
+use crate::bitmap::Snapshot;
 use crate::dualstack::IpFamily;
 use crate::error::IpamError;
 
@@ -68,20 +70,58 @@ pub fn upstream_range_size(cidr: &IpNetwork) -> u64 {
     }
 }
 
-/// Allocates ClusterIPs from one CIDR.
-#[derive(Clone, Debug)]
-pub struct ClusterIpAllocator {
+/// The usable addresses of one CIDR, as a [`Pool`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpPool {
     /// The CIDR, normalised to its network address.
     cidr: IpNetwork,
     /// The address of offset 0 (network address + 1) as an integer.
     base: u128,
-    /// Allocation state, one bit per usable address.
-    bitmap: Bitmap,
-    /// Random starts for dynamic allocation; seeded per allocator as upstream.
-    rng: SmallRng,
+    /// Number of usable addresses tracked.
+    size: usize,
 }
 
-impl ClusterIpAllocator {
+impl fmt::Display for IpPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.cidr.fmt(f)
+    }
+}
+
+impl Pool for IpPool {
+    type Value = IpAddr;
+
+    /// Inside the CIDR, not the network or IPv4 broadcast address, and within
+    /// the tracked size.
+    fn offset_of(&self, ip: IpAddr) -> Option<usize> {
+        if !self.cidr.contains(ip) {
+            return None;
+        }
+        let value = match ip {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        let offset = usize::try_from(value.checked_sub(self.base)?).ok()?;
+        (offset < self.size).then_some(offset)
+    }
+
+    fn value_at(&self, offset: usize) -> IpAddr {
+        let value = self.base + offset as u128;
+        match self.cidr {
+            // In range by construction: base + offset is inside a v4 CIDR.
+            IpNetwork::V4(_) => IpAddr::V4(Ipv4Addr::from(value as u32)),
+            IpNetwork::V6(_) => IpAddr::V6(Ipv6Addr::from(value)),
+        }
+    }
+
+    fn is_named(&self, range: &str) -> bool {
+        range.parse::<IpNetwork>().is_ok_and(|net| net == self.cidr)
+    }
+}
+
+/// Allocates ClusterIPs from one CIDR.
+pub type ClusterIpAllocator = Allocator<IpPool>;
+
+impl Allocator<IpPool> {
     /// Creates an empty allocator for `cidr` (host bits are ignored).
     /// Fails with [`IpamError::RangeTooLarge`] for IPv4 prefixes below /12.
     pub fn new(cidr: IpNetwork) -> Result<Self, IpamError> {
@@ -94,7 +134,7 @@ impl ClusterIpAllocator {
         Self::with_rng(cidr, SmallRng::seed_from_u64(seed))
     }
 
-    /// Restores an allocator from a snapshot taken by [`Self::snapshot`] or
+    /// Restores an allocator from a snapshot taken by [`Allocator::snapshot`] or
     /// from upstream RangeAllocation data.
     pub fn from_snapshot(snapshot: &Snapshot) -> Result<Self, IpamError> {
         let cidr: IpNetwork =
@@ -132,146 +172,17 @@ impl ClusterIpAllocator {
             reason: "the range does not fit this platform's address space".to_owned(),
         })?;
         let band = ip_static_band(upstream_range_size(&cidr));
-        Ok(Self { cidr, base, bitmap: Bitmap::new(size, band), rng })
+        Ok(Self::from_parts(IpPool { cidr, base, size }, size, band, rng))
     }
 
     /// The CIDR, normalised to its network address.
     pub fn cidr(&self) -> IpNetwork {
-        self.cidr
+        self.pool.cidr
     }
 
     /// The IP family of the range.
     pub fn family(&self) -> IpFamily {
-        if self.cidr.is_ipv4() { IpFamily::IPv4 } else { IpFamily::IPv6 }
-    }
-
-    /// Number of allocatable addresses tracked.
-    pub fn size(&self) -> usize {
-        self.bitmap.len()
-    }
-
-    /// Number of addresses in the static band (the first usable ones).
-    pub fn static_band(&self) -> usize {
-        self.bitmap.static_band()
-    }
-
-    /// Number of allocated addresses.
-    pub fn used(&self) -> usize {
-        self.bitmap.used()
-    }
-
-    /// Number of free addresses.
-    pub fn free(&self) -> usize {
-        self.bitmap.free()
-    }
-
-    /// Whether no address is free. O(1).
-    pub fn is_full(&self) -> bool {
-        self.bitmap.is_full()
-    }
-
-    /// Whether `ip` is allocatable here: inside the CIDR, not the network or
-    /// IPv4 broadcast address, and within the tracked size.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        self.offset_of(ip).is_some()
-    }
-
-    /// Whether `ip` lies in the static band.
-    pub fn is_static(&self, ip: IpAddr) -> bool {
-        self.offset_of(ip).is_some_and(|offset| offset < self.bitmap.static_band())
-    }
-
-    /// Whether `ip` is allocated.
-    pub fn has(&self, ip: IpAddr) -> bool {
-        self.offset_of(ip).is_some_and(|offset| self.bitmap.has(offset))
-    }
-
-    /// Allocates the given IP (a static request): any free in-range address,
-    /// static band or not.
-    pub fn allocate(&mut self, ip: IpAddr) -> Result<(), IpamError> {
-        let offset = self
-            .offset_of(ip)
-            .ok_or_else(|| IpamError::NotInRange { value: ip.to_string(), range: self.cidr.to_string() })?;
-        if self.bitmap.allocate(offset) {
-            Ok(())
-        } else {
-            Err(IpamError::Allocated { value: ip.to_string(), range: self.cidr.to_string() })
-        }
-    }
-
-    /// Allocates a free IP with upstream's dynamic strategy (upper band first).
-    pub fn allocate_next(&mut self) -> Result<IpAddr, IpamError> {
-        match self.bitmap.allocate_next(&mut self.rng) {
-            Some(offset) => Ok(self.ip_at(offset)),
-            None => Err(IpamError::Full { range: self.cidr.to_string() }),
-        }
-    }
-
-    /// Allocates a free IP from the static band only, which the apiserver's
-    /// own dynamic allocation avoids while it can.
-    pub fn allocate_next_static(&mut self) -> Result<IpAddr, IpamError> {
-        match self.bitmap.allocate_next_static(&mut self.rng) {
-            Some(offset) => Ok(self.ip_at(offset)),
-            None => Err(IpamError::Full { range: format!("{} static band", self.cidr) }),
-        }
-    }
-
-    /// Releases `ip`. Returns whether it was allocated; out-of-range IPs are
-    /// ignored, as upstream does.
-    pub fn release(&mut self, ip: IpAddr) -> bool {
-        self.offset_of(ip).is_some_and(|offset| self.bitmap.release(offset))
-    }
-
-    /// Allocated IPs in ascending order.
-    pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.bitmap.iter().map(|offset| self.ip_at(offset))
-    }
-
-    /// The state as compact bytes, in upstream's RangeAllocation encoding.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot { range: self.cidr.to_string(), data: self.bitmap.to_bytes() }
-    }
-
-    /// Replaces the state with `snapshot`, which must name the same CIDR.
-    pub fn restore(&mut self, snapshot: &Snapshot) -> Result<(), IpamError> {
-        let same = snapshot.range.parse::<IpNetwork>().is_ok_and(|net| net == self.cidr);
-        if !same {
-            return Err(IpamError::SnapshotMismatch {
-                range: self.cidr.to_string(),
-                snapshot: snapshot.range.clone(),
-            });
-        }
-        self.bitmap
-            .restore(&snapshot.data)
-            .map_err(|source| IpamError::CorruptSnapshot { range: self.cidr.to_string(), source })
-    }
-
-    /// Heap bytes held by the allocation state.
-    pub fn heap_bytes(&self) -> usize {
-        self.bitmap.heap_bytes()
-    }
-
-    /// Bitmap offset of `ip`, if it is allocatable here.
-    fn offset_of(&self, ip: IpAddr) -> Option<usize> {
-        if !self.cidr.contains(ip) {
-            return None;
-        }
-        let value = match ip {
-            IpAddr::V4(v4) => u128::from(u32::from(v4)),
-            IpAddr::V6(v6) => u128::from(v6),
-        };
-        let offset = usize::try_from(value.checked_sub(self.base)?).ok()?;
-        (offset < self.bitmap.len()).then_some(offset)
-    }
-
-    /// The IP at `offset` (which is below `size`, so it stays in the CIDR).
-    fn ip_at(&self, offset: usize) -> IpAddr {
-        let value = self.base + offset as u128;
-        match self.cidr {
-            // In range by construction: base + offset is inside a v4 CIDR.
-            IpNetwork::V4(_) => IpAddr::V4(Ipv4Addr::from(value as u32)),
-            IpNetwork::V6(_) => IpAddr::V6(Ipv6Addr::from(value)),
-        }
+        if self.pool.cidr.is_ipv4() { IpFamily::IPv4 } else { IpFamily::IPv6 }
     }
 }
 
