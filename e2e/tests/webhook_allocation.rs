@@ -58,10 +58,7 @@ async fn node_port_service_gets_its_values_from_the_webhook_and_denials_name_the
     let client = cp.client().await;
     install_crd(&client).await;
     let (_certs, args) = serving_cert(cp);
-    let server = start_replica(&args, &client).await;
-    let ns = scoped_namespace(&client, "wh-create", "create").await;
-    register(&client, cp, "svcplane-create", server.addr, "create").await;
-    wait_webhook_active(&ns, &server).await;
+    let (server, ns) = replica_for_scope(cp, &client, &args, "create").await;
 
     let mut svc = mk_service("web", "NodePort", &[(53, None), (53, None), (80, None)]);
     let ports = svc.spec.as_mut().and_then(|s| s.ports.as_mut()).expect("ports");
@@ -113,13 +110,9 @@ async fn dry_run_reserves_nothing_and_updates_allocate_only_transitions() {
     let client = cp.client().await;
     install_crd(&client).await;
     let (_certs, args) = serving_cert(cp);
-    let server = start_replica(&args, &client).await;
-    let ns = scoped_namespace(&client, "wh-update", "update").await;
-    register(&client, cp, "svcplane-update", server.addr, "update").await;
-    wait_webhook_active(&ns, &server).await;
+    let (server, ns) = replica_for_scope(cp, &client, &args, "update").await;
     let api: Api<Service> = ns.api();
 
-    let before = claim_names(&client).await.len();
     let dry = api
         .create(
             &PostParams { dry_run: true, ..Default::default() },
@@ -132,7 +125,6 @@ async fn dry_run_reserves_nothing_and_updates_allocate_only_transitions() {
     assert_eq!(dry_ports.len(), 1);
     assert!(!claim_names(&client).await.contains(&claim_of(&dry_ports[0].to_string())));
     assert_eq!(server.store.index().claim(Value::Port(dry_ports[0] as u16)), None);
-    let _ = before;
 
     let created = ns.create(&mk_service("svc", "ClusterIP", &[(80, None)])).await;
     let ip = created.spec.clone().and_then(|s| s.cluster_ip).expect("ip");
@@ -179,10 +171,7 @@ async fn load_balancer_local_gets_a_health_check_port_and_no_node_ports_when_dis
     let client = cp.client().await;
     install_crd(&client).await;
     let (_certs, args) = serving_cert(cp);
-    let server = start_replica(&args, &client).await;
-    let ns = scoped_namespace(&client, "wh-lb", "lb").await;
-    register(&client, cp, "svcplane-lb", server.addr, "lb").await;
-    wait_webhook_active(&ns, &server).await;
+    let (server, ns) = replica_for_scope(cp, &client, &args, "lb").await;
 
     let mut svc = mk_service("lb", "LoadBalancer", &[(80, None)]);
     let spec = svc.spec.as_mut().expect("spec");
@@ -206,10 +195,7 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     let client = cp.client().await;
     install_crd(&client).await;
     let (_certs, args) = serving_cert(cp);
-    let server = start_replica(&args, &client).await;
-    let ns = scoped_namespace(&client, "wh-restart", "restart").await;
-    register(&client, cp, "svcplane-restart", server.addr, "restart").await;
-    wait_webhook_active(&ns, &server).await;
+    let (server, ns) = replica_for_scope(cp, &client, &args, "restart").await;
     let api: Api<Service> = ns.api();
     for i in 0..5 {
         ns.create(&mk_service(&format!("s{i}"), "NodePort", &[(80, None)])).await;

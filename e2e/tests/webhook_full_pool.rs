@@ -19,10 +19,7 @@ async fn a_full_pool_is_denied_naming_the_pool() {
     install_crd(&client).await;
     let (_certs, mut args) = serving_cert(cp);
     args.node_port_range = "30000-30003".into();
-    let server = start_replica(&args, &client).await;
-    let ns = scoped_namespace(&client, "wh-full", "full").await;
-    register(&client, cp, "svcplane-full", server.addr, "full").await;
-    wait_webhook_active(&ns, &server).await;
+    let (server, ns) = replica_for_scope(cp, &client, &args, "full").await;
 
     // Four NodePorts fit; the fifth finds the range full.
     for i in 0..4 {

@@ -179,6 +179,21 @@ pub fn mk_service(name: &str, kind: &str, ports: &[(i32, Option<i32>)]) -> Servi
     }
 }
 
+/// A replica serving `args`, registered for a namespace of its own (`wh-<scope>`),
+/// once its effect shows there.
+pub async fn replica_for_scope(
+    cp: &ControlPlane,
+    client: &Client,
+    args: &WebhookArgs,
+    scope: &str,
+) -> (WebhookServer, TestNamespace) {
+    let server = start_replica(args, client).await;
+    let ns = scoped_namespace(client, &format!("wh-{scope}"), scope).await;
+    register(client, cp, &format!("svcplane-{scope}"), server.addr, scope).await;
+    wait_webhook_active(&ns, &server).await;
+    (server, ns)
+}
+
 /// The claim names that exist now.
 pub async fn claim_names(client: &Client) -> Vec<String> {
     Api::<AllocationClaim>::all(client.clone())
