@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
+use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
+    core::v1::{Binding, ObjectReference, Pod},
+};
 use kube::{
     Api,
     api::{ListParams, PostParams},
@@ -84,9 +87,23 @@ async fn main() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let mut next_ip = 10u8;
     let mut done: BTreeMap<String, String> = BTreeMap::new();
+    // Every replica the examples' Deployments and StatefulSets ask for. The
+    // StatefulSet creates zk-N only after zk-(N-1) is Ready, so Pods appear over time.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NAMESPACE);
+    let lp = ListParams::default();
+    let wanted: usize = deployments
+        .list(&lp)
+        .await
+        .map(|l| l.items.iter().map(|d| d.spec.replicas.unwrap_or(1)).sum::<i32>())
+        .unwrap_or(0) as usize
+        + statefulsets
+            .list(&lp)
+            .await
+            .map(|l| l.items.iter().map(|s| s.spec.replicas.unwrap_or(1)).sum::<i32>())
+            .unwrap_or(0) as usize;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    // web (3) + api (2) + zk (3): the StatefulSet creates zk-N after zk-(N-1) is Ready.
-    while done.len() < 8 && tokio::time::Instant::now() < deadline {
+    while done.len() < wanted && tokio::time::Instant::now() < deadline {
         let list = pods.list(&ListParams::default()).await.unwrap_or_else(|e| panic!("list pods: {e}"));
         for pod in list.items {
             let name = pod.metadata.name.clone().unwrap_or_default();
