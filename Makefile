@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup controlplane lint unit e2e test demo bench bench-ipam fmt
+.PHONY: help setup controlplane lint unit e2e test demo bench bench-ipam bench-webhook fmt
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ demo: setup ## Real control plane + svcplane + examples/, printing Services, sli
 bench-ipam: setup ## ipam benchmarks against upstream's allocator, with ratios
 	bash ipam/bench.sh
 
-bench: bench-ipam ## All benchmarks (not part of make test): ipam, then scenario A vs kube-controller-manager
+bench-webhook: setup ## Admission webhook latency at a fixed rate, with and without it (ratio)
+	$(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-webhook-bench -- $(BENCH_WEBHOOK_ARGS)
+
+bench: bench-ipam bench-webhook ## All benchmarks (not part of make test): ipam, then scenario A vs kube-controller-manager
 	$(CARGO) build --locked --release --bin svcplane
 	SVCPLANE_BIN=$(CURDIR)/target/release/svcplane $(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-bench -- $(BENCH_ARGS)

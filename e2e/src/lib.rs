@@ -18,6 +18,7 @@ mod ports;
 pub mod slices;
 pub mod svcplane;
 pub mod wait;
+pub mod webhook;
 
 pub use controlplane::{
     ControlPlane, ControlPlaneOptions, DEFAULT_NODE_PORT_RANGE, DEFAULT_SERVICE_CIDRS, HarnessError,

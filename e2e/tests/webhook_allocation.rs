@@ -1,19 +1,17 @@
 //! Issue #7: the webhook allocates ClusterIPs and NodePorts for Services on a
 //! real kube-apiserver, which calls it over HTTPS on 127.0.0.1.
 
-mod webhook_support;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Recorder, Reporter};
+use svcplane_e2e::webhook::*;
 use svcplane_e2e::{shared, wait::eventually};
 use svcplane_webhook::metrics::Metrics;
 use svcplane_webhook::repair::repair_once;
 use svcplane_webhook::{Value, WebhookArgs};
-use webhook_support::*;
 
 fn node_ports(svc: &Service) -> Vec<i32> {
     svc.spec

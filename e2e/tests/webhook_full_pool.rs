@@ -1,12 +1,10 @@
 //! Issue #7: a full pool gives a denial that names the pool, on a cluster
 //! with a tiny Service CIDR and NodePort range.
 
-mod webhook_support;
-
 use k8s_openapi::api::core::v1::Service;
 use kube::api::PostParams;
+use svcplane_e2e::webhook::*;
 use svcplane_e2e::{ControlPlaneOptions, shared_with};
-use webhook_support::*;
 
 #[tokio::test]
 async fn a_full_pool_is_denied_naming_the_pool() {

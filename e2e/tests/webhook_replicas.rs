@@ -8,8 +8,6 @@
 //! a real process needs the `svcplane` binary; here a replica is killed
 //! in-process (server cut, tasks aborted mid-request).
 
-mod webhook_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -17,11 +15,11 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::events::{Recorder, Reporter};
+use svcplane_e2e::webhook::*;
 use svcplane_e2e::{shared, wait::eventually};
 use svcplane_webhook::metrics::Metrics;
 use svcplane_webhook::repair::repair_once;
 use svcplane_webhook::{AllocationClaim, Value};
-use webhook_support::*;
 
 const SERVICES: usize = 500;
 const REPLICAS: usize = 3;

@@ -1,12 +1,11 @@
-//! Shared set-up of the webhook e2e binaries: install the claim CRD, start
+//! Webhook set-up shared by the webhook e2e tests and the webhook benchmark: install the claim CRD, start
 //! in-process replicas with a serving certificate the apiserver trusts, and
 //! register webhook configurations scoped to labelled namespaces.
-
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::{ControlPlane, TestNamespace, wait::eventually};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
@@ -18,7 +17,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::ObjectMeta;
 use kube::{Client, CustomResourceExt};
-use svcplane_e2e::{ControlPlane, TestNamespace, wait::eventually};
 use svcplane_webhook::{AllocationClaim, WebhookArgs, WebhookServer};
 
 /// Label that scopes a test's webhook configurations to its namespaces.
