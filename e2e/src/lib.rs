@@ -14,7 +14,7 @@ pub mod certs;
 mod controlplane;
 pub mod differential;
 pub mod fixtures;
-mod ports;
+pub(crate) mod ports;
 pub mod slices;
 pub mod svcplane;
 pub mod wait;

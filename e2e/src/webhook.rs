@@ -203,3 +203,41 @@ pub async fn claim_names(client: &Client) -> Vec<String> {
         .filter_map(|c| c.metadata.name)
         .collect()
 }
+
+/// Starts a webhook replica as a real `svcplane run --roles=webhook` process (so a
+/// test can SIGKILL it) serving `args`' certificate on a free loopback port;
+/// returns the process and its webhook address.
+pub async fn spawn_replica_process(
+    cp: &ControlPlane,
+    name: &str,
+    args: &WebhookArgs,
+) -> (crate::svcplane::Svcplane, std::net::SocketAddr) {
+    let port = crate::ports::free_port().expect("free port");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let flag = |name: &str, path: &Option<std::path::PathBuf>| {
+        format!("--{name}={}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+    };
+    let (bind, cert, key) = (
+        format!("--webhook-bind-address={addr}"),
+        flag("webhook-tls-cert-file", &args.tls_cert_file),
+        flag("webhook-tls-key-file", &args.tls_key_file),
+    );
+    let process = cp.svcplane(name, &["--roles=webhook", &bind, &cert, &key]).await;
+    (process, addr)
+}
+
+/// Waits until the webhook registered for `ns` answers, observed through the API
+/// alone: a dry-run create asking for `held_ip` (claimed by `holder`, a Service the
+/// webhook knows) is denied in the webhook's own words, naming the holder.
+pub async fn wait_webhook_denies_held_ip(ns: &TestNamespace, held_ip: &str, holder: &str) {
+    let api: Api<Service> = ns.api();
+    eventually("webhook answering for the namespace", Duration::from_secs(30), || async {
+        let mut marker = mk_service("marker", "ClusterIP", &[(80, None)]);
+        marker.spec.as_mut().expect("spec").cluster_ip = Some(held_ip.to_owned());
+        match api.create(&PostParams { dry_run: true, ..Default::default() }, &marker).await {
+            Err(kube::Error::Api(s)) if s.message.contains(&format!("allocated to {holder}")) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}

@@ -4,9 +4,9 @@
 //!
 //! Each replica serves its own labelled namespace (a webhook configuration
 //! has one URL), and all draw from the same pools, so every pick races the
-//! other replicas' picks through the AllocationClaim 409 lock. The SIGKILL of
-//! a real process needs the `svcplane` binary; here a replica is killed
-//! in-process (server cut, tasks aborted mid-request).
+//! other replicas' picks through the AllocationClaim 409 lock. Replica 0 is a
+//! real `svcplane run --roles=webhook` process, killed with SIGKILL mid-run;
+//! replicas 1 and 2 run in-process.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -30,17 +30,25 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
     let client = cp.client().await;
     install_crd(&client).await;
     let (_certs, args) = serving_cert(cp);
+    // In-process replicas 1..REPLICAS, then replica 0 as a process.
+    let ns0 = scoped_namespace(&client, "wh-rep-0", "replica-0").await;
     let mut servers = Vec::new();
-    let mut namespaces = Vec::new();
-    for i in 0..REPLICAS {
+    let mut namespaces = vec![ns0.clone()];
+    for i in 1..REPLICAS {
         let server = start_replica(&args, &client).await;
         let scope = format!("replica-{i}");
         let ns = scoped_namespace(&client, &format!("wh-rep-{i}"), &scope).await;
         register(&client, cp, &format!("svcplane-replica-{i}"), server.addr, &scope).await;
         wait_webhook_active(&ns, &server).await;
-        servers.push(Some(server));
+        servers.push(server);
         namespaces.push(ns);
     }
+    // A Service holding an IP lets the test see the process's webhook answer.
+    let holder = namespaces[1].create(&mk_service("holder", "ClusterIP", &[(80, None)])).await;
+    let held_ip = holder.spec.and_then(|s| s.cluster_ip).expect("holder IP");
+    let (process, process_addr) = spawn_replica_process(cp, "webhook-replica-0", &args).await;
+    register(&client, cp, "svcplane-replica-0", process_addr, "replica-0").await;
+    wait_webhook_denies_held_ip(&ns0, &held_ip, &format!("{}/holder", namespaces[1].name)).await;
 
     let started = Instant::now();
     let creates = (0..SERVICES).map(|i| {
@@ -66,11 +74,9 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
             if n >= SERVICES / (REPLICAS * 3) { Ok(()) } else { Err(n) }
         })
         .await;
-        if let Some(server) = servers[0].take() {
-            server.kill();
-        }
-        // The surviving replica of namespace 0 takes over its URL.
-        let survivor = servers[1].as_ref().expect("replica 1").addr;
+        process.kill();
+        // A surviving replica takes over namespace 0's URL.
+        let survivor = servers[0].addr;
         register(&client, cp, "svcplane-replica-0", survivor, "replica-0").await;
     };
     let (results, ()) = tokio::join!(join_all(creates), killer);
@@ -87,7 +93,8 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
         .into_iter()
         .filter(|s| s.metadata.namespace.as_deref().is_some_and(|n| n.starts_with("wh-rep-")))
         .collect();
-    assert_eq!(services.len(), SERVICES);
+    // The creates plus the IP holder.
+    assert_eq!(services.len(), SERVICES + 1);
     let mut seen: BTreeMap<Value, String> = BTreeMap::new();
     for svc in &services {
         let owner = format!(
@@ -101,7 +108,7 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
             }
         }
     }
-    assert_eq!(seen.len(), SERVICES * 2, "one IP and one port each");
+    assert_eq!(seen.len(), SERVICES * 2 + 1, "one IP and one port each, and the holder's IP");
 
     // Repair: every held value ends up claimed by its Service.
     let metrics = Metrics::new();
@@ -127,7 +134,7 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
         if missing.is_empty() { Ok(()) } else { Err(format!("{} values unclaimed", missing.len())) }
     })
     .await;
-    for server in servers.into_iter().flatten() {
+    for server in servers {
         server.kill();
     }
 }
