@@ -256,3 +256,37 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     ns.create(&mk_service("still-up", "ClusterIP", &[(80, None)])).await;
     restarted.kill();
 }
+
+#[tokio::test]
+async fn self_signed_mode_adds_its_ca_to_the_webhook_configurations() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let cp = shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let ns = scoped_namespace(&client, "wh-selfsigned", "selfsigned").await;
+    // Registered with the test CA's bundle, which did not sign the replica's
+    // self-generated certificate: only the replica's own patch makes it callable.
+    register(&client, cp, "svcplane-selfsigned", addr, "selfsigned").await;
+    let args = WebhookArgs {
+        bind_address: addr,
+        self_signed: true,
+        self_signed_names: vec!["127.0.0.1".into()],
+        mutating_configuration: Some("svcplane-selfsigned".into()),
+        validating_configuration: Some("svcplane-selfsigned".into()),
+        ..WebhookArgs::default()
+    };
+    let server = start_replica(&args, &client).await;
+    wait_webhook_active(&ns, &server).await;
+    let config = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get("svcplane-selfsigned")
+        .await
+        .expect("get");
+    let bundle = config.webhooks.unwrap_or_default()[0].client_config.ca_bundle.clone().expect("caBundle");
+    let certs = String::from_utf8_lossy(&bundle.0).matches("BEGIN CERTIFICATE").count();
+    assert_eq!(certs, 2, "the earlier CA is kept and the replica's own is added");
+    let created = ns.create(&mk_service("web", "NodePort", &[(80, None)])).await;
+    assert!(!node_ports(&created).is_empty(), "a real create goes through the self-signed replica");
+    server.kill();
+}
