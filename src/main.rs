@@ -65,12 +65,6 @@ struct RunArgs {
     /// Address of /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8081")]
     health_probe_bind_address: String,
-    /// Average API requests per second (0: unlimited), as kube-controller-manager's flag.
-    #[arg(long, default_value_t = 50.0)]
-    kube_api_qps: f64,
-    /// Most API requests sent at once.
-    #[arg(long, default_value_t = 100)]
-    kube_api_burst: u32,
     #[command(flatten)]
     controller: svcplane_controller::run::ControllerArgs,
     #[command(flatten)]
@@ -108,26 +102,6 @@ async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config(kubeconfig).await?)?)
 }
 
-/// A client that sends at most `qps` requests per second on average and `burst` at
-/// once (kube-controller-manager's --kube-api-qps/--kube-api-burst). kube-rs has no
-/// client-side limiter; tower's fixed-window limit of `burst` requests per
-/// `burst / qps` seconds gives the same average and burst. `qps <= 0`: no limit.
-async fn rate_limited_client(
-    kubeconfig: Option<&PathBuf>,
-    qps: f64,
-    burst: u32,
-) -> anyhow::Result<kube::Client> {
-    if qps <= 0.0 {
-        return client(kubeconfig).await;
-    }
-    let config = config(kubeconfig).await?;
-    let burst = burst.max(1);
-    let window = std::time::Duration::from_secs_f64(f64::from(burst) / qps);
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&tower::limit::RateLimitLayer::new(u64::from(burst), window))
-        .build())
-}
-
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -158,7 +132,7 @@ async fn run(args: RunArgs, kubeconfig: Option<&PathBuf>) -> anyhow::Result<()> 
             "unknown role {role:?} (expected controller, webhook or repair)"
         );
     }
-    let client = rate_limited_client(kubeconfig, args.kube_api_qps, args.kube_api_burst).await?;
+    let client = client(kubeconfig).await?;
     let mut registry = Registry::default();
     let metrics =
         svcplane_controller::metrics::Metrics::register(registry.sub_registry_with_prefix("svcplane"));

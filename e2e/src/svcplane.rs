@@ -147,7 +147,9 @@ pub fn sum_metric(text: &str, name: &str, filters: &[&str]) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| filters.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .sum::<f64>()
+        // An empty f64 sum is -0.0; report it as 0.
+        + 0.0
 }
 
 /// Plain HTTP GET on loopback: (status, body).

@@ -32,6 +32,7 @@ pub async fn apply_slices(
     };
 
     for slice in create {
+        ctx.limits.until_ready(&kind).await;
         let created = api
             .create(&pp, &slice)
             .await
@@ -41,12 +42,14 @@ pub async fn apply_slices(
     }
     for slice in update {
         let name = slice.name_any();
+        ctx.limits.until_ready(&kind).await;
         let updated = api.replace(&name, &pp, &slice).await.map_err(|e| failed("update", name.clone(), e))?;
         ctx.tracker.wrote(owner, &name, updated.metadata.generation.unwrap_or(1));
         ctx.metrics.changed(kind.clone(), "update", 1);
     }
     for slice in delete {
         let name = slice.name_any();
+        ctx.limits.until_ready(&kind).await;
         match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => ctx.metrics.changed(kind.clone(), "delete", 1),
             // Already gone (e.g. the garbage collector followed the ownerReference).

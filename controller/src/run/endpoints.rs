@@ -48,6 +48,9 @@ pub async fn reconcile(key: &Key, ctx: &Context) -> Result<(), Error> {
         name: key.name.clone(),
         source,
     };
+    if !matches!(plan, EndpointsPlan::Nothing) {
+        ctx.limits.until_ready(&ControllerKind::endpoints).await;
+    }
     match plan {
         EndpointsPlan::Nothing => {}
         EndpointsPlan::Create(ep) => match api.create(&pp, &ep).await {

@@ -45,6 +45,13 @@ pub struct ControllerArgs {
     /// Services reconciled at once, per controller (upstream --concurrent-service-endpoint-syncs).
     #[arg(long, default_value_t = 5)]
     pub concurrency: usize,
+    /// Average writes per second of each controller (0: unlimited), as
+    /// kube-controller-manager's --kube-api-qps, which also applies per controller.
+    #[arg(long, default_value_t = 50)]
+    pub kube_api_qps: u32,
+    /// Writes each controller may send at once after idling (--kube-api-burst).
+    #[arg(long, default_value_t = 100)]
+    pub kube_api_burst: u32,
 }
 
 impl Default for ControllerArgs {
@@ -54,6 +61,8 @@ impl Default for ControllerArgs {
             max_endpoints_per_slice: 100,
             mirroring_max_endpoints_per_subset: 1000,
             concurrency: 5,
+            kube_api_qps: 50,
+            kube_api_burst: 100,
         }
     }
 }
@@ -138,6 +147,39 @@ pub struct Context {
     pub slice_trigger_times: state::TriggerTimes,
     /// Same, for the Endpoints controller (upstream keeps one per controller).
     pub endpoints_trigger_times: state::TriggerTimes,
+    /// Write rate limit of each controller (a token bucket, as client-go's).
+    pub limits: WriteLimits,
+}
+
+/// One token bucket per controller, as kube-controller-manager gives each
+/// controller its own client; `None` when unlimited.
+pub struct WriteLimits {
+    slices: Option<governor::DefaultDirectRateLimiter>,
+    endpoints: Option<governor::DefaultDirectRateLimiter>,
+    mirroring: Option<governor::DefaultDirectRateLimiter>,
+}
+
+impl WriteLimits {
+    fn new(qps: u32, burst: u32) -> Self {
+        let bucket = || {
+            let qps = std::num::NonZeroU32::new(qps)?;
+            let burst = std::num::NonZeroU32::new(burst).unwrap_or(qps);
+            Some(governor::RateLimiter::direct(governor::Quota::per_second(qps).allow_burst(burst)))
+        };
+        Self { slices: bucket(), endpoints: bucket(), mirroring: bucket() }
+    }
+
+    /// Waits until `controller` may send one more write.
+    pub async fn until_ready(&self, controller: &ControllerKind) {
+        let bucket = match controller {
+            ControllerKind::endpointslice => &self.slices,
+            ControllerKind::endpoints => &self.endpoints,
+            ControllerKind::mirroring => &self.mirroring,
+        };
+        if let Some(bucket) = bucket {
+            bucket.until_ready().await;
+        }
+    }
 }
 
 /// Field manager of every write.
@@ -193,6 +235,7 @@ pub async fn run(
         endpoints_tracker: Default::default(),
         slice_trigger_times: Default::default(),
         endpoints_trigger_times: Default::default(),
+        limits: WriteLimits::new(args.kube_api_qps, args.kube_api_burst),
     });
 
     let mut shutdown = std::pin::pin!(shutdown);

@@ -1,226 +1,689 @@
-//! `make bench`: svcplane against kube-controller-manager on the same scenario, each on
-//! a freshly started control plane of the pinned version. Scenario A: S Services of
-//! P Pods each are created not ready; then every Pod turns Ready. Measured: time from
-//! the first Ready patch until every endpoint is ready in both EndpointSlices and
-//! Endpoints, writes on endpointslices/endpoints counted by the apiserver itself,
-//! controller CPU seconds during the change, and peak RSS from /proc.
+//! `make bench`: svcplane against kube-controller-manager's endpoint controllers
+//! (endpointslice + endpoints), each scenario and side on a freshly started
+//! control plane of the pinned version, with Pods and Nodes as API objects whose
+//! status the benchmark patches (no kubelet).
 //!
-//! Usage: svcplane-bench [SERVICES] [PODS_PER_SERVICE]   (default 200 10)
+//! Per scenario and side: time from the first change to convergence (both
+//! EndpointSlices and Endpoints as desired), writes on endpointslices and endpoints
+//! by verb as counted by kube-apiserver itself (`apiserver_request_total`), the
+//! controller's CPU seconds during the change and peak RSS from /proc, and the
+//! svcplane/upstream ratios; the QPS floor for the throttled runs: the busier
+//! controller's writes beyond its burst at its QPS (each controller has its own
+//! token bucket, in kube-controller-manager and in svcplane). Output: a markdown table on stdout and in
+//! `bench/results/scenarios.md`, a ratio plot in `bench/results/ratios.svg`, and a
+//! reconcile profile of svcplane in scenario B from its own sync histogram.
+//!
+//! Scale: `BENCH_SCALE` (default 1.0) multiplies every object count, e.g. 0.1 for
+//! a quick run. Usage: svcplane-bench [SCENARIO…] (default: all).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
-use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
-use kube::{Api, api::ListParams};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Pod},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams},
+};
 use svcplane_e2e::{
     ControlPlane, ControlPlaneOptions, TestNamespace,
-    fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready},
+    fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready, set_pod_status},
+    svcplane::{Svcplane, sum_metric},
 };
 use tokio::sync::Semaphore;
+
+/// Concurrent requests the benchmark itself sends while setting up or changing.
+const CLIENT_CONCURRENCY: usize = 32;
+/// How often convergence is checked (a full list of slices and Endpoints).
+const POLL: Duration = Duration::from_millis(250);
+
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Upstream { qps: u32, burst: u32 },
+    Svcplane { qps: u32, burst: u32 },
+}
+
+impl Side {
+    fn name(self) -> String {
+        match self {
+            Side::Upstream { qps, burst } => format!("kube-controller-manager (QPS {qps}/{burst})"),
+            Side::Svcplane { qps, burst } => format!("svcplane (QPS {qps}/{burst})"),
+        }
+    }
+
+    fn qps_burst(self) -> (u32, u32) {
+        match self {
+            Side::Upstream { qps, burst } | Side::Svcplane { qps, burst } => (qps, burst),
+        }
+    }
+
+    fn managed_by(self) -> &'static str {
+        match self {
+            Side::Upstream { .. } => "endpointslice-controller.k8s.io",
+            Side::Svcplane { .. } => "endpointslice-controller.svcplane.io",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Scenario {
+    /// S Services × P Pods created not ready, then every Pod turns Ready.
+    ManyPods { services: usize, pods: usize },
+    /// A headless StatefulSet-style Service with publishNotReadyAddresses; N Pods appear not ready.
+    StatefulSet { pods: usize },
+    /// N ready Pods behind one Service replaced by N new ones, 10 % at a time.
+    RollingUpdate { pods: usize },
+    /// A Node carrying N ready Pods (over 10 Services) is deleted, then its Pods (as podgc does).
+    NodeDeletion { pods: usize },
+}
+
+/// One side's figures for one scenario.
+struct Run {
+    side: Side,
+    converge_s: f64,
+    writes: BTreeMap<String, f64>,
+    cpu_s: f64,
+    rss_mib: f64,
+    profile: Option<String>,
+}
+
+impl Run {
+    fn total_writes(&self) -> f64 {
+        self.writes.values().sum()
+    }
+}
 
 /// User + system CPU seconds and peak RSS (MiB) of a process, from /proc.
 fn proc_usage(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name: utime is the 14th, stime the 15th.
+    // After the parenthesised command name, utime and stime are fields 12 and 13.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     let cpu = (ticks(11) + ticks(12)) / 100.0;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
+    let hwm_kib = status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0;
-    (cpu, hwm)
+        .unwrap_or(0.0);
+    (cpu, hwm_kib / 1024.0)
 }
 
-struct Result {
-    name: &'static str,
-    converge_s: f64,
-    slice_writes: f64,
-    endpoints_writes: f64,
-    cpu_s: f64,
-    rss_mib: f64,
+/// Writes on endpointslices and endpoints, by resource and verb.
+async fn writes(client: &Client) -> BTreeMap<String, f64> {
+    let req = http::Request::get("/metrics").body(Vec::new()).expect("request");
+    let text = client.request_text(req).await.unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for resource in ["endpointslices", "endpoints"] {
+        for verb in ["POST", "PUT", "PATCH", "DELETE"] {
+            let n = sum_metric(
+                &text,
+                "apiserver_request_total",
+                &[&format!("resource=\"{resource}\""), &format!("verb=\"{verb}\"")],
+            );
+            out.insert(format!("{resource} {verb}"), n);
+        }
+    }
+    out
 }
 
-#[derive(Clone, Copy)]
-enum Who {
-    Upstream { qps: u32, burst: u32 },
-    Svcplane,
+/// What the controller under test has written for the namespace.
+#[derive(Debug, Default)]
+struct Summary {
+    slice_endpoints: usize,
+    slice_ready: usize,
+    slice_targets: BTreeSet<String>,
+    endpoints_ready: usize,
+    endpoints_not_ready: usize,
 }
 
-async fn ready_count(client: &kube::Client, ns: &str, managed_by: &str) -> (usize, usize) {
+async fn summary(client: &Client, ns: &str, managed_by: &str) -> Summary {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
     let lp = ListParams::default().labels(&format!("endpointslice.kubernetes.io/managed-by={managed_by}"));
-    let ready_slices = slices
-        .list(&lp)
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .flat_map(|s| s.endpoints.iter().flatten())
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-                .count()
-        })
-        .unwrap_or(0);
+    let mut s = Summary::default();
+    for slice in slices.list(&lp).await.map(|l| l.items).unwrap_or_default() {
+        for ep in slice.endpoints.unwrap_or_default() {
+            s.slice_endpoints += 1;
+            if ep.conditions.and_then(|c| c.ready) == Some(true) {
+                s.slice_ready += 1;
+            }
+            if let Some(name) = ep.target_ref.and_then(|t| t.name) {
+                s.slice_targets.insert(name);
+            }
+        }
+    }
     let eps: Api<Endpoints> = Api::namespaced(client.clone(), ns);
-    let ready_eps = eps
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .flat_map(|e| e.subsets.iter().flatten())
-                .map(|s| s.addresses.as_ref().map_or(0, Vec::len))
-                .sum()
-        })
-        .unwrap_or(0);
-    (ready_slices, ready_eps)
+    for ep in eps.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
+        for subset in ep.subsets.unwrap_or_default() {
+            s.endpoints_ready += subset.addresses.map_or(0, |a| a.len());
+            s.endpoints_not_ready += subset.not_ready_addresses.map_or(0, |a| a.len());
+        }
+    }
+    s
 }
 
-async fn run(who: Who, services: usize, pods: usize) -> Result {
-    let (options, managed_by, name) = match who {
-        Who::Upstream { qps, burst } => (
-            ControlPlaneOptions {
-                controller_manager_args: vec![
-                    format!("--kube-api-qps={qps}"),
-                    format!("--kube-api-burst={burst}"),
-                ],
-                ..ControlPlaneOptions::default()
-                    .with_controller_manager(&["endpointslice-controller", "endpoints-controller"])
-            },
-            "endpointslice-controller.k8s.io",
-            if qps == 20 {
-                "kube-controller-manager (QPS 20/30)"
-            } else {
-                "kube-controller-manager (QPS 1000/2000)"
-            },
-        ),
-        Who::Svcplane => (ControlPlaneOptions::default(), "endpointslice-controller.svcplane.io", "svcplane"),
+/// Runs `f(i)` for `0..n`, `CLIENT_CONCURRENCY` at a time.
+async fn for_each_concurrent<F, Fut>(n: usize, f: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(CLIENT_CONCURRENCY));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = limit.clone().acquire_owned().await.expect("semaphore");
+        let fut = f(i);
+        tasks.push(tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
+
+fn ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 64 + i / 62500, (i / 250) % 250, i % 250 + 1)
+}
+
+impl Scenario {
+    fn name(self) -> String {
+        match self {
+            Scenario::ManyPods { services, pods } => format!("{services} Services x {pods} Pods turn Ready"),
+            Scenario::StatefulSet { pods } => {
+                format!("headless StatefulSet, {pods} Pods, publishNotReadyAddresses")
+            }
+            Scenario::RollingUpdate { pods } => format!("rolling update of {pods} Pods behind one Service"),
+            Scenario::NodeDeletion { pods } => format!("Node with {pods} Pods deleted"),
+        }
+    }
+
+    /// Objects in their starting state.
+    async fn setup(self, ns: &TestNamespace) {
+        match self {
+            Scenario::ManyPods { services, pods } => {
+                for_each_concurrent(services, |s| {
+                    let ns = ns.clone();
+                    async move {
+                        let app = format!("s{s}");
+                        ns.create(&mk_service(&app, &[("app", &app)], vec![mk_port("http", 80, "8080")]))
+                            .await;
+                        for p in 0..pods {
+                            let pod = mk_pod(&format!("{app}-{p}"), &[("app", &app)], "node-a", &[]);
+                            ns.running_pod(pod, &[&ip(s * pods + p)], false).await;
+                        }
+                    }
+                })
+                .await;
+            }
+            Scenario::StatefulSet { .. } => {
+                let mut svc = mk_service("zk", &[("app", "zk")], vec![mk_port("peer", 2888, "2888")]);
+                let spec = svc.spec.as_mut().expect("spec");
+                spec.cluster_ip = Some("None".into());
+                spec.publish_not_ready_addresses = Some(true);
+                ns.create(&svc).await;
+            }
+            Scenario::RollingUpdate { pods } => {
+                ns.create(&mk_service("web", &[("app", "web")], vec![mk_port("http", 80, "8080")])).await;
+                for_each_concurrent(pods, |p| {
+                    let ns = ns.clone();
+                    async move {
+                        ns.running_pod(
+                            mk_pod(&format!("v1-{p}"), &[("app", "web")], "node-a", &[]),
+                            &[&ip(p)],
+                            true,
+                        )
+                        .await;
+                    }
+                })
+                .await;
+            }
+            Scenario::NodeDeletion { pods } => {
+                ensure_node(&ns.client, "node-x", "192.0.2.99", None).await;
+                for s in 0..10 {
+                    let app = format!("s{s}");
+                    ns.create(&mk_service(&app, &[("app", &app)], vec![mk_port("http", 80, "8080")])).await;
+                }
+                for_each_concurrent(pods, |p| {
+                    let ns = ns.clone();
+                    async move {
+                        let app = format!("s{}", p % 10);
+                        ns.running_pod(
+                            mk_pod(&format!("x-{p}"), &[("app", &app)], "node-x", &[]),
+                            &[&ip(p)],
+                            true,
+                        )
+                        .await;
+                    }
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Whether the starting state has been written.
+    fn started(self, s: &Summary) -> bool {
+        match self {
+            Scenario::ManyPods { services, pods } => {
+                s.slice_endpoints == services * pods && s.endpoints_not_ready == services * pods
+            }
+            Scenario::StatefulSet { .. } => true,
+            Scenario::RollingUpdate { pods } | Scenario::NodeDeletion { pods } => {
+                s.slice_ready == pods && s.endpoints_ready == pods
+            }
+        }
+    }
+
+    /// The change whose convergence is measured.
+    async fn change(self, ns: &TestNamespace) {
+        match self {
+            Scenario::ManyPods { services, pods } => {
+                for_each_concurrent(services * pods, |i| {
+                    let ns = ns.clone();
+                    async move {
+                        set_pod_ready(&ns.api(), &format!("s{}-{}", i / pods, i % pods), true).await;
+                    }
+                })
+                .await;
+            }
+            Scenario::StatefulSet { pods } => {
+                for_each_concurrent(pods, |p| {
+                    let ns = ns.clone();
+                    async move {
+                        let mut pod = mk_pod(&format!("zk-{p}"), &[("app", "zk")], "node-a", &[]);
+                        let spec = pod.spec.as_mut().expect("spec");
+                        spec.hostname = Some(format!("zk-{p}"));
+                        spec.subdomain = Some("zk".into());
+                        ns.running_pod(pod, &[&ip(p)], false).await;
+                    }
+                })
+                .await;
+            }
+            Scenario::RollingUpdate { pods } => {
+                let batch = (pods / 10).max(1);
+                for start in (0..pods).step_by(batch) {
+                    let end = (start + batch).min(pods);
+                    for_each_concurrent(end - start, |k| {
+                        let ns = ns.clone();
+                        let p = start + k;
+                        async move {
+                            let pod = mk_pod(&format!("v2-{p}"), &[("app", "web")], "node-a", &[]);
+                            ns.running_pod(pod, &[&ip(pods + p)], true).await;
+                        }
+                    })
+                    .await;
+                    for_each_concurrent(end - start, |k| {
+                        let ns = ns.clone();
+                        let p = start + k;
+                        async move { ns.finish_pod_deletion(&format!("v1-{p}")).await }
+                    })
+                    .await;
+                }
+            }
+            Scenario::NodeDeletion { pods } => {
+                Api::<Node>::all(ns.client.clone())
+                    .delete("node-x", &DeleteParams::default())
+                    .await
+                    .expect("delete node");
+                for_each_concurrent(pods, |p| {
+                    let ns = ns.clone();
+                    async move { ns.finish_pod_deletion(&format!("x-{p}")).await }
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Whether the change has been written completely.
+    fn converged(self, s: &Summary) -> bool {
+        match self {
+            Scenario::ManyPods { services, pods } => {
+                s.slice_ready == services * pods && s.endpoints_ready == services * pods
+            }
+            Scenario::StatefulSet { pods } => s.slice_ready == pods && s.endpoints_ready == pods,
+            Scenario::RollingUpdate { pods } => {
+                s.slice_ready == pods
+                    && s.slice_endpoints == pods
+                    && s.slice_targets.iter().all(|t| t.starts_with("v2-"))
+                    && s.endpoints_ready == pods
+                    && s.endpoints_not_ready == 0
+            }
+            Scenario::NodeDeletion { .. } => s.slice_endpoints == 0 && s.endpoints_ready == 0,
+        }
+    }
+}
+
+async fn start(side: Side) -> (ControlPlane, Option<Svcplane>, u32) {
+    let options = match side {
+        Side::Upstream { qps, burst } => ControlPlaneOptions {
+            controller_manager_args: vec![
+                format!("--kube-api-qps={qps}"),
+                format!("--kube-api-burst={burst}"),
+            ],
+            ..ControlPlaneOptions::default()
+                .with_controller_manager(&["endpointslice-controller", "endpoints-controller"])
+        },
+        Side::Svcplane { .. } => ControlPlaneOptions::default(),
     };
     let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{e}"));
-    let client = cp.client().await;
-    let svcplane = match who {
-        Who::Svcplane => Some(cp.svcplane("bench", &["--controllers=endpointslice,endpoints"]).await),
-        Who::Upstream { .. } => None,
+    let svcplane = match side {
+        Side::Svcplane { qps, burst } => {
+            let (qps, burst) = (format!("--kube-api-qps={qps}"), format!("--kube-api-burst={burst}"));
+            Some(cp.svcplane("bench", &["--controllers=endpointslice,endpoints", &qps, &burst]).await)
+        }
+        Side::Upstream { .. } => None,
     };
     let pid = match &svcplane {
         Some(s) => s.pid(),
-        None => {
-            cp.pids().into_iter().find(|(n, _)| n == "kube-controller-manager").map(|(_, p)| p).unwrap_or(0)
-        }
+        None => cp.pids().into_iter().find(|(n, _)| n == "kube-controller-manager").map_or(0, |(_, p)| p),
     };
+    (cp, svcplane, pid)
+}
+
+async fn wait_for(client: &Client, ns: &str, side: Side, what: &str, ok: impl Fn(&Summary) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(900);
+    loop {
+        let s = summary(client, ns, side.managed_by()).await;
+        if ok(&s) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} never reached {what}: {s:?}", side.name());
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn run(scenario: Scenario, side: Side) -> Run {
+    let (cp, svcplane, pid) = start(side).await;
+    let client = cp.client().await;
     ensure_node(&client, "node-a", "192.0.2.1", None).await;
     let ns = TestNamespace::new(&client, "bench").await;
-    let limit = Arc::new(Semaphore::new(32));
-    let mut tasks = Vec::new();
-    for s in 0..services {
-        let (ns, limit) = (ns.clone(), limit.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = limit.acquire().await;
-            let app = format!("s{s}");
-            ns.create(&mk_service(&app, &[("app", &app)], vec![mk_port("http", 80, "8080")])).await;
-            for p in 0..pods {
-                let ip = format!("10.{}.{}.{}", 100 + s / 250, s % 250, p + 1);
-                ns.running_pod(mk_pod(&format!("{app}-{p}"), &[("app", &app)], "node-a", &[]), &[&ip], false)
-                    .await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("create");
-    }
-    // Wait until the controller has written the not-ready state everywhere.
-    let total = services * pods;
-    loop {
-        let slices: Api<EndpointSlice> = ns.api();
-        let lp =
-            ListParams::default().labels(&format!("endpointslice.kubernetes.io/managed-by={managed_by}"));
-        let n: usize = slices
-            .list(&lp)
-            .await
-            .map(|l| l.items.iter().map(|s| s.endpoints.as_ref().map_or(0, Vec::len)).sum())
-            .unwrap_or(0);
-        if n == total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let slices0 = cp.apiserver_writes(&client, "endpointslices").await;
-    let eps0 = cp.apiserver_writes(&client, "endpoints").await;
-    let (cpu0, _) = proc_usage(pid);
+    scenario.setup(&ns).await;
+    wait_for(&client, &ns.name, side, "the starting state", |s| scenario.started(s)).await;
+    let writes_before = writes(&client).await;
+    let (cpu_before, _) = proc_usage(pid);
 
     let start = tokio::time::Instant::now();
-    let mut tasks = Vec::new();
-    for s in 0..services {
-        let (ns, limit) = (ns.clone(), limit.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = limit.acquire().await;
-            for p in 0..pods {
-                set_pod_ready(&ns.api(), &format!("s{s}-{p}"), true).await;
-            }
-        }));
-    }
-    loop {
-        let (a, b) = ready_count(&client, &ns.name, managed_by).await;
-        if a == total && b == total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let change = scenario.change(&ns);
+    let converge = wait_for(&client, &ns.name, side, "convergence", |s| scenario.converged(s));
+    let ((), ()) = tokio::join!(change, converge);
     let converge_s = start.elapsed().as_secs_f64();
-    for t in tasks {
-        t.await.expect("patch");
+
+    let (cpu_after, rss_mib) = proc_usage(pid);
+    let after = writes(&client).await;
+    let writes =
+        after.iter().map(|(k, v)| (k.clone(), v - writes_before.get(k).copied().unwrap_or(0.0))).collect();
+    let profile = match &svcplane {
+        Some(s) => Some(sync_profile(&s.metrics_text().await)),
+        None => None,
+    };
+    Run { side, converge_s, writes, cpu_s: cpu_after - cpu_before, rss_mib, profile }
+}
+
+/// Reconcile counts and time per controller from svcplane's own histograms.
+fn sync_profile(metrics: &str) -> String {
+    let mut out = String::new();
+    for c in ["endpointslice", "endpoints"] {
+        let f = format!("controller=\"{c}\"");
+        let count = sum_metric(metrics, "svcplane_sync_duration_seconds_count", &[&f]);
+        let sum = sum_metric(metrics, "svcplane_sync_duration_seconds_sum", &[&f]);
+        let stale = sum_metric(metrics, "svcplane_stale_cache_skips_total", &[&f]);
+        let _ = write!(
+            out,
+            "{c}: {count:.0} reconciles, {:.1} s in reconciles (mean {:.2} ms, including API writes), {stale:.0} stale-cache retries; ",
+            sum,
+            if count > 0.0 { sum / count * 1000.0 } else { 0.0 }
+        );
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu1, rss_mib) = proc_usage(pid);
-    Result {
-        name,
-        converge_s,
-        slice_writes: cp.apiserver_writes(&client, "endpointslices").await - slices0,
-        endpoints_writes: cp.apiserver_writes(&client, "endpoints").await - eps0,
-        cpu_s: cpu1 - cpu0,
-        rss_mib,
+    out
+}
+
+/// Single-Pod latency under load: S Services of one ready Pod each, a background
+/// churn of readiness flips, and trials of one Pod's Ready patch until its slice
+/// shows it ready. Returns (p50, p99) in ms.
+async fn latency(side: Side, services: usize, trials: usize) -> (f64, f64) {
+    let (cp, _svcplane, _pid) = start(side).await;
+    let client = cp.client().await;
+    ensure_node(&client, "node-a", "192.0.2.1", None).await;
+    let ns = TestNamespace::new(&client, "latency").await;
+    for_each_concurrent(services, |s| {
+        let ns = ns.clone();
+        async move {
+            let app = format!("s{s}");
+            ns.create(&mk_service(&app, &[("app", &app)], vec![mk_port("http", 80, "8080")])).await;
+            ns.running_pod(mk_pod(&format!("{app}-0"), &[("app", &app)], "node-a", &[]), &[&ip(s)], true)
+                .await;
+        }
+    })
+    .await;
+    wait_for(&client, &ns.name, side, "all ready", |s| {
+        s.slice_ready == services && s.endpoints_ready == services
+    })
+    .await;
+
+    // Background churn: readiness flips of the upper half, 20 per second.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (ns, stop) = (ns.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let s = services / 2 + i % (services / 2).max(1);
+                let name = format!("s{s}-0");
+                set_pod_status(&ns.api(), &name, &[&ip(s)], i % 2 == 1).await;
+                i += 1;
+            }
+        })
+    };
+    let slices: Api<EndpointSlice> = ns.api();
+    let mut samples = Vec::with_capacity(trials);
+    for t in 0..trials {
+        let s = t % (services / 2).max(1);
+        let (name, app) = (format!("s{s}-0"), format!("s{s}"));
+        set_pod_ready(&ns.api::<Pod>(), &name, false).await;
+        let lp = ListParams::default().labels(&format!(
+            "kubernetes.io/service-name={app},endpointslice.kubernetes.io/managed-by={}",
+            side.managed_by()
+        ));
+        let shows = |want: bool| {
+            let (slices, lp) = (slices.clone(), lp.clone());
+            async move {
+                slices.list(&lp).await.map(|l| {
+                    l.items
+                        .iter()
+                        .flat_map(|s| s.endpoints.iter().flatten())
+                        .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(want))
+                })
+            }
+        };
+        while !shows(false).await.unwrap_or(false) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let start = tokio::time::Instant::now();
+        set_pod_ready(&ns.api::<Pod>(), &name, true).await;
+        while !shows(true).await.unwrap_or(false) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        samples.push(start.elapsed().as_secs_f64() * 1000.0);
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = churn.await;
+    samples.sort_by(f64::total_cmp);
+    let q = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (q(0.5), q(0.99))
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+fn plot(rows: &[(String, [f64; 4])], path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max =
+        rows.iter().flat_map(|(_, r)| r.iter()).copied().filter(|v| v.is_finite()).fold(1.5f64, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("svcplane / kube-controller-manager (lower is better; 1.0 = equal)", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..rows.len() as f64, 0f64..max * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| rows.get(x.floor() as usize).map(|(n, _)| n.clone()).unwrap_or_default())
+        .y_desc("ratio")
+        .draw()?;
+    let colours = [BLUE, RED, GREEN, MAGENTA];
+    let labels = ["convergence", "writes", "CPU", "peak RSS"];
+    for (k, (colour, label)) in colours.into_iter().zip(labels).enumerate() {
+        chart
+            .draw_series(rows.iter().enumerate().filter(|(_, (_, r))| r[k].is_finite()).map(
+                |(i, (_, r))| {
+                    let x0 = i as f64 + 0.1 + k as f64 * 0.2;
+                    Rectangle::new([(x0, 0.0), (x0 + 0.18, r[k])], colour.filled())
+                },
+            ))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
+    }
+    chart.draw_series(LineSeries::new([(0.0, 1.0), (rows.len() as f64, 1.0)], BLACK))?;
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let services = args.first().copied().unwrap_or(200);
-    let pods = args.get(1).copied().unwrap_or(10);
-    println!("Scenario A: {services} Services x {pods} Pods turn Ready (fresh control plane each)\n");
-    let mut results = Vec::new();
-    for who in [Who::Upstream { qps: 20, burst: 30 }, Who::Upstream { qps: 1000, burst: 2000 }, Who::Svcplane]
-    {
-        let r = run(who, services, pods).await;
-        eprintln!("  {} done: {:.1} s", r.name, r.converge_s);
-        results.push(r);
-    }
-    println!(
-        "| controller | converged after first Ready patch (s) | EndpointSlice writes | Endpoints writes | CPU during change (s) | peak RSS (MiB) |"
+    let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let n = |x: usize| ((x as f64 * scale).round() as usize).max(1);
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let wants = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    let throttled = (Side::Upstream { qps: 20, burst: 30 }, Side::Svcplane { qps: 20, burst: 30 });
+    let unthrottled = (Side::Upstream { qps: 1000, burst: 2000 }, Side::Svcplane { qps: 1000, burst: 2000 });
+    let scenarios: Vec<(&str, Scenario, (Side, Side))> = vec![
+        ("A", Scenario::ManyPods { services: n(500), pods: 10 }, throttled),
+        ("A-unthrottled", Scenario::ManyPods { services: n(500), pods: 10 }, unthrottled),
+        ("B", Scenario::ManyPods { services: n(5000), pods: 1 }, throttled),
+        ("rolling-update", Scenario::RollingUpdate { pods: n(1000) }, throttled),
+        ("statefulset", Scenario::StatefulSet { pods: n(200) }, throttled),
+        ("node-deletion", Scenario::NodeDeletion { pods: n(1000) }, throttled),
+    ];
+
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "Kubernetes {}, BENCH_SCALE={scale}, fresh control plane per run, batch periods 0.\n",
+        svcplane_e2e::kubernetes_version()
     );
-    println!("|---|---|---|---|---|---|");
-    for r in &results {
-        println!(
-            "| {} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} |",
-            r.name, r.converge_s, r.slice_writes, r.endpoints_writes, r.cpu_s, r.rss_mib
+    let _ = writeln!(
+        table,
+        "| scenario | controller | converged (s) | floor (s) | EndpointSlice writes | Endpoints writes | CPU (s) | peak RSS (MiB) |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    let mut profiles = Vec::new();
+    for (key, scenario, (upstream, svcplane)) in scenarios {
+        if !wants(key) {
+            continue;
+        }
+        eprintln!("[bench] {key}: {}", scenario.name());
+        let u = run(scenario, upstream).await;
+        let s = run(scenario, svcplane).await;
+        for r in [&u, &s] {
+            let by = |res: &str| -> String {
+                let verbs: Vec<String> = r
+                    .writes
+                    .iter()
+                    .filter(|(k, v)| k.starts_with(&format!("{res} ")) && **v > 0.0)
+                    .map(|(k, v)| format!("{v:.0} {}", k.split(' ').nth(1).unwrap_or("")))
+                    .collect();
+                if verbs.is_empty() { "0".into() } else { verbs.join(", ") }
+            };
+            // Each controller has its own token bucket: the floor is the busier
+            // controller's writes beyond its burst, at its QPS.
+            let floor = match r.side.qps_burst() {
+                (qps, burst) if qps <= 100 => {
+                    let busiest = ["endpointslices", "endpoints"]
+                        .iter()
+                        .map(|res| {
+                            r.writes
+                                .iter()
+                                .filter(|(k, _)| k.starts_with(&format!("{res} ")))
+                                .map(|(_, v)| v)
+                                .sum::<f64>()
+                        })
+                        .fold(0.0, f64::max);
+                    format!("{:.1}", (busiest - f64::from(burst)).max(0.0) / f64::from(qps))
+                }
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                table,
+                "| {key}: {} | {} | {:.1} | {floor} | {} | {} | {:.2} | {:.0} |",
+                scenario.name(),
+                r.side.name(),
+                r.converge_s,
+                by("endpointslices"),
+                by("endpoints"),
+                r.cpu_s,
+                r.rss_mib
+            );
+            eprintln!("[bench]   {}: {:.1} s, {:.0} writes", r.side.name(), r.converge_s, r.total_writes());
+        }
+        ratios.push((
+            key.to_string(),
+            [
+                ratio(s.converge_s, u.converge_s),
+                ratio(s.total_writes(), u.total_writes()),
+                ratio(s.cpu_s, u.cpu_s),
+                ratio(s.rss_mib, u.rss_mib),
+            ],
+        ));
+        if let Some(p) = s.profile {
+            profiles.push(format!("- {key}: {p}"));
+        }
+    }
+    if wants("latency") {
+        eprintln!("[bench] latency");
+        let services = n(5000);
+        let trials = 50;
+        let (u50, u99) = latency(throttled.0, services, trials).await;
+        let (s50, s99) = latency(throttled.1, services, trials).await;
+        let _ = writeln!(
+            table,
+            "\nSingle-Pod latency, {services} Services, 20 readiness flips/s in the background, {trials} trials (Ready patch → endpoint ready in the slice):\n\n| controller | p50 (ms) | p99 (ms) |\n|---|---|---|\n| {} | {u50:.0} | {u99:.0} |\n| {} | {s50:.0} | {s99:.0} |",
+            throttled.0.name(),
+            throttled.1.name()
         );
     }
-    let s = &results[2];
-    println!("\nRatios svcplane / upstream:");
-    for u in &results[..2] {
-        println!(
-            "  vs {}: convergence {:.2}x, slice writes {:.2}x, Endpoints writes {:.2}x, CPU {:.2}x, RSS {:.2}x",
-            u.name,
-            s.converge_s / u.converge_s,
-            s.slice_writes / u.slice_writes.max(1.0),
-            s.endpoints_writes / u.endpoints_writes.max(1.0),
-            s.cpu_s / u.cpu_s.max(0.01),
-            s.rss_mib / u.rss_mib.max(1.0)
-        );
+    let _ = writeln!(table, "\nRatios svcplane / upstream (convergence, writes, CPU, peak RSS):\n");
+    for (key, r) in &ratios {
+        let _ = writeln!(table, "- {key}: {:.2}x, {:.2}x, {:.2}x, {:.2}x", r[0], r[1], r[2], r[3]);
+    }
+    if !profiles.is_empty() {
+        let _ =
+            writeln!(table, "\nsvcplane reconcile profile (its sync histograms):\n\n{}", profiles.join("\n"));
+    }
+    println!("{table}");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("scenarios.md"), &table);
+    if !ratios.is_empty()
+        && let Err(e) = plot(&ratios, &dir.join("ratios.svg"))
+    {
+        eprintln!("[bench] plot failed: {e}");
     }
 }
