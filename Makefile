@@ -3,16 +3,16 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup controlplane lint unit e2e test demo bench bench-ipam bench-webhook fmt
+.PHONY: help setup controlplane lint unit e2e test test-datapath demo bench bench-ipam bench-webhook bench-datapath fmt
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: ## Install what the build needs and build the pinned control plane (cached)
-	@bash scripts/setup.sh --with-kubectl
+	@bash scripts/setup.sh --with-kubectl --with-proxy --with-coredns
 
-controlplane: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl into the cache
-	@bash e2e/controlplane/build.sh --with-kubectl
+controlplane: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, kube-proxy, CoreDNS into the cache
+	@bash e2e/controlplane/build.sh --with-kubectl --with-proxy --with-coredns
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -32,6 +32,10 @@ test: setup lint ## Everything CI runs: lint, unit, property and e2e tests
 	$(CARGO) build --locked --bin svcplane
 	$(CARGO) test --workspace --locked
 
+test-datapath: setup ## kube-proxy (nftables) + CoreDNS driven by svcplane's slices, traffic through ip netns (root)
+	$(CARGO) build --locked --bin svcplane
+	$(CARGO) test --locked -p svcplane-e2e --test datapath -- --ignored
+
 demo: setup ## Real control plane + svcplane + examples/, printing Services, slices and allocations
 	$(CARGO) build --locked --bin svcplane
 	$(CARGO) run --locked -q -p svcplane-e2e --bin svcplane-demo
@@ -41,6 +45,10 @@ bench-ipam: setup ## ipam benchmarks against upstream's allocator, with ratios
 
 bench-webhook: setup ## Admission webhook latency at a fixed rate, with and without it (ratio)
 	$(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-webhook-bench -- $(BENCH_WEBHOOK_ARGS)
+
+bench-datapath: setup ## Pod Ready -> first request through the ClusterIP, p50/p99: svcplane vs kube-controller-manager (root)
+	$(CARGO) build --locked --release --bin svcplane
+	SVCPLANE_BIN=$(CURDIR)/target/release/svcplane $(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-datapath-bench -- $(BENCH_DATAPATH_ARGS)
 
 bench: bench-ipam bench-webhook ## All benchmarks (not part of make test): ipam, then scenario A vs kube-controller-manager
 	$(CARGO) build --locked --release --bin svcplane

@@ -10,6 +10,12 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing_debs=()
 for tool in make git curl; do command -v "$tool" >/dev/null || missing_debs+=("$tool"); done
 command -v cc >/dev/null || missing_debs+=(build-essential)
+# The data-path suite (make test-datapath): network namespaces, kube-proxy's nftables
+# mode (it runs `nft`, and `iptables` to clean up leftovers) and `dig` for CoreDNS.
+command -v ip >/dev/null || missing_debs+=(iproute2)
+command -v nft >/dev/null || missing_debs+=(nftables)
+command -v iptables >/dev/null || missing_debs+=(iptables)
+command -v dig >/dev/null || missing_debs+=(dnsutils)
 if [ "${#missing_debs[@]}" -gt 0 ]; then
   say "installing ${missing_debs[*]} with apt-get"
   as_root apt-get update -qq && as_root apt-get install -y -qq "${missing_debs[@]}"

@@ -68,6 +68,12 @@ pub struct ControlPlaneOptions {
     pub apiserver_args: Vec<String>,
     /// Where the binaries are; `None`: [`bin_dir`].
     pub bin_dir: Option<PathBuf>,
+    /// kube-apiserver's `--bind-address` and `--advertise-address` (so its
+    /// self-generated serving certificate names it), and the kubeconfig's server
+    /// address. `None`: 127.0.0.1. The data-path suite binds the root-namespace end of
+    /// a veth pair it created so that kube-proxy and CoreDNS in a network namespace
+    /// reach the apiserver; never an address of the machine's real interfaces.
+    pub bind_address: Option<String>,
 }
 
 impl Default for ControlPlaneOptions {
@@ -79,6 +85,7 @@ impl Default for ControlPlaneOptions {
             node_port_range: DEFAULT_NODE_PORT_RANGE.to_string(),
             apiserver_args: Vec::new(),
             bin_dir: None,
+            bind_address: None,
         }
     }
 }
@@ -90,13 +97,21 @@ impl ControlPlaneOptions {
         self.controllers = controllers.iter().map(|c| c.to_string()).collect();
         self
     }
+
+    /// Binds kube-apiserver to `address` instead of 127.0.0.1 (see
+    /// [`ControlPlaneOptions::bind_address`]).
+    pub fn with_bind_address(mut self, address: &str) -> Self {
+        self.bind_address = Some(address.to_string());
+        self
+    }
 }
 
 /// A running control plane.
 pub struct ControlPlane {
     dir: PathBuf,
     keep_dir: bool,
-    /// `https://127.0.0.1:PORT` of kube-apiserver.
+    /// `https://ADDRESS:PORT` of kube-apiserver (127.0.0.1 unless
+    /// [`ControlPlaneOptions::bind_address`] says otherwise).
     pub server: String,
     /// Admin kubeconfig (O=system:masters client certificate).
     pub kubeconfig_path: PathBuf,
@@ -356,12 +371,14 @@ impl ControlPlane {
     ) -> Result<(), HarnessError> {
         let port = free_port().map_err(|e| HarnessError::Setup(e.to_string()))?;
         let certs = self.dir.join("certs");
+        let address = self.options.bind_address.clone().unwrap_or_else(|| "127.0.0.1".to_string());
+        let host = if address.contains(':') { format!("[{address}]") } else { address.clone() };
         let mut args = vec![
             format!("--etcd-servers={}", self.etcd_url),
             format!("--cert-dir={}", certs.display()),
             format!("--secure-port={port}"),
-            "--bind-address=127.0.0.1".to_string(),
-            "--advertise-address=127.0.0.1".to_string(),
+            format!("--bind-address={address}"),
+            format!("--advertise-address={address}"),
             format!("--service-cluster-ip-range={}", self.options.service_cidrs),
             format!("--service-node-port-range={}", self.options.node_port_range),
             "--authorization-mode=RBAC".to_string(),
@@ -378,7 +395,7 @@ impl ControlPlane {
         ];
         args.extend(self.options.apiserver_args.iter().cloned());
         self.spawn("kube-apiserver", apiserver, &args)?;
-        self.server = format!("https://127.0.0.1:{port}");
+        self.server = format!("https://{host}:{port}");
 
         let log = self.log_path("kube-apiserver");
         let not_ready = |detail: String| HarnessError::NotReady {

@@ -12,6 +12,7 @@
 
 pub mod certs;
 mod controlplane;
+pub mod datapath;
 pub mod differential;
 pub mod fixtures;
 pub(crate) mod ports;
