@@ -34,7 +34,7 @@ test: setup lint ## Everything CI runs: lint, unit, property and e2e tests
 
 test-datapath: setup ## kube-proxy (nftables) + CoreDNS driven by svcplane's slices, traffic through ip netns (root)
 	$(CARGO) build --locked --bin svcplane
-	$(CARGO) test --locked -p svcplane-e2e --test datapath -- --ignored
+	$(CARGO) test --locked -p svcplane-e2e --test datapath -- --ignored --show-output
 
 demo: setup ## Real control plane + svcplane + examples/, printing Services, slices and allocations
 	$(CARGO) build --locked --bin svcplane
@@ -48,6 +48,7 @@ bench-webhook: setup ## Admission webhook latency at a fixed rate, with and with
 
 bench-datapath: setup ## Pod Ready -> first request through the ClusterIP, p50/p99: svcplane vs kube-controller-manager (root)
 	$(CARGO) build --locked --release --bin svcplane
+	$(CARGO) build --locked --release -p svcplane-e2e --bin echo-server
 	SVCPLANE_BIN=$(CURDIR)/target/release/svcplane $(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-datapath-bench -- $(BENCH_DATAPATH_ARGS)
 
 bench: bench-ipam bench-webhook ## All benchmarks (not part of make test): ipam, then scenario A vs kube-controller-manager
