@@ -56,6 +56,22 @@ impl WriteTracker {
         stale
     }
 
+    /// The watch saw `slice` deleted (by svcplane or anyone else, e.g. the
+    /// garbage collector): no expectation about it can be met any more, so it is
+    /// dropped (upstream's EndpointSliceTracker.HandleDeletion). Without this a
+    /// slice deleted by another actor right after svcplane wrote it would keep its
+    /// owner "stale" forever.
+    pub fn observed_deletion(&self, owner: &str, slice: &str) {
+        let mut owners = self.lock();
+        if let Some(e) = owners.get_mut(owner) {
+            e.written.remove(slice);
+            e.deleted.remove(slice);
+            if e.written.is_empty() && e.deleted.is_empty() {
+                owners.remove(owner);
+            }
+        }
+    }
+
     /// Forgets an owner (it was deleted).
     pub fn forget(&self, owner: &str) {
         self.lock().remove(owner);
@@ -77,6 +93,15 @@ mod tests {
         assert!(t.is_stale("ns/web", &HashMap::new()));
         assert!(!t.is_stale("ns/web", &HashMap::from([("web-abc".to_string(), 1)])));
         assert!(!t.is_stale("ns/web", &HashMap::new()), "met expectations are forgotten");
+    }
+
+    #[test]
+    fn a_written_slice_deleted_by_someone_else_stops_being_awaited() {
+        let t = WriteTracker::default();
+        t.wrote("o", "s", 1);
+        assert!(t.is_stale("o", &HashMap::new()), "created, not seen yet");
+        t.observed_deletion("o", "s");
+        assert!(!t.is_stale("o", &HashMap::new()), "the watch saw it deleted: nothing left to wait for");
     }
 
     #[test]

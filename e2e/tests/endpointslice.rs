@@ -335,3 +335,19 @@ async fn pod_label_change_moves_it_between_services() {
     wait_slices(&ns, "green", "p in green", |n| n.endpoint_count() == 1).await;
     wait_slices(&ns, "blue", "p gone from blue", |n| n.endpoint_count() == 0).await;
 }
+
+#[tokio::test]
+async fn a_slice_deleted_by_someone_else_is_written_again() {
+    let (_client, ns) = setup("slice-recreate").await;
+    ns.create(&mk_service("r", &[("app", "r")], vec![mk_port("http", 80, "8080")])).await;
+    ns.running_pod(mk_pod("r-0", &[("app", "r")], "node-a", &[]), &["10.14.0.1"], true).await;
+    wait_slices(&ns, "r", "1 endpoint", |n| n.endpoint_count() == 1).await;
+    // As a user's kubectl delete or the garbage collector would.
+    let api = ns.api::<EndpointSlice>();
+    for slice in slices_of(&api, "r", SVCPLANE).await {
+        api.delete(&slice.metadata.name.unwrap_or_default(), &DeleteParams::default())
+            .await
+            .expect("delete slice");
+    }
+    wait_slices(&ns, "r", "the slice written again", |n| n.endpoint_count() == 1).await;
+}

@@ -10,7 +10,7 @@ use crate::{metrics::ControllerKind, mirroring::plan_mirrored_slices};
 #[tracing::instrument(skip(ctx), fields(endpoints = %key))]
 pub async fn reconcile(key: &Key, ctx: &Context) -> Result<(), Error> {
     let mut timer = ctx.metrics.sync(ControllerKind::mirroring);
-    let owner = format!("mirroring/{key}");
+    let owner = super::tracker_owner(&ControllerKind::mirroring, key);
     let existing = ctx.indexes.slices_of(&ctx.stores, key, &ctx.mirroring_config.managed_by);
     if ctx.tracker.is_stale(&owner, &apply::observed(&existing)) {
         timer.result("stale");

@@ -52,6 +52,10 @@ pub struct ControllerArgs {
     /// Writes each controller may send at once after idling (--kube-api-burst).
     #[arg(long, default_value_t = 100)]
     pub kube_api_burst: u32,
+    /// A Service synced less than this many milliseconds ago waits until then:
+    /// isolated changes sync at once, a burst costs one more write (0: off).
+    #[arg(long, default_value_t = 100)]
+    pub min_sync_interval_ms: u64,
 }
 
 impl Default for ControllerArgs {
@@ -63,6 +67,7 @@ impl Default for ControllerArgs {
             concurrency: 5,
             kube_api_qps: 50,
             kube_api_burst: 100,
+            min_sync_interval_ms: 100,
         }
     }
 }
@@ -139,8 +144,9 @@ pub struct Context {
     pub slice_config: SliceConfig,
     /// Mirroring planner settings.
     pub mirroring_config: MirroringConfig,
-    /// svcplane's own slice writes not yet seen in the store.
-    pub tracker: WriteTracker,
+    /// svcplane's own slice writes not yet seen in the store (shared with the
+    /// router, which reports observed deletions).
+    pub tracker: Arc<WriteTracker>,
     /// Endpoints objects written and their resourceVersion, for the stale check.
     pub endpoints_tracker: std::sync::Mutex<std::collections::HashMap<Key, String>>,
     /// Trigger times (last-change-trigger-time annotation), per controller.
@@ -204,12 +210,16 @@ pub async fn run(
             return Err(RunError::UnknownController(c.clone()));
         }
     }
+    let interval = Duration::from_millis(args.min_sync_interval_ms);
+    let new_queue = || queue::WorkQueue::with_min_interval(interval);
     let queues = Queues {
-        slices: wants("endpointslice").then(queue::WorkQueue::new),
-        endpoints: wants("endpoints").then(queue::WorkQueue::new),
-        mirroring: wants("mirroring").then(queue::WorkQueue::new),
+        slices: wants("endpointslice").then(new_queue),
+        endpoints: wants("endpoints").then(new_queue),
+        mirroring: wants("mirroring").then(new_queue),
     };
-    let (stores, indexes, mut synced, watch_tasks) = state::start_watches(&client, queues.clone());
+    let tracker = Arc::new(WriteTracker::default());
+    let (stores, indexes, mut synced, watch_tasks) =
+        state::start_watches(&client, queues.clone(), tracker.clone());
     let reporter = Reporter {
         controller: "svcplane".into(),
         instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
@@ -231,7 +241,7 @@ pub async fn run(
             max_endpoints_per_subset: args.mirroring_max_endpoints_per_subset.into(),
             ..MirroringConfig::default()
         },
-        tracker: WriteTracker::default(),
+        tracker,
         endpoints_tracker: Default::default(),
         slice_trigger_times: Default::default(),
         endpoints_trigger_times: Default::default(),
@@ -349,6 +359,11 @@ async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: Cont
             }
         }
     }
+}
+
+/// The tracker's name for the slices `controller` writes for `key`.
+pub(crate) fn tracker_owner(controller: &ControllerKind, key: &Key) -> String {
+    format!("{controller:?}/{key}")
 }
 
 /// The Service of `key` from the store.

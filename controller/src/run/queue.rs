@@ -4,6 +4,11 @@
 //! gone, which upstream's controllers rely on (a deleted Service's Endpoints, a
 //! deleted Endpoints' mirrored slices) and kube-runtime's Controller cannot express
 //! (it only reconciles objects present in its store).
+//!
+//! With a minimum interval, a key processed less than that long ago waits until
+//! the interval has passed: an isolated change is processed at once (no added
+//! latency), and a burst of changes to one key (ten Pods of a Service turning
+//! Ready together) costs at most one more sync, so one more write.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -12,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 
 /// The queue; clone the `Arc` to share it between the router and the workers.
 #[derive(Debug)]
@@ -29,6 +34,10 @@ struct State<K> {
     dirty: HashSet<K>,
     /// Consecutive failures per key, for exponential backoff.
     failures: std::collections::HashMap<K, u32>,
+    /// Keys held back by the minimum interval, and when each was last started.
+    waiting: HashSet<K>,
+    last_started: std::collections::HashMap<K, Instant>,
+    min_interval: Duration,
     closed: bool,
 }
 
@@ -38,8 +47,13 @@ const RETRY_BASE: Duration = Duration::from_millis(5);
 const RETRY_MAX_DOUBLINGS: u32 = 12;
 
 impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
-    /// An empty queue.
+    /// An empty queue without a minimum interval.
     pub fn new() -> Arc<Self> {
+        Self::with_min_interval(Duration::ZERO)
+    }
+
+    /// An empty queue whose keys are processed at most once per `min_interval`.
+    pub fn with_min_interval(min_interval: Duration) -> Arc<Self> {
         Arc::new(WorkQueue {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -47,6 +61,9 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 active: HashSet::new(),
                 dirty: HashSet::new(),
                 failures: std::collections::HashMap::new(),
+                waiting: HashSet::new(),
+                last_started: std::collections::HashMap::new(),
+                min_interval,
                 closed: false,
             }),
             notify: Notify::new(),
@@ -58,15 +75,40 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     }
 
     /// Queues `key` unless it is queued already; if it is being processed, it is
-    /// queued again when that finishes.
-    pub fn add(&self, key: K) {
-        let mut s = self.lock();
-        if s.closed {
+    /// queued again when that finishes; if it was started less than the minimum
+    /// interval ago, it is queued when the interval has passed.
+    pub fn add(self: &Arc<Self>, key: K) {
+        let s = self.lock();
+        self.schedule(s, key);
+    }
+
+    fn schedule(self: &Arc<Self>, mut s: std::sync::MutexGuard<'_, State<K>>, key: K) {
+        if s.closed || s.queued.contains(&key) || s.waiting.contains(&key) {
             return;
         }
         if s.active.contains(&key) {
             s.dirty.insert(key);
-        } else if s.queued.insert(key.clone()) {
+            return;
+        }
+        let ready_at = s.last_started.get(&key).map(|started| *started + s.min_interval);
+        if let Some(at) = ready_at
+            && at > Instant::now()
+        {
+            s.waiting.insert(key.clone());
+            drop(s);
+            let queue = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let mut s = queue.lock();
+                if s.waiting.remove(&key) && !s.closed && s.queued.insert(key.clone()) {
+                    s.queue.push_back(key);
+                    drop(s);
+                    queue.notify.notify_one();
+                }
+            });
+            return;
+        }
+        if s.queued.insert(key.clone()) {
             s.queue.push_back(key);
             drop(s);
             self.notify.notify_one();
@@ -113,6 +155,9 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 if let Some(key) = s.queue.pop_front() {
                     s.queued.remove(&key);
                     s.active.insert(key.clone());
+                    if !s.min_interval.is_zero() {
+                        s.last_started.insert(key.clone(), Instant::now());
+                    }
                     if !s.queue.is_empty() {
                         // Wake another worker for the rest.
                         self.notify.notify_one();
@@ -125,13 +170,11 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     }
 
     /// Marks `key` processed; requeues it if it was added meanwhile.
-    pub fn done(&self, key: &K) {
+    pub fn done(self: &Arc<Self>, key: &K) {
         let mut s = self.lock();
         s.active.remove(key);
-        if s.dirty.remove(key) && s.queued.insert(key.clone()) {
-            s.queue.push_back(key.clone());
-            drop(s);
-            self.notify.notify_one();
+        if s.dirty.remove(key) {
+            self.schedule(s, key.clone());
         }
     }
 
@@ -181,6 +224,28 @@ mod tests {
         assert_eq!(q.retry_after_failure("k"), Duration::from_millis(20));
         q.forget(&"k");
         assert_eq!(q.retry_after_failure("k"), Duration::from_millis(10));
+        q.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_key_synced_recently_waits_for_the_interval_and_collapses_a_burst() {
+        let q = WorkQueue::with_min_interval(Duration::from_millis(200));
+        q.add("svc");
+        let k = q.next().await.unwrap();
+        q.done(&k);
+        let started = Instant::now();
+        for _ in 0..10 {
+            q.add("svc");
+        }
+        assert_eq!(q.len(), 0, "held back, not queued at once");
+        let again =
+            tokio::time::timeout(Duration::from_secs(5), q.next()).await.expect("queued after the interval");
+        assert_eq!(again, Some("svc"));
+        assert!(started.elapsed() >= Duration::from_millis(150), "waited for the interval");
+        q.done(&"svc");
+        assert_eq!(q.len(), 0, "ten adds made one sync");
+        q.add("other");
+        assert_eq!(q.len(), 1, "a key not synced recently is queued at once");
         q.shutdown();
     }
 

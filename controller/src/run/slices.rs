@@ -17,7 +17,7 @@ use crate::{
 #[tracing::instrument(skip(ctx), fields(service = %key))]
 pub async fn reconcile(key: &Key, ctx: &Context) -> Result<(), Error> {
     let mut timer = ctx.metrics.sync(ControllerKind::endpointslice);
-    let owner = format!("endpointslice/{key}");
+    let owner = super::tracker_owner(&ControllerKind::endpointslice, key);
     let existing = ctx.indexes.slices_of(&ctx.stores, key, &ctx.slice_config.managed_by);
     if ctx.tracker.is_stale(&owner, &apply::observed(&existing)) {
         timer.result("stale");

@@ -27,7 +27,10 @@ use super::{Key, queue::WorkQueue};
 use crate::{
     endpointslice::{NodeInfo, NodeLookup},
     index::SelectorIndex,
-    labels, trim,
+    labels,
+    metrics::ControllerKind,
+    tracker::WriteTracker,
+    trim,
 };
 
 /// Reflector stores of everything the controllers read.
@@ -106,6 +109,7 @@ impl NodeLookup for Store<Node> {
 pub fn start_watches(
     client: &Client,
     queues: Queues,
+    tracker: Arc<WriteTracker>,
 ) -> (Stores, Arc<Indexes>, watch::Receiver<bool>, Vec<tokio::task::JoinHandle<()>>) {
     let indexes = Arc::new(Indexes::default());
     let (svc_reader, svc_writer) = reflector::store::<Service>();
@@ -248,6 +252,14 @@ pub fn start_watches(
             let Some(owner) = slice.labels().get(labels::SERVICE_NAME).cloned() else { return };
             let managed_by = slice.labels().get(labels::MANAGED_BY).cloned().unwrap_or_default();
             let key = Key { namespace: slice.namespace().unwrap_or_default(), name: owner };
+            let controller = match managed_by.as_str() {
+                labels::SVCPLANE_SLICE_CONTROLLER => Some(ControllerKind::endpointslice),
+                labels::SVCPLANE_MIRRORING_CONTROLLER => Some(ControllerKind::mirroring),
+                _ => None,
+            };
+            if deleted && let Some(controller) = &controller {
+                tracker.observed_deletion(&super::tracker_owner(controller, &key), &slice.name_any());
+            }
             {
                 let mut by_owner = write(&indexes.slices_by_owner);
                 let entry = by_owner
