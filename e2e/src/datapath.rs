@@ -453,6 +453,9 @@ pub fn ipvs_unavailable_reason() -> Option<String> {
     }
     let ipvsadm = match run("ipvsadm", &["-L", "-n"]) {
         Ok(_) => "ipvsadm -L -n succeeded".to_string(),
+        Err(DatapathError::Command { stderr, .. }) if stderr.contains("No such file or directory") => {
+            "ipvsadm is not installed".to_string()
+        }
         Err(DatapathError::Command { stderr, .. }) => format!("ipvsadm -L -n: {stderr}"),
         Err(e) => e.to_string(),
     };
