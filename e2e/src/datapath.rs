@@ -117,7 +117,7 @@ impl Network {
             .keep();
         fs::create_dir_all(dir.join("logs")).map_err(|e| DatapathError::Setup(e.to_string()))?;
         let (root_ip, node_ip) = free_link_subnet()?;
-        let net = Network {
+        let mut net = Network {
             node_netns: format!("{NETNS_PREFIX}{tag}-node"),
             root_ip,
             node_ip,
@@ -129,7 +129,6 @@ impl Network {
             children: Mutex::new(Vec::new()),
         };
         net.spawn_reaper()?;
-        let mut net = net;
         net.build_node()?;
         Ok(net)
     }
@@ -475,13 +474,6 @@ pub fn sibling_bin(name: &str) -> PathBuf {
         dir.pop();
     }
     dir.join(name)
-}
-
-/// Reads a whole file, or an empty string.
-pub fn read_log(path: &Path) -> String {
-    let mut s = String::new();
-    let _ = fs::File::open(path).and_then(|mut f| f.read_to_string(&mut s));
-    s
 }
 
 /// Where CoreDNS listens inside the node namespace.

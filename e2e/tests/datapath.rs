@@ -23,6 +23,7 @@ use svcplane_e2e::{
     },
     fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready},
     shared_with,
+    slices::{SVCPLANE_MIRROR, slices_of},
     wait::eventually,
 };
 
@@ -354,6 +355,9 @@ async fn selectorless_service_with_hand_written_endpoints_reaches_a_server_in_an
     .await;
     let ip = cluster_ips(&ns, "legacy").await[0].clone();
     eventually_served_by(&ip, 80, 5, &["legacy"]).await;
+    // What kube-proxy followed is svcplane's mirrored slice (nothing else writes slices here).
+    let mirrored = slices_of(&ns.api(), "legacy", SVCPLANE_MIRROR).await;
+    assert_eq!(mirrored.len(), 1, "svcplane's mirrored slices of legacy: {mirrored:?}");
 }
 
 #[tokio::test]
