@@ -275,7 +275,7 @@ impl ControlPlane {
             }
         }
         if let Some(kcm) = kcm {
-            self.start_controller_manager(&kcm)?;
+            self.start_controller_manager(&kcm, &self.options.controller_manager_args)?;
         }
         Ok(())
     }
@@ -433,7 +433,16 @@ impl ControlPlane {
         .map_err(not_ready)
     }
 
-    fn start_controller_manager(&self, kcm: &Path) -> Result<(), HarnessError> {
+    /// Stops kube-controller-manager and starts it again with `extra_args` in place
+    /// of the options' (e.g. another --kube-api-qps); same controllers.
+    pub fn restart_controller_manager(&self, extra_args: &[String]) -> Result<(), HarnessError> {
+        let bins = self.options.bin_dir.clone().unwrap_or_else(bin_dir);
+        let kcm = binary(&bins, "kube-controller-manager")?;
+        self.stop_component("kube-controller-manager");
+        self.start_controller_manager(&kcm, extra_args)
+    }
+
+    fn start_controller_manager(&self, kcm: &Path, extra_args: &[String]) -> Result<(), HarnessError> {
         let mut args = vec![
             format!("--kubeconfig={}", self.kubeconfig_path.display()),
             format!("--controllers={}", self.options.controllers.join(",")),
@@ -444,7 +453,7 @@ impl ControlPlane {
             "--endpoint-updates-batch-period=0".to_string(),
             "--endpointslice-updates-batch-period=0".to_string(),
         ];
-        args.extend(self.options.controller_manager_args.iter().cloned());
+        args.extend(extra_args.iter().cloned());
         self.spawn("kube-controller-manager", kcm, &args)
     }
 
