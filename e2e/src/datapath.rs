@@ -129,6 +129,7 @@ impl Network {
             children: Mutex::new(Vec::new()),
         };
         net.spawn_reaper()?;
+        keep_on_panic(&net.dir);
         net.build_node()?;
         Ok(net)
     }
@@ -311,6 +312,24 @@ impl Drop for Network {
             let _ = ip(&["netns", "del", &ns]);
         }
     }
+}
+
+/// On a test panic, keep the network's folder (kube-proxy, CoreDNS and echo-server
+/// logs) and say where it is.
+fn keep_on_panic(dir: &Path) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    let dir = dir.to_path_buf();
+    HOOK.call_once(move || {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = fs::write(dir.join("KEEP"), b"a test panicked\n");
+            eprintln!(
+                "data-path logs kept in {}/logs (kube-proxy.log, coredns.log, echo-*.log)",
+                dir.display()
+            );
+            previous(info);
+        }));
+    });
 }
 
 fn append_line(path: &Path, line: &str) {

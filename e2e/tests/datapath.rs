@@ -116,14 +116,14 @@ async fn cluster_ips(ns: &TestNamespace, name: &str) -> Vec<String> {
 }
 
 /// Sends `n` HTTP requests, each on a new connection, from the node namespace to
-/// `ip:port`; counts answers by Pod name (failures under "<error>").
+/// `ip:port`; counts answers by Pod name (failures as "<error: why>").
 async fn spread(ip: &str, port: u16, n: usize) -> BTreeMap<String, usize> {
     let addr = socket_addr(ip, port).expect("address");
     let mut seen = BTreeMap::new();
     for _ in 0..n {
         let who = http_get_from(&world().net.node_netns, addr, REQUEST_TIMEOUT)
             .await
-            .unwrap_or_else(|_| "<error>".into());
+            .unwrap_or_else(|e| format!("<error: {e}>"));
         *seen.entry(who).or_insert(0) += 1;
     }
     seen
