@@ -104,3 +104,38 @@ async fn hand_written_endpoints_of_a_selectorless_service_are_left_alone() {
     let after = ns.api::<Endpoints>().get("db").await.expect("db endpoints");
     assert_eq!(after.metadata.resource_version, created.metadata.resource_version, "untouched");
 }
+
+#[tokio::test]
+async fn hand_written_endpoints_created_before_their_service_are_kept() {
+    let ns = setup("ep-early").await;
+    let ep: Endpoints = serde_json::from_value(json!({
+        "metadata": {"name": "early"},
+        "subsets": [{"addresses": [{"ip": "192.0.2.60"}], "ports": [{"name": "sql", "port": 5432}]}]
+    }))
+    .expect("endpoints");
+    let created = ns.api::<Endpoints>().create(&PostParams::default(), &ep).await.expect("create");
+    // Once a later selector Service has its Endpoints, the controller has seen the
+    // earlier events; the hand-written object, whose Service does not exist yet,
+    // must still be there (upstream only syncs Endpoints on deletion).
+    ns.create(&mk_service("marker", &[("app", "m")], vec![mk_port("http", 80, "80")])).await;
+    wait_endpoints(
+        &ns,
+        "marker",
+        &["label endpoints.kubernetes.io/managed-by=endpoint-controller", "label team=e2e"],
+    )
+    .await;
+    let after =
+        ns.api::<Endpoints>().get_opt("early").await.expect("get").expect("hand-written Endpoints kept");
+    assert_eq!(after.metadata.resource_version, created.metadata.resource_version, "untouched");
+    ns.create(&mk_service("early", &[], vec![mk_port("sql", 5432, "5432")])).await;
+    wait_endpoints(
+        &ns,
+        "marker",
+        &["label endpoints.kubernetes.io/managed-by=endpoint-controller", "label team=e2e"],
+    )
+    .await;
+    assert!(
+        ns.api::<Endpoints>().get_opt("early").await.expect("get").is_some(),
+        "kept once the Service exists"
+    );
+}

@@ -291,9 +291,14 @@ pub fn start_watches(
                 .modify(trim::trim_endpoints),
         );
         tasks.push(tokio::spawn(route(stream, "endpoints", synced, move |ev| match ev {
-            watcher::Event::Apply(ep) | watcher::Event::InitApply(ep) | watcher::Event::Delete(ep) => {
-                queues.endpoints_changed(&Key::of(&ep));
+            // Mirroring follows every change of a hand-written Endpoints. The
+            // Endpoints controller, as upstream's, only follows deletions (to write
+            // its own object again): syncing on an add would delete a user's
+            // Endpoints that arrives before its selectorless Service.
+            watcher::Event::Apply(ep) | watcher::Event::InitApply(ep) => {
+                queues.mirroring.iter().for_each(|q| q.add(Key::of(&ep)));
             }
+            watcher::Event::Delete(ep) => queues.endpoints_deleted(&Key::of(&ep)),
             watcher::Event::Init | watcher::Event::InitDone => {}
         })));
     }
@@ -314,7 +319,7 @@ impl Queues {
         }
     }
 
-    fn endpoints_changed(&self, key: &Key) {
+    fn endpoints_deleted(&self, key: &Key) {
         for q in [&self.endpoints, &self.mirroring].into_iter().flatten() {
             q.add(key.clone());
         }
