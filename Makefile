@@ -28,9 +28,10 @@ e2e: setup ## End-to-end tests against a real kube-apiserver + etcd
 	$(CARGO) build --locked --bin svcplane
 	$(CARGO) test --locked -p svcplane-e2e
 
-test: setup lint ## Everything CI runs: lint, unit, property and e2e tests
+test: setup lint ## Everything CI runs: lint, unit, property and e2e tests, the data path
 	$(CARGO) build --locked --bin svcplane
 	$(CARGO) test --workspace --locked
+	@$(MAKE) --no-print-directory test-datapath
 
 test-datapath: setup ## kube-proxy (nftables) + CoreDNS driven by svcplane's slices, traffic through ip netns (root)
 	$(CARGO) build --locked --bin svcplane
