@@ -604,8 +604,16 @@ fn plot(rows: &[(String, [f64; 4])], path: &std::path::Path) -> Result<(), Box<d
         .build_cartesian_2d(0f64..rows.len() as f64, 0f64..max * 1.1)?;
     chart
         .configure_mesh()
-        .x_labels(rows.len())
-        .x_label_formatter(&|x| rows.get(x.floor() as usize).map(|(n, _)| n.clone()).unwrap_or_default())
+        // Labels every half unit; only the centre of each group (i + 0.5) is named.
+        .x_labels(rows.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let centre = (x - x.floor() - 0.5).abs() < 0.01;
+            if centre {
+                rows.get(x.floor() as usize).map(|(n, _)| n.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
         .y_desc("ratio")
         .draw()?;
     let colours = [BLUE, RED, GREEN, MAGENTA];
@@ -622,13 +630,39 @@ fn plot(rows: &[(String, [f64; 4])], path: &std::path::Path) -> Result<(), Box<d
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
     }
     chart.draw_series(LineSeries::new([(0.0, 1.0), (rows.len() as f64, 1.0)], BLACK))?;
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }
 
+/// The ratio lines of a `scenarios.md` ("- KEY: a x, b x, c x, d x").
+fn parse_ratios(markdown: &str) -> Vec<(String, [f64; 4])> {
+    markdown
+        .lines()
+        .filter_map(|l| {
+            let (key, rest) = l.strip_prefix("- ")?.split_once(": ")?;
+            let values: Vec<f64> =
+                rest.split(", ").filter_map(|v| v.trim_end_matches('x').parse().ok()).collect();
+            let values: [f64; 4] = values.try_into().ok()?;
+            Some((key.to_string(), values))
+        })
+        .collect()
+}
+
 #[tokio::main]
 async fn main() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    if std::env::args().nth(1).as_deref() == Some("--replot") {
+        // Redraw the plot from the last run's table, without running anything.
+        let table = std::fs::read_to_string(dir.join("scenarios.md")).expect("bench/results/scenarios.md");
+        plot(&parse_ratios(&table), &dir.join("ratios.svg")).expect("plot");
+        return;
+    }
     let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let n = |x: usize| ((x as f64 * scale).round() as usize).max(1);
     let only: Vec<String> = std::env::args().skip(1).collect();
@@ -740,12 +774,33 @@ async fn main() {
             writeln!(table, "\nsvcplane reconcile profile (its sync histograms):\n\n{}", profiles.join("\n"));
     }
     println!("{table}");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("scenarios.md"), &table);
     if !ratios.is_empty()
         && let Err(e) = plot(&ratios, &dir.join("ratios.svg"))
     {
         eprintln!("[bench] plot failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_lines_parse_and_every_scenario_is_labelled_in_the_plot() {
+        let table = "Ratios:\n\n- A: 0.97x, 0.99x, 0.24x, 0.58x\n- B: 0.98x, 1.00x, 0.11x, 0.64x\n- node-deletion: 0.70x, 0.83x, 0.21x, 0.33x\n- nonsense line\n";
+        let rows = parse_ratios(table);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1], ("B".to_string(), [0.98, 1.00, 0.11, 0.64]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ratios.svg");
+        plot(&rows, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // plotters writes each text element's content on a line of its own.
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        for (name, _) in &rows {
+            assert!(texts.contains(&name.as_str()), "label {name} drawn");
+        }
     }
 }
