@@ -23,6 +23,18 @@ async fn setup(prefix: &str) -> TestNamespace {
     TestNamespace::new(&client, prefix).await
 }
 
+/// Creates a selector Service `marker` and waits for its Endpoints: once they
+/// exist, the controller has processed every earlier event of the namespace.
+async fn caught_up(ns: &TestNamespace, marker: &str) {
+    ns.create(&mk_service(marker, &[("app", "m")], vec![mk_port("http", 80, "80")])).await;
+    wait_endpoints(
+        ns,
+        marker,
+        &["label endpoints.kubernetes.io/managed-by=endpoint-controller", "label team=e2e"],
+    )
+    .await;
+}
+
 async fn wait_endpoints(ns: &TestNamespace, name: &str, want: &[&str]) {
     let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     eventually(&format!("Endpoints {name}"), Duration::from_secs(30), || {
@@ -94,13 +106,7 @@ async fn hand_written_endpoints_of_a_selectorless_service_are_left_alone() {
     let created = ns.api::<Endpoints>().create(&PostParams::default(), &ep).await.expect("create");
     // A selector Service created afterwards: once its Endpoints appear, the
     // controller has processed the earlier events too.
-    ns.create(&mk_service("marker", &[("app", "m")], vec![mk_port("http", 80, "80")])).await;
-    wait_endpoints(
-        &ns,
-        "marker",
-        &["label endpoints.kubernetes.io/managed-by=endpoint-controller", "label team=e2e"],
-    )
-    .await;
+    caught_up(&ns, "marker-1").await;
     let after = ns.api::<Endpoints>().get("db").await.expect("db endpoints");
     assert_eq!(after.metadata.resource_version, created.metadata.resource_version, "untouched");
 }
@@ -117,23 +123,12 @@ async fn hand_written_endpoints_created_before_their_service_are_kept() {
     // Once a later selector Service has its Endpoints, the controller has seen the
     // earlier events; the hand-written object, whose Service does not exist yet,
     // must still be there (upstream only syncs Endpoints on deletion).
-    ns.create(&mk_service("marker", &[("app", "m")], vec![mk_port("http", 80, "80")])).await;
-    wait_endpoints(
-        &ns,
-        "marker",
-        &["label endpoints.kubernetes.io/managed-by=endpoint-controller", "label team=e2e"],
-    )
-    .await;
+    caught_up(&ns, "marker-1").await;
     let after =
         ns.api::<Endpoints>().get_opt("early").await.expect("get").expect("hand-written Endpoints kept");
     assert_eq!(after.metadata.resource_version, created.metadata.resource_version, "untouched");
     ns.create(&mk_service("early", &[], vec![mk_port("sql", 5432, "5432")])).await;
-    wait_endpoints(
-        &ns,
-        "marker",
-        &["label endpoints.kubernetes.io/managed-by=endpoint-controller", "label team=e2e"],
-    )
-    .await;
+    caught_up(&ns, "marker-2").await;
     assert!(
         ns.api::<Endpoints>().get_opt("early").await.expect("get").is_some(),
         "kept once the Service exists"
