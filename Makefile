@@ -1,6 +1,13 @@
 # svcplane: `make demo` and `make test` do all the set-up on a fresh machine.
 SHELL := /bin/bash
 CARGO ?= cargo
+# Every build goes through the whole workspace with tests selected, so Cargo
+# resolves one feature set and builds each dependency once. Selecting one
+# package (`-p svcplane-e2e`, or the root package by default) resolves other
+# features and compiles a second copy of most of the tree.
+BUILD := $(CARGO) build --workspace --locked --bins --tests
+BUILD_RELEASE := $(CARGO) build --workspace --locked --release --bins
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup controlplane lint unit e2e test test-datapath demo bench bench-ipam bench-webhook bench-datapath fmt
@@ -25,33 +32,33 @@ unit: ## Unit and property tests (no control plane)
 	$(CARGO) test --workspace --locked --lib --bins
 
 e2e: setup ## End-to-end tests against a real kube-apiserver + etcd
-	$(CARGO) build --locked --bin svcplane
-	$(CARGO) test --locked -p svcplane-e2e
+	$(BUILD)
+	$(CARGO) test --workspace --locked --test '*'
 
 test: setup lint ## Everything CI runs: lint, unit, property and e2e tests, the data path
-	$(CARGO) build --locked --bin svcplane
+	$(BUILD)
 	$(CARGO) test --workspace --locked
 	@$(MAKE) --no-print-directory test-datapath
 
 test-datapath: setup ## kube-proxy (nftables) + CoreDNS driven by svcplane's slices, traffic through ip netns (root)
-	$(CARGO) build --locked --bin svcplane
-	$(CARGO) test --locked -p svcplane-e2e --test datapath -- --ignored --show-output
+	$(BUILD)
+	$(CARGO) test --workspace --locked --test datapath -- --ignored --show-output
 
 demo: setup ## Real control plane + svcplane + examples/, printing Services, slices and allocations
-	$(CARGO) build --locked --bin svcplane
-	$(CARGO) run --locked -q -p svcplane-e2e --bin svcplane-demo
+	$(BUILD)
+	$(TARGET_DIR)/debug/svcplane-demo
 
 bench-ipam: setup ## ipam benchmarks against upstream's allocator, with ratios
 	bash ipam/bench.sh
 
 bench-webhook: setup ## Admission webhook latency at a fixed rate, with and without it (ratio)
-	$(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-webhook-bench -- $(BENCH_WEBHOOK_ARGS)
+	$(BUILD_RELEASE)
+	$(TARGET_DIR)/release/svcplane-webhook-bench $(BENCH_WEBHOOK_ARGS)
 
 bench-datapath: setup ## Pod Ready -> first request through the ClusterIP, p50/p99: svcplane vs kube-controller-manager (root)
-	$(CARGO) build --locked --release --bin svcplane
-	$(CARGO) build --locked --release -p svcplane-e2e --bin echo-server
-	SVCPLANE_BIN=$(CURDIR)/target/release/svcplane $(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-datapath-bench -- $(BENCH_DATAPATH_ARGS)
+	$(BUILD_RELEASE)
+	SVCPLANE_BIN=$(abspath $(TARGET_DIR))/release/svcplane $(TARGET_DIR)/release/svcplane-datapath-bench $(BENCH_DATAPATH_ARGS)
 
 bench: bench-ipam bench-webhook ## All benchmarks (not part of make test): ipam, then scenario A vs kube-controller-manager
-	$(CARGO) build --locked --release --bin svcplane
-	SVCPLANE_BIN=$(CURDIR)/target/release/svcplane $(CARGO) run --locked --release -q -p svcplane-e2e --bin svcplane-bench -- $(BENCH_ARGS)
+	$(BUILD_RELEASE)
+	SVCPLANE_BIN=$(abspath $(TARGET_DIR))/release/svcplane $(TARGET_DIR)/release/svcplane-bench $(BENCH_ARGS)
