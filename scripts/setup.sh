@@ -8,7 +8,7 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing_debs=()
-for tool in make git curl; do command -v "$tool" >/dev/null || missing_debs+=("$tool"); done
+for tool in make git curl openssl; do command -v "$tool" >/dev/null || missing_debs+=("$tool"); done
 command -v cc >/dev/null || missing_debs+=(build-essential)
 # The data-path suite (make test-datapath): network namespaces, kube-proxy's nftables
 # mode (it runs `nft`, and `iptables` to clean up leftovers) and `dig` for CoreDNS.

@@ -290,3 +290,74 @@ async fn self_signed_mode_adds_its_ca_to_the_webhook_configurations() {
     assert!(!node_ports(&created).is_empty(), "a real create goes through the self-signed replica");
     server.kill();
 }
+
+/// The certificate a TLS server at `addr` presents, as base64 DER without line
+/// breaks (what a PEM file holds between its markers).
+async fn served_certificate(addr: std::net::SocketAddr) -> String {
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("openssl s_client (make setup installs openssl)");
+    pem_body(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn pem_body(pem: &str) -> String {
+    let begin = "-----BEGIN CERTIFICATE-----";
+    pem.split_once(begin)
+        .and_then(|(_, rest)| rest.split_once("-----END CERTIFICATE-----"))
+        .map(|(body, _)| body.split_whitespace().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn renewed_certificate_files_are_served_without_a_restart_and_oversized_bodies_get_413() {
+    let cp = shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let (certs, mut args) = serving_cert(cp);
+    args.cert_reload_interval = Duration::from_millis(200);
+    args.max_body_bytes = 64 * 1024;
+    let (server, ns) = replica_for_scope(cp, &client, &args, "reload").await;
+    let cert_file = args.tls_cert_file.clone().expect("cert file");
+    let first = pem_body(&std::fs::read_to_string(&cert_file).expect("read cert"));
+    assert_eq!(served_certificate(server.addr).await, first);
+
+    // A renewal as cert-manager or a Secret update does it: new files, same CA.
+    let renewed = cp.ca.server(&["127.0.0.1"]).expect("renewed cert");
+    let key_file = args.tls_key_file.clone().expect("key file");
+    for (path, pem) in [(&key_file, &renewed.key_pem), (&cert_file, &renewed.cert_pem)] {
+        let tmp = certs.path().join("renewing");
+        std::fs::write(&tmp, pem).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+    let second = pem_body(&renewed.cert_pem);
+    assert_ne!(second, first);
+    eventually("the renewed certificate served", Duration::from_secs(20), || async {
+        let served = served_certificate(server.addr).await;
+        if served == second { Ok(()) } else { Err("still the old certificate".to_owned()) }
+    })
+    .await;
+    // The apiserver still reaches the webhook, which still allocates.
+    let created = ns.create(&mk_service("after-renewal", "NodePort", &[(80, None)])).await;
+    assert_eq!(node_ports(&created).len(), 1, "allocated through the renewed certificate");
+
+    // A body over --webhook-max-body-bytes is refused with 413; the server stays up.
+    let ca = tempfile::NamedTempFile::new().expect("ca file");
+    std::fs::write(ca.path(), cp.ca_pem()).expect("write ca");
+    let big = certs.path().join("big.json");
+    std::fs::write(&big, format!("{{\"padding\":\"{}\"}}", "x".repeat(128 * 1024))).expect("write body");
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(ca.path())
+        .args(["-H", "Content-Type: application/json", "--data-binary"])
+        .arg(format!("@{}", big.display()))
+        .arg(format!("https://{}/mutate", server.addr))
+        .output()
+        .await
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "413");
+    ns.create(&mk_service("after-413", "ClusterIP", &[(80, None)])).await;
+    server.kill();
+}
