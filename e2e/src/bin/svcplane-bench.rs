@@ -507,10 +507,20 @@ fn sync_profile(metrics: &str) -> String {
     out
 }
 
+/// What [`latency`] measured.
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Controller CPU during the churn and trials divided by the Pod events it
+    /// saw (every readiness patch), in ms: flat from 100 to 5000 Services when
+    /// the cost of a Pod event does not grow with the namespace.
+    cpu_per_event_ms: f64,
+}
+
 /// Single-Pod latency under load: S Services of one ready Pod each, a background
 /// churn of readiness flips, and trials of one Pod's Ready patch until its slice
-/// shows it ready. Returns (p50, p99) in ms.
-async fn latency(side: Side, services: usize, trials: usize) -> (f64, f64) {
+/// shows it ready; also the controller's CPU per Pod event over the same period.
+async fn latency(side: Side, services: usize, trials: usize) -> Latency {
     let (cp, setup_process, _) = start(side.fast()).await;
     let client = cp.client().await;
     ensure_node(&client, "node-a", "192.0.2.1", None).await;
@@ -529,8 +539,9 @@ async fn latency(side: Side, services: usize, trials: usize) -> (f64, f64) {
         s.slice_ready == services && s.endpoints_ready == services
     })
     .await;
-    let (_svcplane, _pid) = switch_to(&cp, side, setup_process).await;
+    let (_svcplane, pid) = switch_to(&cp, side, setup_process).await;
     settle(&client).await;
+    let (cpu_before, _) = proc_usage(pid);
 
     // Background churn: readiness flips of the upper half, 20 per second.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -546,6 +557,7 @@ async fn latency(side: Side, services: usize, trials: usize) -> (f64, f64) {
                 set_pod_status(&ns.api(), &name, &[&ip(s)], i % 2 == 1).await;
                 i += 1;
             }
+            i
         })
     };
     let slices: Api<EndpointSlice> = ns.api();
@@ -580,10 +592,18 @@ async fn latency(side: Side, services: usize, trials: usize) -> (f64, f64) {
         samples.push(start.elapsed().as_secs_f64() * 1000.0);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = churn.await;
+    let flips = churn.await.unwrap_or(0);
+    // Let the controller finish the last events before reading its CPU.
+    settle(&client).await;
+    let (cpu_after, _) = proc_usage(pid);
+    let events = flips + 2 * trials;
     samples.sort_by(f64::total_cmp);
     let q = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    (q(0.5), q(0.99))
+    Latency {
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        cpu_per_event_ms: (cpu_after - cpu_before) * 1000.0 / events.max(1) as f64,
+    }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -754,15 +774,36 @@ async fn main() {
     }
     if wants("latency") {
         eprintln!("[bench] latency");
-        let services = n(5000);
+        let (small, services) = (n(100), n(5000));
         let trials = 50;
-        let (u50, u99) = latency(throttled.0, services, trials).await;
-        let (s50, s99) = latency(throttled.1, services, trials).await;
+        let u = latency(throttled.0, services, trials).await;
+        let s = latency(throttled.1, services, trials).await;
         let _ = writeln!(
             table,
-            "\nSingle-Pod latency, {services} Services, 20 readiness flips/s in the background, {trials} trials (Ready patch → endpoint ready in the slice):\n\n| controller | p50 (ms) | p99 (ms) |\n|---|---|---|\n| {} | {u50:.0} | {u99:.0} |\n| {} | {s50:.0} | {s99:.0} |",
+            "\nSingle-Pod latency, {services} Services, 20 readiness flips/s in the background, {trials} trials (Ready patch → endpoint ready in the slice):\n\n| controller | p50 (ms) | p99 (ms) |\n|---|---|---|\n| {} | {:.0} | {:.0} |\n| {} | {:.0} | {:.0} |",
             throttled.0.name(),
-            throttled.1.name()
+            u.p50_ms,
+            u.p99_ms,
+            throttled.1.name(),
+            s.p50_ms,
+            s.p99_ms
+        );
+        // The same run with few Services in the namespace: CPU per Pod event should
+        // not grow with the number of Services.
+        eprintln!("[bench] latency with {small} Services (CPU per Pod event)");
+        let u_small = latency(throttled.0, small, trials).await;
+        let s_small = latency(throttled.1, small, trials).await;
+        let _ = writeln!(
+            table,
+            "\nController CPU per Pod event (ms) in the same runs, by Services in the namespace:\n\n| controller | {small} Services | {services} Services | growth |\n|---|---|---|---|\n| {} | {:.3} | {:.3} | {:.2}x |\n| {} | {:.3} | {:.3} | {:.2}x |",
+            throttled.0.name(),
+            u_small.cpu_per_event_ms,
+            u.cpu_per_event_ms,
+            ratio(u.cpu_per_event_ms, u_small.cpu_per_event_ms),
+            throttled.1.name(),
+            s_small.cpu_per_event_ms,
+            s.cpu_per_event_ms,
+            ratio(s.cpu_per_event_ms, s_small.cpu_per_event_ms),
         );
     }
     let _ = writeln!(table, "\nRatios svcplane / upstream (convergence, writes, CPU, peak RSS):\n");
