@@ -52,10 +52,16 @@ pub struct ControllerArgs {
     /// Writes each controller may send at once after idling (--kube-api-burst).
     #[arg(long, default_value_t = 100)]
     pub kube_api_burst: u32,
-    /// A Service synced less than this many milliseconds ago waits until then:
-    /// isolated changes sync at once, a burst costs one more write (0: off).
+    /// A Service synced less than this many milliseconds ago waits until then
+    /// (while a burst lasts, or always with --burst-batch-ms=0): a burst of
+    /// changes to one Service costs at most one more write (0: off).
     #[arg(long, default_value_t = 100)]
     pub min_sync_interval_ms: u64,
+    /// While Services are queued faster than 100 per second, a Service waits this
+    /// many milliseconds before its sync, so Pods changing together are written
+    /// once; a quiet cluster never waits (0: off).
+    #[arg(long, default_value_t = 50)]
+    pub burst_batch_ms: u64,
 }
 
 impl Default for ControllerArgs {
@@ -68,6 +74,7 @@ impl Default for ControllerArgs {
             kube_api_qps: 50,
             kube_api_burst: 100,
             min_sync_interval_ms: 100,
+            burst_batch_ms: 50,
         }
     }
 }
@@ -211,7 +218,8 @@ pub async fn run(
         }
     }
     let interval = Duration::from_millis(args.min_sync_interval_ms);
-    let new_queue = || queue::WorkQueue::with_min_interval(interval);
+    let burst = Duration::from_millis(args.burst_batch_ms);
+    let new_queue = || queue::WorkQueue::with_intervals(interval, burst);
     let queues = Queues {
         slices: wants("endpointslice").then(new_queue),
         endpoints: wants("endpoints").then(new_queue),

@@ -9,6 +9,13 @@
 //! the interval has passed: an isolated change is processed at once (no added
 //! latency), and a burst of changes to one key (ten Pods of a Service turning
 //! Ready together) costs at most one more sync, so one more write.
+//!
+//! With a burst delay, while keys arrive faster than [`BURST_RATE`] a new key
+//! also waits that long before it is queued: under load (a rollout, many Pods
+//! turning Ready at once) the Pods of one Service that change together are
+//! synced, and written, once instead of twice. The minimum interval then holds
+//! only during a burst too: a quiet cluster never waits, so a single Pod's
+//! change (even a Pod flapping) is not slowed down.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -38,7 +45,49 @@ struct State<K> {
     waiting: HashSet<K>,
     last_started: std::collections::HashMap<K, Instant>,
     min_interval: Duration,
+    /// How long a new key waits while keys arrive faster than [`BURST_RATE`].
+    burst_delay: Duration,
+    /// Keys added in the current and the previous [`RATE_WINDOW`].
+    rate: AddRate,
     closed: bool,
+}
+
+/// Adds counted per window, to tell a burst from a quiet cluster.
+#[derive(Debug)]
+struct AddRate {
+    window_start: Instant,
+    current: u32,
+    previous: u32,
+}
+
+/// The window over which the add rate is counted.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+/// Adds per [`RATE_WINDOW`] from which keys are batched (100 per second).
+pub const BURST_RATE: u32 = 10;
+
+impl<K: Eq + Hash> State<K> {
+    fn count_add(&mut self) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.rate.window_start);
+        if elapsed >= RATE_WINDOW {
+            // A window without adds in between means the previous one was quiet.
+            self.rate.previous = if elapsed < 2 * RATE_WINDOW { self.rate.current } else { 0 };
+            self.rate.current = 0;
+            self.rate.window_start = now;
+            // Intervals that have passed no longer hold anything back.
+            let min_interval = self.min_interval;
+            if self.last_started.len() > 1024 {
+                self.last_started.retain(|_, started| now.duration_since(*started) < min_interval);
+            }
+        }
+        self.rate.current = self.rate.current.saturating_add(1);
+    }
+
+    fn bursting(&self, now: Instant) -> bool {
+        !self.burst_delay.is_zero()
+            && now.duration_since(self.rate.window_start) < 2 * RATE_WINDOW
+            && self.rate.current.max(self.rate.previous) > BURST_RATE
+    }
 }
 
 /// First retry delay after a failure; it doubles per consecutive failure.
@@ -54,6 +103,13 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
 
     /// An empty queue whose keys are processed at most once per `min_interval`.
     pub fn with_min_interval(min_interval: Duration) -> Arc<Self> {
+        Self::with_intervals(min_interval, Duration::ZERO)
+    }
+
+    /// An empty queue whose keys are processed at most once per `min_interval`,
+    /// and wait `burst_delay` before their first sync while keys arrive faster
+    /// than [`BURST_RATE`].
+    pub fn with_intervals(min_interval: Duration, burst_delay: Duration) -> Arc<Self> {
         Arc::new(WorkQueue {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -64,6 +120,8 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 waiting: HashSet::new(),
                 last_started: std::collections::HashMap::new(),
                 min_interval,
+                burst_delay,
+                rate: AddRate { window_start: Instant::now(), current: 0, previous: 0 },
                 closed: false,
             }),
             notify: Notify::new(),
@@ -78,7 +136,8 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     /// queued again when that finishes; if it was started less than the minimum
     /// interval ago, it is queued when the interval has passed.
     pub fn add(self: &Arc<Self>, key: K) {
-        let s = self.lock();
+        let mut s = self.lock();
+        s.count_add();
         self.schedule(s, key);
     }
 
@@ -90,9 +149,17 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             s.dirty.insert(key);
             return;
         }
-        let ready_at = s.last_started.get(&key).map(|started| *started + s.min_interval);
+        let now = Instant::now();
+        let bursting = s.bursting(now);
+        // With burst batching on, the minimum interval also holds only during a
+        // burst: in a quiet cluster a Pod that flaps is followed at once.
+        let interval_ends = (bursting || s.burst_delay.is_zero())
+            .then(|| s.last_started.get(&key).map(|started| *started + s.min_interval))
+            .flatten();
+        let batch_ends = bursting.then(|| now + s.burst_delay);
+        let ready_at = interval_ends.max(batch_ends);
         if let Some(at) = ready_at
-            && at > Instant::now()
+            && at > now
         {
             s.waiting.insert(key.clone());
             drop(s);
@@ -246,6 +313,48 @@ mod tests {
         assert_eq!(q.len(), 0, "ten adds made one sync");
         q.add("other");
         assert_eq!(q.len(), 1, "a key not synced recently is queued at once");
+        q.shutdown();
+    }
+
+    #[tokio::test]
+    async fn under_a_burst_new_keys_wait_and_each_syncs_once_but_a_quiet_key_does_not_wait() {
+        let q = WorkQueue::with_intervals(Duration::from_millis(100), Duration::from_millis(200));
+        q.add(0);
+        assert_eq!(q.len(), 1, "quiet: queued at once");
+        // More than BURST_RATE keys in one window, each added three times.
+        for round in 0..3 {
+            for k in 1..=2 * BURST_RATE {
+                q.add(k);
+                // Key 0 was the first add: up to BURST_RATE adds go through.
+                if round == 0 && k < BURST_RATE {
+                    assert_eq!(q.len(), k as usize + 1, "below the rate key {k} is queued at once");
+                }
+            }
+        }
+        let held = q.len();
+        assert_eq!(held, BURST_RATE as usize, "past the rate, new keys wait");
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        while seen.len() < 2 * BURST_RATE as usize + 1 {
+            let k = tokio::time::timeout(Duration::from_secs(5), q.next()).await.expect("key").expect("open");
+            seen.push(k);
+            q.done(&k);
+        }
+        assert!(started.elapsed() >= Duration::from_millis(150), "the held keys waited for the delay");
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 2 * BURST_RATE as usize + 1, "every key synced exactly once");
+        assert_eq!(q.len(), 0);
+
+        // After a quiet spell, a key is queued at once again, even one synced
+        // less than the minimum interval ago.
+        tokio::time::sleep(3 * RATE_WINDOW).await;
+        q.add(99);
+        assert_eq!(q.len(), 1, "quiet again: no delay");
+        let k = q.next().await.expect("open");
+        q.done(&k);
+        q.add(99);
+        assert_eq!(q.len(), 1, "quiet: the minimum interval does not hold");
         q.shutdown();
     }
 
