@@ -252,9 +252,15 @@ async fn ineligible_pods_are_left_out() {
     ns.running_pod(mk_pod("other-label", &[("app", "y")], "node-a", &[]), &["10.9.0.4"], true).await;
     ns.running_pod(mk_pod("failed", &[("app", "x")], "node-a", &[]), &["10.9.0.5"], false).await;
     svcplane_e2e::fixtures::set_pod_phase(&ns.api(), "failed", "Failed").await;
-    // "good" is added last so that, once it shows, every other Pod has been seen.
+    // "late-good" is added last: Pod events arrive in order, so a sync that shows
+    // it has seen every change above (an earlier sync may still show "failed"
+    // as a not-ready Running Pod).
     ns.running_pod(mk_pod("late-good", &[("app", "x")], "node-b", &[]), &["10.9.0.6"], true).await;
-    let n = wait_slices(&ns, "x", "the two eligible endpoints", |n| n.endpoint_count() == 2).await;
+    let n = wait_slices(&ns, "x", "late-good among the endpoints", |n| {
+        n.endpoints.iter().any(|e| e.contains("target=Pod/late-good"))
+    })
+    .await;
+    assert_eq!(n.endpoint_count(), 2, "{:?}", n.endpoints);
     assert!(
         n.endpoints[0].contains("target=Pod/good") && n.endpoints[1].contains("target=Pod/late-good"),
         "{:?}",
