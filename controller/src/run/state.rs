@@ -29,6 +29,7 @@ use crate::{
     index::SelectorIndex,
     labels,
     metrics::ControllerKind,
+    stored_pod::StoredPod,
     tracker::WriteTracker,
     trim,
 };
@@ -38,8 +39,8 @@ use crate::{
 pub struct Stores {
     /// All Services.
     pub services: Store<Service>,
-    /// All Pods (trimmed).
-    pub pods: Store<Pod>,
+    /// All Pods (only the fields the controllers read).
+    pub pods: Store<StoredPod>,
     /// All Nodes (name and zone only).
     pub nodes: Store<Node>,
     /// Slices managed by svcplane (both managed-by values).
@@ -75,6 +76,7 @@ impl Indexes {
         names
             .iter()
             .filter_map(|name| stores.pods.get(&ObjectRef::new(name).within(&key.namespace)))
+            .map(|stored| Arc::new(stored.to_pod()))
             .collect()
     }
 
@@ -113,7 +115,7 @@ pub fn start_watches(
 ) -> (Stores, Arc<Indexes>, watch::Receiver<bool>, Vec<tokio::task::JoinHandle<()>>) {
     let indexes = Arc::new(Indexes::default());
     let (svc_reader, svc_writer) = reflector::store::<Service>();
-    let (pod_reader, pod_writer) = reflector::store::<Pod>();
+    let (pod_reader, pod_writer) = reflector::store::<StoredPod>();
     let (node_reader, node_writer) = reflector::store::<Node>();
     let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
     let (ep_reader, ep_writer) = reflector::store::<Endpoints>();
@@ -188,7 +190,9 @@ pub fn start_watches(
             (indexes.clone(), queues.clone(), synced.clone(), stores.clone());
         let stream = reflector::reflector(
             pod_writer,
-            watcher(Api::<Pod>::all(client.clone()), all.clone()).default_backoff().modify(trim::trim_pod),
+            watcher(Api::<StoredPod>::all(client.clone()), all.clone())
+                .default_backoff()
+                .modify(StoredPod::trim),
         );
         tasks.push(tokio::spawn(route(stream, "pods", synced, move |ev| match ev {
             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {

@@ -1,0 +1,222 @@
+//! The Pod as the controllers keep it in their store: only the fields an endpoint
+//! controller reads, deserialized straight from the watch.
+//!
+//! Why not a trimmed `k8s_openapi` Pod: its structs are sized for every field
+//! even when empty (a `Container` is 2.3 KiB, a `Pod` 2.4 KiB), so a trimmed Pod
+//! still took about 6 KiB, the largest share of svcplane's memory. A
+//! `StoredPod` takes about a quarter of that. The planners keep taking
+//! `k8s_openapi` Pods: [`StoredPod::to_pod`] builds one, with exactly the fields
+//! [`crate::trim::trim_pod`] keeps, for the members of the Service being synced.
+
+use k8s_openapi::{
+    api::core::v1::{Container, ContainerPort, Pod, PodCondition, PodIP, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+};
+use kube::Resource;
+use serde::Deserialize;
+
+/// A Pod with only what the endpoint controllers read.
+#[derive(Resource, Clone, Debug, Default, Deserialize, PartialEq)]
+#[resource(inherit = Pod)]
+pub struct StoredPod {
+    /// Metadata (trimmed by [`StoredPod::trim`]).
+    pub metadata: ObjectMeta,
+    /// Containers, hostname, subdomain, node.
+    #[serde(default)]
+    pub spec: Option<StoredPodSpec>,
+    /// Phase, IPs, the Ready condition.
+    #[serde(default)]
+    pub status: Option<StoredPodStatus>,
+}
+
+/// The part of `spec` kept.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredPodSpec {
+    /// Containers: names and ports.
+    #[serde(default)]
+    pub containers: Vec<StoredContainer>,
+    /// Restartable (sidecar) init containers only, after [`StoredPod::trim`].
+    #[serde(default)]
+    pub init_containers: Option<Vec<StoredContainer>>,
+    /// `spec.hostname`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// `spec.subdomain`.
+    #[serde(default)]
+    pub subdomain: Option<String>,
+    /// `spec.nodeName`.
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+/// A container's name, ports and restart policy (sidecars have `Always`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredContainer {
+    /// Name.
+    pub name: String,
+    /// Ports (named target ports resolve against them).
+    #[serde(default)]
+    pub ports: Option<Vec<ContainerPort>>,
+    /// `Always` for a sidecar init container.
+    #[serde(default)]
+    pub restart_policy: Option<String>,
+}
+
+/// The part of `status` kept.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredPodStatus {
+    /// `status.phase`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// `status.podIP`.
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+    /// `status.podIPs`.
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Option<Vec<PodIP>>,
+    /// Conditions; only Ready after [`StoredPod::trim`].
+    #[serde(default)]
+    pub conditions: Option<Vec<StoredCondition>>,
+}
+
+/// A condition's type, status and transition time.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredCondition {
+    /// Condition type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// When it last changed (the endpoints' trigger time).
+    #[serde(default)]
+    pub last_transition_time: Option<Time>,
+}
+
+impl StoredPod {
+    /// Drops what no controller reads and the watch still delivered: metadata
+    /// other than identity, labels and deletion, plain init containers, and
+    /// conditions other than Ready. Kept as the watch stream's `modify` step.
+    pub fn trim(&mut self) {
+        let meta = &mut self.metadata;
+        meta.managed_fields = None;
+        meta.annotations = None;
+        meta.owner_references = None;
+        meta.finalizers = None;
+        if let Some(spec) = self.spec.as_mut()
+            && let Some(init) = spec.init_containers.as_mut()
+        {
+            init.retain(|c| c.restart_policy.as_deref() == Some("Always"));
+        }
+        if let Some(conditions) = self.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+            conditions.retain(|c| c.type_ == "Ready");
+        }
+    }
+
+    /// The `k8s_openapi` Pod the planners take: the same fields as
+    /// [`crate::trim::trim_pod`] keeps.
+    pub fn to_pod(&self) -> Pod {
+        let container = |c: &StoredContainer| Container {
+            name: c.name.clone(),
+            ports: c.ports.clone(),
+            restart_policy: c.restart_policy.clone(),
+            ..Default::default()
+        };
+        Pod {
+            metadata: self.metadata.clone(),
+            spec: self.spec.as_ref().map(|s| PodSpec {
+                containers: s.containers.iter().map(container).collect(),
+                init_containers: s.init_containers.as_ref().map(|cs| cs.iter().map(container).collect()),
+                hostname: s.hostname.clone(),
+                subdomain: s.subdomain.clone(),
+                node_name: s.node_name.clone(),
+                ..Default::default()
+            }),
+            status: self.status.as_ref().map(|s| PodStatus {
+                phase: s.phase.clone(),
+                pod_ip: s.pod_ip.clone(),
+                pod_ips: s.pod_ips.clone(),
+                conditions: s.conditions.as_ref().map(|cs| {
+                    cs.iter()
+                        .map(|c| PodCondition {
+                            type_: c.type_.clone(),
+                            status: c.status.clone(),
+                            last_transition_time: c.last_transition_time.clone(),
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trim::trim_pod;
+
+    /// A Pod as a real cluster sends it, with much that no controller reads.
+    fn full_pod() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "web-0", "namespace": "shop", "uid": "u-1", "resourceVersion": "42",
+                "labels": {"app": "web"},
+                "annotations": {"note": "x"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "u-2"}],
+                "finalizers": ["f"],
+                "deletionTimestamp": "2026-01-01T00:00:00Z",
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}]
+            },
+            "spec": {
+                "containers": [{
+                    "name": "app", "image": "img", "env": [{"name": "A", "value": "1"}],
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+                }],
+                "initContainers": [
+                    {"name": "once", "image": "i", "ports": [{"name": "x", "containerPort": 1}]},
+                    {"name": "sidecar", "image": "p", "restartPolicy": "Always",
+                     "ports": [{"name": "proxy", "containerPort": 15001}]}
+                ],
+                "hostname": "web-0", "subdomain": "web", "nodeName": "node-a",
+                "volumes": [{"name": "v", "emptyDir": {}}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.1",
+                "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}],
+                "hostIP": "192.0.2.1",
+                "conditions": [
+                    {"type": "Initialized", "status": "True"},
+                    {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z",
+                     "reason": "r", "message": "m"}
+                ],
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "img", "imageID": "", "started": true, "state": {}}]
+            }
+        })
+    }
+
+    #[test]
+    fn stored_pod_gives_the_planners_exactly_the_trimmed_pod() {
+        let mut stored: StoredPod = serde_json::from_value(full_pod()).expect("stored pod");
+        stored.trim();
+        let mut pod: Pod = serde_json::from_value(full_pod()).expect("pod");
+        trim_pod(&mut pod);
+        assert_eq!(stored.to_pod(), pod);
+        let spec = stored.spec.as_ref().expect("spec");
+        assert_eq!(spec.init_containers.as_ref().map(Vec::len), Some(1), "only the sidecar is kept");
+        assert!(crate::pod::is_pod_ready(&stored.to_pod()));
+    }
+
+    #[test]
+    fn a_pod_without_spec_or_status_converts() {
+        let stored: StoredPod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}})).expect("stored pod");
+        let pod = stored.to_pod();
+        assert_eq!((pod.spec, pod.status), (None, None));
+    }
+}
