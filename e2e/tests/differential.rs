@@ -7,6 +7,7 @@
 //! Endpoints are compared between kube-controller-manager's object and svcplane's
 //! planner run on the same live objects (one Endpoints object per Service can exist).
 
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -490,6 +491,107 @@ async fn d32_pods_across_zones() {
         .await;
     }
     check(&ns, "s", has("zone=zone-b", 3)).await;
+}
+
+#[tokio::test]
+async fn d33_endpoints_over_capacity_and_eleven_slices() {
+    let ns = setup("d33").await;
+    ns.create(&mk_service("big", &[("app", "big")], vec![mk_port("http", 80, "8080")])).await;
+    let names: Vec<(String, String)> =
+        (0..1001).map(|i| (format!("p{i}"), format!("10.33.{}.{}", i / 250, i % 250 + 1))).collect();
+    futures::stream::iter(&names)
+        .for_each_concurrent(16, |(name, ip)| {
+            let ns = &ns;
+            async move { pod(ns, name, "big", "node-a", &[], &[ip], true).await }
+        })
+        .await;
+    let n = converge_slices(&ns, "big", count(1001)).await.upstream;
+    assert_eq!(n.slices_per_group.values().sum::<usize>(), 11, "{:?}", n.slices_per_group);
+    // Endpoints keep 1000 addresses and say they were truncated.
+    converge_endpoints(&ns, "big", |e| {
+        let over = e
+            .and_then(|e| e.metadata.annotations.as_ref())
+            .and_then(|a| a.get("endpoints.kubernetes.io/over-capacity"))
+            .map(String::as_str);
+        let addresses: usize = e
+            .and_then(|e| e.subsets.as_ref())
+            .map(|ss| ss.iter().map(|s| s.addresses.as_ref().map_or(0, Vec::len)).sum())
+            .unwrap_or(0);
+        over == Some("truncated") && addresses == 1000
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn d34_named_port_only_in_a_plain_init_container_is_not_resolved() {
+    let ns = setup("d34").await;
+    ns.create(&mk_service(
+        "s",
+        &[("app", "s")],
+        vec![mk_port("http", 80, "http"), mk_port("setup", 81, "setup")],
+    ))
+    .await;
+    let mut p = mk_pod("p", &[("app", "s")], "node-a", &[("http", 8080)]);
+    // Only restartable (sidecar) init containers serve ports.
+    let init: k8s_openapi::api::core::v1::Container = serde_json::from_value(json!({
+        "name": "setup", "image": "registry.invalid/setup:1",
+        "ports": [{"name": "setup", "containerPort": 9999}]
+    }))
+    .expect("container");
+    p.spec.as_mut().expect("spec").init_containers = Some(vec![init]);
+    ns.running_pod(p, &["10.20.34.1"], true).await;
+    let n = check(&ns, "s", count(1)).await;
+    assert!(n.endpoints.iter().all(|e| !e.contains("9999")), "{:?}", n.endpoints);
+}
+
+#[tokio::test]
+async fn d35_terminating_pods_with_publish_not_ready_addresses() {
+    let ns = setup("d35").await;
+    let mut svc = mk_service("s", &[("app", "s")], vec![mk_port("http", 80, "8080")]);
+    svc.spec.as_mut().expect("spec").publish_not_ready_addresses = Some(true);
+    ns.create(&svc).await;
+    pod(&ns, "ready", "s", "node-a", &[], &["10.20.35.1"], true).await;
+    pod(&ns, "unready", "s", "node-a", &[], &["10.20.35.2"], false).await;
+    check(&ns, "s", has("ready=true", 2)).await;
+    ns.delete_pod("ready").await;
+    ns.delete_pod("unready").await;
+    check(&ns, "s", has("terminating=true", 2)).await;
+    set_pod_ready(&ns.api(), "ready", false).await;
+    check(&ns, "s", has("serving=false terminating=true", 2)).await;
+    ns.finish_pod_deletion("ready").await;
+    ns.finish_pod_deletion("unready").await;
+    check(&ns, "s", count(0)).await;
+}
+
+#[tokio::test]
+async fn d36_ipv4_service_and_a_pod_with_only_an_ipv6_address() {
+    let ns = setup("d36").await;
+    ns.create(&mk_service("s", &[("app", "s")], vec![mk_port("http", 80, "8080")])).await;
+    pod(&ns, "v6", "s", "node-a", &[], &["fd00:36::1"], true).await;
+    pod(&ns, "v4", "s", "node-a", &[], &["10.20.36.1"], true).await;
+    let n = check(&ns, "s", count(1)).await;
+    assert!(n.endpoints[0].contains("10.20.36.1"), "{:?}", n.endpoints);
+}
+
+#[tokio::test]
+async fn d37_pending_pod_with_an_ip_is_a_not_ready_endpoint() {
+    let ns = setup("d37").await;
+    ns.create(&mk_service("s", &[("app", "s")], vec![mk_port("http", 80, "8080")])).await;
+    pod(&ns, "p", "s", "node-a", &[], &["10.20.37.1"], false).await;
+    set_pod_phase(&ns.api(), "p", "Pending").await;
+    pod(&ns, "marker", "s", "node-a", &[], &["10.20.37.2"], true).await;
+    check(&ns, "s", |n| n.endpoint_count() == 2 && has("ready=false", 1)(n)).await;
+    set_pod_phase(&ns.api(), "p", "Succeeded").await;
+    // Upstream's Pod handler (podEndpointsChanged) ignores a phase change that
+    // leaves readiness, IPs and deletion as they were, so kube-controller-manager
+    // keeps the finished Pod until its Service syncs for another reason; svcplane
+    // syncs on any change of a member and drops it at once (a deliberate
+    // difference). A Service label change makes both sync; then they agree.
+    ns.api::<Service>()
+        .patch("s", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"sync": "1"}}})))
+        .await
+        .expect("touch the Service");
+    check(&ns, "s", count(1)).await;
 }
 
 // ---- Mirroring (selectorless Service + hand-written Endpoints) --------------------
