@@ -133,8 +133,9 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     }
 
     /// Queues `key` unless it is queued already; if it is being processed, it is
-    /// queued again when that finishes; if it was started less than the minimum
-    /// interval ago, it is queued when the interval has passed.
+    /// queued again when that finishes. It waits first when it was started less
+    /// than the minimum interval ago (always without a burst delay, else during a
+    /// burst) and, during a burst, for the burst delay.
     pub fn add(self: &Arc<Self>, key: K) {
         let mut s = self.lock();
         s.count_add();
@@ -294,7 +295,7 @@ mod tests {
         q.shutdown();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_key_synced_recently_waits_for_the_interval_and_collapses_a_burst() {
         let q = WorkQueue::with_min_interval(Duration::from_millis(200));
         q.add("svc");
@@ -316,7 +317,7 @@ mod tests {
         q.shutdown();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn under_a_burst_new_keys_wait_and_each_syncs_once_but_a_quiet_key_does_not_wait() {
         let q = WorkQueue::with_intervals(Duration::from_millis(100), Duration::from_millis(200));
         q.add(0);
@@ -348,7 +349,7 @@ mod tests {
 
         // After a quiet spell, a key is queued at once again, even one synced
         // less than the minimum interval ago.
-        tokio::time::sleep(3 * RATE_WINDOW).await;
+        tokio::time::advance(3 * RATE_WINDOW).await;
         q.add(99);
         assert_eq!(q.len(), 1, "quiet again: no delay");
         let k = q.next().await.expect("open");
