@@ -611,19 +611,28 @@ async fn http_get_ok(addr: &str, path: &str) -> bool {
     text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200")
 }
 
-static PANIC_HOOK: std::sync::Once = std::sync::Once::new();
-
 /// On a test panic, keep the control plane's folder and say where its logs are.
 fn install_panic_hook(dir: &Path) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    keep_folder_on_panic(
+        &HOOK,
+        dir,
+        format!(
+            "control-plane logs kept in {}/logs (etcd.log, kube-apiserver.log, kube-controller-manager.log)",
+            dir.display()
+        ),
+    );
+}
+
+/// Once per `hook`, chains a panic hook that marks `dir` to be kept (its owner
+/// sees `KEEP` on drop) and prints `message`.
+pub(crate) fn keep_folder_on_panic(hook: &'static std::sync::Once, dir: &Path, message: String) {
     let dir = dir.to_path_buf();
-    PANIC_HOOK.call_once(move || {
+    hook.call_once(move || {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let _ = fs::write(dir.join("KEEP"), b"a test panicked\n");
-            eprintln!(
-                "control-plane logs kept in {}/logs (etcd.log, kube-apiserver.log, kube-controller-manager.log)",
-                dir.display()
-            );
+            eprintln!("{message}");
             previous(info);
         }));
     });

@@ -318,18 +318,11 @@ impl Drop for Network {
 /// logs) and say where it is.
 fn keep_on_panic(dir: &Path) {
     static HOOK: std::sync::Once = std::sync::Once::new();
-    let dir = dir.to_path_buf();
-    HOOK.call_once(move || {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let _ = fs::write(dir.join("KEEP"), b"a test panicked\n");
-            eprintln!(
-                "data-path logs kept in {}/logs (kube-proxy.log, coredns.log, echo-*.log)",
-                dir.display()
-            );
-            previous(info);
-        }));
-    });
+    crate::controlplane::keep_folder_on_panic(
+        &HOOK,
+        dir,
+        format!("data-path logs kept in {}/logs (kube-proxy.log, coredns.log, echo-*.log)", dir.display()),
+    );
 }
 
 fn append_line(path: &Path, line: &str) {

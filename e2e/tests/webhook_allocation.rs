@@ -232,18 +232,9 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     assert_eq!(list.items.len(), 6);
 
     // Malformed bodies: 400, and the server keeps answering.
-    let ca = tempfile::NamedTempFile::new().expect("ca file");
-    std::fs::write(ca.path(), cp.ca_pem()).expect("write ca");
-    let url = format!("https://{}/mutate", restarted.addr);
+    let ca = ca_file(cp);
     for body in ["not json", "{\"kind\":\"AdmissionReview\"}", "{\"request\": 5}"] {
-        let out = tokio::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-            .arg(ca.path())
-            .args(["-H", "Content-Type: application/json", "--data", body, &url])
-            .output()
-            .await
-            .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "body {body:?}");
+        assert_eq!(post_to_mutate(ca.path(), restarted.addr, body).await, "400", "body {body:?}");
     }
     let health = tokio::process::Command::new("curl")
         .args(["-s", "--cacert"])
@@ -289,6 +280,27 @@ async fn self_signed_mode_adds_its_ca_to_the_webhook_configurations() {
     let created = ns.create(&mk_service("web", "NodePort", &[(80, None)])).await;
     assert!(!node_ports(&created).is_empty(), "a real create goes through the self-signed replica");
     server.kill();
+}
+
+/// The test CA in a file, for curl.
+fn ca_file(cp: &svcplane_e2e::ControlPlane) -> tempfile::NamedTempFile {
+    let ca = tempfile::NamedTempFile::new().expect("ca file");
+    std::fs::write(ca.path(), cp.ca_pem()).expect("write ca");
+    ca
+}
+
+/// POSTs `data` (curl's `--data-binary`: a body, or `@file`) to the replica's
+/// /mutate; returns the HTTP status code.
+async fn post_to_mutate(ca: &std::path::Path, addr: std::net::SocketAddr, data: &str) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(ca)
+        .args(["-H", "Content-Type: application/json", "--data-binary", data])
+        .arg(format!("https://{addr}/mutate"))
+        .output()
+        .await
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The certificate a TLS server at `addr` presents, as base64 DER without line
@@ -344,20 +356,10 @@ async fn renewed_certificate_files_are_served_without_a_restart_and_oversized_bo
     assert_eq!(node_ports(&created).len(), 1, "allocated through the renewed certificate");
 
     // A body over --webhook-max-body-bytes is refused with 413; the server stays up.
-    let ca = tempfile::NamedTempFile::new().expect("ca file");
-    std::fs::write(ca.path(), cp.ca_pem()).expect("write ca");
+    let ca = ca_file(cp);
     let big = certs.path().join("big.json");
     std::fs::write(&big, format!("{{\"padding\":\"{}\"}}", "x".repeat(128 * 1024))).expect("write body");
-    let out = tokio::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(ca.path())
-        .args(["-H", "Content-Type: application/json", "--data-binary"])
-        .arg(format!("@{}", big.display()))
-        .arg(format!("https://{}/mutate", server.addr))
-        .output()
-        .await
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "413");
+    assert_eq!(post_to_mutate(ca.path(), server.addr, &format!("@{}", big.display())).await, "413");
     ns.create(&mk_service("after-413", "ClusterIP", &[(80, None)])).await;
     server.kill();
 }
