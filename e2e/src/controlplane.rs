@@ -192,7 +192,8 @@ pub fn shared_with(options: impl FnOnce() -> ControlPlaneOptions) -> &'static Co
 
 impl ControlPlane {
     /// Starts etcd and kube-apiserver (and kube-controller-manager when
-    /// `options.controllers` is not empty) and waits until /readyz answers 200.
+    /// `options.controllers` is not empty) and waits until /readyz answers 200
+    /// and the `kubernetes` Service and ServiceCIDR exist.
     pub async fn start(options: ControlPlaneOptions) -> Result<Self, HarnessError> {
         let bins = options.bin_dir.clone().unwrap_or_else(bin_dir);
         let etcd = binary(&bins, "etcd")?;
@@ -426,8 +427,20 @@ impl ControlPlane {
             if let Some(status) = self.exited("kube-apiserver") {
                 return Err(format!("kube-apiserver exited: {status}"));
             }
-            let req = http::Request::get("/readyz").body(Vec::new()).map_err(|e| e.to_string())?;
-            Ok(client.request_text(req).await.is_ok())
+            // /readyz does not wait for the apiserver's own objects: the `kubernetes`
+            // Service (which holds the first ClusterIP) and ServiceCIDR can appear a
+            // moment later, and a test that counts allocations would see them arrive.
+            for path in [
+                "/readyz",
+                "/api/v1/namespaces/default/services/kubernetes",
+                "/apis/networking.k8s.io/v1/servicecidrs/kubernetes",
+            ] {
+                let req = http::Request::get(path).body(Vec::new()).map_err(|e| e.to_string())?;
+                if client.request_text(req).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
         })
         .await
         .map_err(not_ready)
