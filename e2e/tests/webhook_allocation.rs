@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Recorder, Reporter};
 use svcplane_e2e::webhook::*;
 use svcplane_e2e::{shared, wait::eventually};
-use svcplane_webhook::metrics::Metrics;
+use svcplane_webhook::metrics::{AdmissionLabels, Metrics};
 use svcplane_webhook::repair::repair_once;
 use svcplane_webhook::{Value, WebhookArgs};
 
@@ -234,7 +234,7 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     // Malformed bodies: 400, and the server keeps answering.
     let ca = ca_file(cp);
     for body in ["not json", "{\"kind\":\"AdmissionReview\"}", "{\"request\": 5}"] {
-        assert_eq!(post_to_mutate(ca.path(), restarted.addr, body).await, "400", "body {body:?}");
+        assert_eq!(post_to_mutate(ca.path(), restarted.addr, &[], body).await, "400", "body {body:?}");
     }
     let health = tokio::process::Command::new("curl")
         .args(["-s", "--cacert"])
@@ -291,10 +291,16 @@ fn ca_file(cp: &svcplane_e2e::ControlPlane) -> tempfile::NamedTempFile {
 
 /// POSTs `data` (curl's `--data-binary`: a body, or `@file`) to the replica's
 /// /mutate; returns the HTTP status code.
-async fn post_to_mutate(ca: &std::path::Path, addr: std::net::SocketAddr, data: &str) -> String {
+async fn post_to_mutate(
+    ca: &std::path::Path,
+    addr: std::net::SocketAddr,
+    extra: &[&str],
+    data: &str,
+) -> String {
     let out = tokio::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
         .arg(ca)
+        .args(extra)
         .args(["-H", "Content-Type: application/json", "--data-binary", data])
         .arg(format!("https://{addr}/mutate"))
         .output()
@@ -356,10 +362,30 @@ async fn renewed_certificate_files_are_served_without_a_restart_and_oversized_bo
     assert_eq!(node_ports(&created).len(), 1, "allocated through the renewed certificate");
 
     // A body over --webhook-max-body-bytes is refused with 413; the server stays up.
+    // `--http1.1` + `Expect: 100-continue`: curl waits for the server's word before
+    // sending the body, so the 413 (decided from Content-Length) cannot race the
+    // upload and be lost to a reset.
     let ca = ca_file(cp);
     let big = certs.path().join("big.json");
     std::fs::write(&big, format!("{{\"padding\":\"{}\"}}", "x".repeat(128 * 1024))).expect("write body");
-    assert_eq!(post_to_mutate(ca.path(), server.addr, &format!("@{}", big.display())).await, "413");
+    let body = format!("@{}", big.display());
+    let status =
+        post_to_mutate(ca.path(), server.addr, &["--http1.1", "-H", "Expect: 100-continue"], &body).await;
+    assert_eq!(status, "413");
+    // What an operator sees: a Service whose AdmissionReview is over the limit is
+    // refused by the apiserver (failurePolicy Fail), and the message says why.
+    let mut huge = mk_service("huge", "ClusterIP", &[(80, None)]);
+    huge.metadata.annotations = Some([("example.com/blob".to_owned(), "x".repeat(100 * 1024))].into());
+    let err =
+        ns.api::<Service>().create(&PostParams::default(), &huge).await.expect_err("over the body limit");
+    assert!(err.to_string().contains("larger than --webhook-max-body-bytes=65536"), "{err}");
+    let too_large = AdmissionLabels {
+        webhook: "mutate".into(),
+        result: "invalid".into(),
+        reason: "RequestEntityTooLarge".into(),
+    };
+    let counted = server.metrics.admissions.get_or_create(&too_large).get();
+    assert_eq!(counted, 2, "the curl request and the apiserver's");
     ns.create(&mk_service("after-413", "ClusterIP", &[(80, None)])).await;
     server.kill();
 }

@@ -9,20 +9,21 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Json, middleware};
 use axum_server::Handle;
 use axum_server::tls_rustls::RustlsConfig;
 use kube::Client;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower_http::trace::TraceLayer;
+use tower_http::{limit::RequestBodyLimitLayer, trace::TraceLayer};
 use tracing::info;
 
 use crate::handler::{AppState, mutate, validate};
 use crate::index::Index;
-use crate::metrics::Metrics;
+use crate::metrics::{AdmissionLabels, Metrics};
 use crate::store::{Store, run_watches};
 use crate::{Error, WebhookArgs, tls};
 
@@ -149,7 +150,13 @@ fn router(state: AppState, index: Arc<Mutex<Index>>, max_body: usize) -> Router 
     let admission = Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
-        .layer(DefaultBodyLimit::max(max_body))
+        // The limit is checked against Content-Length before any of the body is
+        // read: the 413 goes out at once and the client (which may be waiting on
+        // `Expect: 100-continue`) never sends the rest. A body without a length is
+        // counted as it streams in.
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::map_response_with_state((state.clone(), max_body), explain_too_large))
         .layer(TraceLayer::new_for_http())
         .with_state(state.clone());
     let metrics = state.metrics.clone();
@@ -159,6 +166,43 @@ fn router(state: AppState, index: Arc<Mutex<Index>>, max_body: usize) -> Router 
         .route("/metrics", get(move || async move { metrics.encode(Some(&index)) }))
         .with_state(state);
     admission.merge(health)
+}
+
+/// The limit's 413 carries no body, and the apiserver then reports only "the
+/// server responded with the status code 413 but did not return more
+/// information". A Status body lets it name the flag to raise instead.
+async fn explain_too_large(
+    State((state, max_body)): State<(AppState, usize)>,
+    uri: Uri,
+    response: Response,
+) -> Response {
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    let webhook = uri.path().trim_start_matches('/');
+    state
+        .metrics
+        .admissions
+        .get_or_create(&AdmissionLabels {
+            webhook: webhook.to_owned(),
+            result: "invalid".to_owned(),
+            reason: "RequestEntityTooLarge".to_owned(),
+        })
+        .inc();
+    let message = format!(
+        "svcplane webhook: the AdmissionReview is larger than --webhook-max-body-bytes={max_body}; \
+         raise the flag if Services this large are expected"
+    );
+    let status = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": "RequestEntityTooLarge",
+        "code": 413,
+    });
+    (StatusCode::PAYLOAD_TOO_LARGE, Json(status)).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
