@@ -10,6 +10,7 @@ use svcplane_e2e::{
     fixtures::{ensure_node, mk_pod, mk_port, mk_service},
     shared,
     slices::{SVCPLANE, normalize, slices_of},
+    svcplane::Svcplane,
     wait::eventually,
 };
 
@@ -42,7 +43,7 @@ async fn standby_takes_over_when_the_leader_is_killed() {
     .await;
     // Only the leader wrote.
     let (leader, standby) = if first == "svcplane-leader-a" { (a, b) } else { (b, a) };
-    assert!(leader.metric_sum("svcplane_changes_total", &[]).await > 0.0);
+    wrote(&leader, "the leader").await;
     assert_eq!(standby.metric_sum("svcplane_changes_total", &[]).await, 0.0, "the standby never writes");
 
     leader.kill();
@@ -60,5 +61,15 @@ async fn standby_takes_over_when_the_leader_is_killed() {
         if n.endpoint_count() == 2 { Ok(()) } else { Err(n) }
     })
     .await;
-    assert!(standby.metric_sum("svcplane_changes_total", &[]).await > 0.0);
+    wrote(&standby, "the new leader").await;
+}
+
+/// Waits until `replica` counts a write: the counter moves just after the apiserver
+/// answers, so a test that has already seen the object may read it a moment early.
+async fn wrote(replica: &Svcplane, who: &str) {
+    eventually(&format!("{who} to count its writes"), Duration::from_secs(10), || async {
+        let changes = replica.metric_sum("svcplane_changes_total", &[]).await;
+        if changes > 0.0 { Ok(()) } else { Err(changes) }
+    })
+    .await;
 }
