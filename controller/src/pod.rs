@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use k8s_openapi::api::core::v1::{Container, Pod, Service, ServicePort};
+use crate::stored_pod::{StoredContainer, StoredPod};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// The protocol the apiserver defaults `ServicePort.protocol` and
@@ -61,7 +62,7 @@ impl fmt::Display for IpFamily {
 }
 
 /// The `targetRef` an endpoint of `pod` carries: kind Pod, namespace, name, uid.
-pub fn pod_reference(pod: &Pod) -> k8s_openapi::api::core::v1::ObjectReference {
+pub fn pod_reference(pod: &StoredPod) -> k8s_openapi::api::core::v1::ObjectReference {
     k8s_openapi::api::core::v1::ObjectReference {
         kind: Some("Pod".to_owned()),
         namespace: pod.metadata.namespace.clone(),
@@ -72,7 +73,7 @@ pub fn pod_reference(pod: &Pod) -> k8s_openapi::api::core::v1::ObjectReference {
 }
 
 /// True when the Pod's `Ready` condition has status `True` (upstream `IsPodReady`).
-pub fn is_pod_ready(pod: &Pod) -> bool {
+pub fn is_pod_ready(pod: &StoredPod) -> bool {
     pod.status
         .as_ref()
         .and_then(|status| status.conditions.as_ref())
@@ -81,22 +82,22 @@ pub fn is_pod_ready(pod: &Pod) -> bool {
 }
 
 /// True when the Pod has a `deletionTimestamp` (it is shutting down but may still serve).
-pub fn is_terminating(pod: &Pod) -> bool {
+pub fn is_terminating(pod: &StoredPod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
 /// The Pod's phase, `""` when unset.
-fn pod_phase(pod: &Pod) -> &str {
+fn pod_phase(pod: &StoredPod) -> &str {
     pod.status.as_ref().and_then(|status| status.phase.as_deref()).unwrap_or_default()
 }
 
 /// True when the Pod is `Succeeded` or `Failed`: it will never run again.
-pub fn is_terminal(pod: &Pod) -> bool {
+pub fn is_terminal(pod: &StoredPod) -> bool {
     matches!(pod_phase(pod), "Succeeded" | "Failed")
 }
 
 /// True when the Pod has an IP in `status.podIP` or `status.podIPs`.
-pub fn has_ip(pod: &Pod) -> bool {
+pub fn has_ip(pod: &StoredPod) -> bool {
     pod.status.as_ref().is_some_and(|status| {
         status.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty())
             || status.pod_ips.as_ref().is_some_and(|ips| !ips.is_empty())
@@ -106,7 +107,7 @@ pub fn has_ip(pod: &Pod) -> bool {
 /// Upstream `ShouldPodBeInEndpoints`: not terminal, has an IP, and (unless
 /// `include_terminating`) not terminating. The EndpointSlice controller passes
 /// `true`; the Endpoints controller passes `spec.publishNotReadyAddresses`.
-pub fn should_pod_be_in_endpoints(pod: &Pod, include_terminating: bool) -> bool {
+pub fn should_pod_be_in_endpoints(pod: &StoredPod, include_terminating: bool) -> bool {
     !is_terminal(pod) && has_ip(pod) && (include_terminating || !is_terminating(pod))
 }
 
@@ -128,7 +129,7 @@ pub fn publishes_not_ready(svc: &Service) -> bool {
 
 /// Upstream `ShouldSetHostname`: the endpoint carries `pod.spec.hostname` only when
 /// it is set, `pod.spec.subdomain` equals the Service name, and both share a namespace.
-pub fn should_set_hostname(pod: &Pod, svc: &Service) -> bool {
+pub fn should_set_hostname(pod: &StoredPod, svc: &Service) -> bool {
     let Some(spec) = pod.spec.as_ref() else {
         return false;
     };
@@ -157,14 +158,14 @@ pub enum PortError {
 /// unset one means `port`, the apiserver default). A named one is looked up in
 /// `spec.containers[*].ports` with the same protocol, then in sidecar init
 /// containers (`restartPolicy: Always`), first match wins.
-pub fn find_port(pod: &Pod, svc_port: &ServicePort) -> Result<i32, PortError> {
+pub fn find_port(pod: &StoredPod, svc_port: &ServicePort) -> Result<i32, PortError> {
     let name = match &svc_port.target_port {
         None => return Ok(svc_port.port),
         Some(IntOrString::Int(port)) => return Ok(*port),
         Some(IntOrString::String(name)) => name,
     };
     let protocol = svc_port.protocol.as_deref().unwrap_or(DEFAULT_PROTOCOL);
-    let declares = |container: &Container| {
+    let declares = |container: &StoredContainer| {
         container.ports.iter().flatten().find_map(|port| {
             let same_name = port.name.as_deref() == Some(name.as_str());
             let same_protocol = port.protocol.as_deref().unwrap_or(DEFAULT_PROTOCOL) == protocol;
@@ -237,7 +238,7 @@ pub fn canonical_ip(ip: IpAddr) -> String {
 /// The Pod's `status.podIPs` of one family, canonicalised (upstream
 /// `getEndpointAddresses`). Only `podIPs` is read, as upstream does; unparseable
 /// entries are skipped (the apiserver rejects them, so this only matters in tests).
-pub fn pod_ips_of_family(pod: &Pod, family: IpFamily) -> Vec<String> {
+pub fn pod_ips_of_family(pod: &StoredPod, family: IpFamily) -> Vec<String> {
     pod.status
         .as_ref()
         .and_then(|status| status.pod_ips.as_ref())
@@ -358,7 +359,7 @@ impl fmt::Display for Exclusion {
 /// `ipFamilies` (none when empty: the legacy fallback differs per consumer).
 pub fn endpoint_exclusions(
     svc: &Service,
-    pod: &Pod,
+    pod: &StoredPod,
     consumer: Consumer,
     node_found: Option<bool>,
 ) -> Vec<Exclusion> {
@@ -436,8 +437,8 @@ mod tests {
     use k8s_openapi::api::core::v1::{ContainerPort, ServiceSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-    fn mk_pod(ips: &[&str]) -> Pod {
-        crate::test_pods::test_pod(crate::test_pods::TestPod {
+    fn mk_pod(ips: &[&str]) -> StoredPod {
+        crate::test_pods::stored(crate::test_pods::TestPod {
             name: "pod-1".into(),
             namespace: "ns",
             uid: None,
@@ -509,7 +510,7 @@ mod tests {
     #[test]
     fn named_port_resolves_from_sidecars_but_not_plain_init_containers() {
         let mut pod = mk_pod(&["10.0.0.1"]);
-        let init = |restart: Option<&str>, port: i32| Container {
+        let init = |restart: Option<&str>, port: i32| StoredContainer {
             name: format!("init-{port}"),
             restart_policy: restart.map(str::to_owned),
             ports: Some(vec![ContainerPort {
@@ -517,7 +518,6 @@ mod tests {
                 container_port: port,
                 ..Default::default()
             }]),
-            ..Default::default()
         };
         pod.spec.as_mut().unwrap().init_containers = Some(vec![init(None, 1111), init(Some("Always"), 2222)]);
         let svc = mk_service(IntOrString::String("metrics".into()), "TCP");

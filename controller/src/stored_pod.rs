@@ -6,11 +6,12 @@
 //! a trimmed `k8s_openapi` Pod: its structs are sized for every field even when
 //! empty (a `Container` is 2.3 KiB, a `Pod` 2.4 KiB), so a trimmed Pod still took
 //! about 6 KiB, the largest share of svcplane's memory. A `StoredPod` takes about
-//! a quarter of that. The planners keep taking `k8s_openapi` Pods:
-//! [`StoredPod::to_pod`] builds one, for the members of the Service being synced.
+//! a quarter of that. The planners read `StoredPod` directly, so a sync borrows
+//! its members from the store and copies nothing; a full Pod (a GET in
+//! `svcplane explain`, a test) converts with `StoredPod::from(&pod)`.
 
 use k8s_openapi::{
-    api::core::v1::{Container, ContainerPort, Pod, PodCondition, PodIP, PodSpec, PodStatus},
+    api::core::v1::{Container, ContainerPort, Pod, PodIP},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use kube::Resource;
@@ -116,42 +117,43 @@ impl StoredPod {
             conditions.retain(|c| c.type_ == "Ready");
         }
     }
+}
 
-    /// The `k8s_openapi` Pod the planners take, with only the stored fields set.
-    pub fn to_pod(&self) -> Pod {
-        let container = |c: &StoredContainer| Container {
+/// A full `k8s_openapi` Pod (from a GET, or a test) as the store would keep it:
+/// the same fields the watch's deserialization keeps, then [`StoredPod::trim`].
+impl From<&Pod> for StoredPod {
+    fn from(pod: &Pod) -> Self {
+        let container = |c: &Container| StoredContainer {
             name: c.name.clone(),
             ports: c.ports.clone(),
             restart_policy: c.restart_policy.clone(),
-            ..Default::default()
         };
-        Pod {
-            metadata: self.metadata.clone(),
-            spec: self.spec.as_ref().map(|s| PodSpec {
+        let mut stored = StoredPod {
+            metadata: pod.metadata.clone(),
+            spec: pod.spec.as_ref().map(|s| StoredPodSpec {
                 containers: s.containers.iter().map(container).collect(),
                 init_containers: s.init_containers.as_ref().map(|cs| cs.iter().map(container).collect()),
                 hostname: s.hostname.clone(),
                 subdomain: s.subdomain.clone(),
                 node_name: s.node_name.clone(),
-                ..Default::default()
             }),
-            status: self.status.as_ref().map(|s| PodStatus {
+            status: pod.status.as_ref().map(|s| StoredPodStatus {
                 phase: s.phase.clone(),
                 pod_ip: s.pod_ip.clone(),
                 pod_ips: s.pod_ips.clone(),
                 conditions: s.conditions.as_ref().map(|cs| {
                     cs.iter()
-                        .map(|c| PodCondition {
+                        .map(|c| StoredCondition {
                             type_: c.type_.clone(),
                             status: c.status.clone(),
                             last_transition_time: c.last_transition_time.clone(),
-                            ..Default::default()
                         })
                         .collect()
                 }),
-                ..Default::default()
             }),
-        }
+        };
+        stored.trim();
+        stored
     }
 }
 
@@ -201,9 +203,8 @@ mod tests {
 
     #[test]
     fn stored_pod_keeps_what_the_planner_reads() {
-        let mut stored: StoredPod = serde_json::from_value(full_pod()).expect("stored pod");
-        stored.trim();
-        let pod = stored.to_pod();
+        let mut pod: StoredPod = serde_json::from_value(full_pod()).expect("stored pod");
+        pod.trim();
         let meta = &pod.metadata;
         assert_eq!((meta.name.as_deref(), meta.uid.as_deref()), (Some("web-0"), Some("u-1")));
         assert_eq!(meta.resource_version.as_deref(), Some("42"));
@@ -214,31 +215,35 @@ mod tests {
             (&None, &None, &None, &None)
         );
         let spec = pod.spec.as_ref().expect("spec");
-        assert_eq!(spec.containers[0].image, None);
-        assert_eq!(spec.containers[0].env, None);
         assert_eq!(spec.containers[0].ports.as_ref().expect("ports")[0].container_port, 8080);
         let init = spec.init_containers.as_ref().expect("init containers");
         assert_eq!(init.len(), 1, "only the restartable init container");
         assert_eq!(init[0].ports.as_ref().expect("ports")[0].container_port, 15001);
         assert_eq!(spec.node_name.as_deref(), Some("node-a"));
         assert_eq!((spec.hostname.as_deref(), spec.subdomain.as_deref()), (Some("web-0"), Some("web")));
-        assert_eq!(spec.volumes, None);
         let status = pod.status.as_ref().expect("status");
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert_eq!(status.pod_ips.as_ref().map(Vec::len), Some(2));
-        assert_eq!((&status.host_ip, &status.container_statuses), (&None, &None));
         assert!(crate::pod::is_pod_ready(&pod));
         let conditions = status.conditions.as_ref().expect("conditions");
         assert_eq!(conditions.len(), 1, "only Ready");
         assert!(conditions[0].last_transition_time.is_some(), "the trigger time source");
-        assert_eq!(conditions[0].reason, None);
+    }
+
+    #[test]
+    fn a_full_pod_converts_to_what_the_watch_stores() {
+        let mut watched: StoredPod = serde_json::from_value(full_pod()).expect("stored pod");
+        watched.trim();
+        let full: Pod = serde_json::from_value(full_pod()).expect("pod");
+        assert_eq!(StoredPod::from(&full), watched);
     }
 
     #[test]
     fn a_pod_without_spec_or_status_converts() {
-        let stored: StoredPod =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}})).expect("stored pod");
-        let pod = stored.to_pod();
-        assert_eq!((pod.spec, pod.status), (None, None));
+        let stored = StoredPod::from(&Pod {
+            metadata: ObjectMeta { name: Some("p".into()), ..Default::default() },
+            ..Default::default()
+        });
+        assert_eq!((stored.metadata.name.as_deref(), stored.spec, stored.status), (Some("p"), None, None));
     }
 }

@@ -64,3 +64,8 @@ pub(crate) fn test_pod(p: TestPod<'_>) -> Pod {
         }),
     }
 }
+
+/// Builds the Pod as the store keeps it (what the planners take).
+pub(crate) fn stored(p: TestPod<'_>) -> crate::stored_pod::StoredPod {
+    crate::stored_pod::StoredPod::from(&test_pod(p))
+}

@@ -15,6 +15,7 @@ use k8s_openapi::api::{
 };
 use kube::{Api, api::ListParams};
 use svcplane_controller::endpoints::{EndpointsPlan, desired_endpoints};
+use svcplane_controller::stored_pod::StoredPod;
 
 use crate::{
     TestNamespace,
@@ -106,13 +107,13 @@ pub async fn converge_endpoints(
             async move {
                 let actual = eps.get_opt(svc).await.map_err(|e| e.to_string())?;
                 let service = svcs.get_opt(svc).await.map_err(|e| e.to_string())?;
-                let pods: Vec<Arc<Pod>> = pods
+                let pods: Vec<Arc<StoredPod>> = pods
                     .list(&ListParams::default())
                     .await
                     .map_err(|e| e.to_string())?
                     .items
-                    .into_iter()
-                    .map(Arc::new)
+                    .iter()
+                    .map(|pod| Arc::new(StoredPod::from(pod)))
                     .collect();
                 let planned = match desired_endpoints(service.as_ref(), &pods, None, None) {
                     EndpointsPlan::Create(e) | EndpointsPlan::Update(e) => Some(e),

@@ -19,6 +19,7 @@ use serde::Serialize;
 use svcplane_controller::{
     labels,
     pod::{Consumer, Exclusion, endpoint_exclusions},
+    stored_pod::StoredPod,
 };
 
 use super::{CommonArgs, emit, fetch_service, table::Table};
@@ -166,8 +167,10 @@ fn reason_name(exclusion: &Exclusion) -> &'static str {
 
 /// Builds one Pod's report from each consumer's exclusions (pure).
 pub fn build_pod_report(svc: &Service, pod: &Pod, node_found: bool) -> PodReport {
-    let for_slices = endpoint_exclusions(svc, pod, Consumer::EndpointSlices, Some(node_found));
-    let for_endpoints = endpoint_exclusions(svc, pod, Consumer::Endpoints, None);
+    // The fields the controllers read, as their store keeps them.
+    let stored = StoredPod::from(pod);
+    let for_slices = endpoint_exclusions(svc, &stored, Consumer::EndpointSlices, Some(node_found));
+    let for_endpoints = endpoint_exclusions(svc, &stored, Consumer::Endpoints, None);
     // Union in first-seen order; a reason both consumers give is listed once.
     let mut reasons: Vec<(Exclusion, Vec<&'static str>)> = Vec::new();
     for (consumer, list) in [("EndpointSlices", &for_slices), ("Endpoints", &for_endpoints)] {

@@ -21,8 +21,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::stored_pod::StoredPod;
 use k8s_openapi::api::core::v1::{
-    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod, Service,
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Service,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
@@ -69,7 +70,7 @@ pub enum EndpointsPlan {
 /// annotation when the object is written; it never causes a write by itself).
 pub fn desired_endpoints(
     svc: Option<&Service>,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<StoredPod>],
     trigger_time: Option<Time>,
     existing: Option<&Endpoints>,
 ) -> EndpointsPlan {
@@ -134,7 +135,7 @@ pub fn desired_endpoints(
 fn desired_subsets(
     svc: &Service,
     selector: &BTreeMap<String, String>,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<StoredPod>],
 ) -> Vec<EndpointSubset> {
     let publish_not_ready = publishes_not_ready(svc);
     let spec = svc.spec.clone().unwrap_or_default();
@@ -197,7 +198,7 @@ fn desired_subsets(
 ///
 /// Unparseable Pod IPs are skipped; upstream would write `<nil>` for one on an
 /// IPv4 Service, which the apiserver rejects, and it validates Pod IPs anyway.
-fn pod_address_for_service(svc: &Service, pod: &Pod) -> Option<EndpointAddress> {
+fn pod_address_for_service(svc: &Service, pod: &StoredPod) -> Option<EndpointAddress> {
     let spec = svc.spec.as_ref();
     let status = pod.status.as_ref();
     let is_v6_text = |text: Option<&str>| text.and_then(ip::parse_ip_sloppy).is_some_and(|ip| ip.is_ipv6());

@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
-    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod, Service, ServicePort,
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Service, ServicePort,
     ServiceSpec,
 };
+// The planners take Pods as the store keeps them.
+use crate::stored_pod::StoredPod as Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
@@ -59,7 +61,7 @@ struct PodSpecArgs {
 }
 
 fn mk_pod(n: usize, args: PodSpecArgs) -> Pod {
-    crate::test_pods::test_pod(crate::test_pods::TestPod {
+    crate::test_pods::stored(crate::test_pods::TestPod {
         name: format!("pod{n}"),
         namespace: NS,
         uid: Some(format!("uid{n}")),

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use crate::stored_pod::StoredPod;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
 use super::NodeLookup;
@@ -120,7 +121,7 @@ pub fn service_address_families(svc: &Service) -> Vec<IpFamily> {
 
 /// The slice ports one Pod resolves (upstream `getEndpointPorts`): a Service port
 /// whose named target the Pod does not declare is left out for that Pod.
-pub(super) fn endpoint_ports(svc: &Service, pod: &Pod) -> Vec<EndpointPort> {
+pub(super) fn endpoint_ports(svc: &Service, pod: &StoredPod) -> Vec<EndpointPort> {
     let svc_ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref()).unwrap_or_default();
     let mut ports: Vec<EndpointPort> = svc_ports
         .iter()
@@ -141,7 +142,7 @@ pub(super) fn endpoint_ports(svc: &Service, pod: &Pod) -> Vec<EndpointPort> {
 }
 
 /// The endpoint of one Pod for one family (upstream `podToEndpoint`).
-fn build_endpoint(svc: &Service, pod: &Pod, zone: Option<String>, family: IpFamily) -> Endpoint {
+fn build_endpoint(svc: &Service, pod: &StoredPod, zone: Option<String>, family: IpFamily) -> Endpoint {
     let serving = is_pod_ready(pod);
     let terminating = is_terminating(pod);
     // Upstream: never ready while terminating, unless the Service publishes
@@ -167,9 +168,9 @@ fn build_endpoint(svc: &Service, pod: &Pod, zone: Option<String>, family: IpFami
 
 /// The Pods this Service selects, deduplicated by namespace/name and sorted, so
 /// the result does not depend on the order the shell passes them in.
-pub(super) fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<Pod>]) -> Vec<&'a Pod> {
+pub(super) fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<StoredPod>]) -> Vec<&'a StoredPod> {
     let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
-    let mut selected: Vec<&Pod> = pods
+    let mut selected: Vec<&StoredPod> = pods
         .iter()
         .map(Arc::as_ref)
         .filter(|pod| pod.metadata.namespace == svc.metadata.namespace)
@@ -184,7 +185,7 @@ pub(super) fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<Pod>]) -> Vec<&'a 
 }
 
 /// The Pod's Node, `None` when unset or unknown.
-fn node_of(pod: &Pod, nodes: &impl NodeLookup) -> Option<super::NodeInfo> {
+fn node_of(pod: &StoredPod, nodes: &impl NodeLookup) -> Option<super::NodeInfo> {
     let name = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())?;
     if name.is_empty() {
         return None;
@@ -197,7 +198,7 @@ fn node_of(pod: &Pod, nodes: &impl NodeLookup) -> Option<super::NodeInfo> {
 /// address of this family, or its Node is missing), as upstream.
 pub(super) fn desired_groups(
     svc: &Service,
-    pods: &[&Pod],
+    pods: &[&StoredPod],
     nodes: &impl NodeLookup,
     family: IpFamily,
 ) -> BTreeMap<PortKey, DesiredGroup> {
@@ -236,7 +237,7 @@ pub struct MissingNode {
 /// retried with backoff (kubernetes#107927); the shell should do the same when
 /// this is non-empty. Always empty with `publishNotReadyAddresses`, for
 /// selectorless and ExternalName Services.
-pub fn missing_nodes(svc: &Service, pods: &[Arc<Pod>], nodes: &impl NodeLookup) -> Vec<MissingNode> {
+pub fn missing_nodes(svc: &Service, pods: &[Arc<StoredPod>], nodes: &impl NodeLookup) -> Vec<MissingNode> {
     if !is_selected(svc) || publishes_not_ready(svc) {
         return Vec::new();
     }

@@ -22,7 +22,8 @@ mod tests;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use crate::stored_pod::StoredPod;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -91,7 +92,7 @@ impl NodeLookup for BTreeMap<String, NodeInfo> {
 /// upstream then fails the sync to retry: ask [`missing_nodes`].
 pub fn plan_slices(
     svc: &Service,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<StoredPod>],
     nodes: &impl NodeLookup,
     existing: &[Arc<EndpointSlice>],
     trigger_time: Option<Time>,

@@ -11,7 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use crate::stored_pod::StoredPod;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -39,7 +40,7 @@ struct Writes {
 /// The whole plan for a selected Service; `managed` is sorted by name.
 pub(super) fn reconcile(
     svc: &Service,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<StoredPod>],
     nodes: &impl NodeLookup,
     managed: &[&EndpointSlice],
     trigger_time: Option<Time>,
@@ -86,7 +87,7 @@ pub(super) fn reconcile(
 /// number of desired endpoints.
 fn reconcile_family(
     svc: &Service,
-    pods: &[&Pod],
+    pods: &[&StoredPod],
     nodes: &impl NodeLookup,
     existing: &[&EndpointSlice],
     family: IpFamily,

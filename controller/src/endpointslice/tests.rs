@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+// The planners take Pods as the store keeps them.
+use crate::stored_pod::StoredPod as Pod;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -51,7 +53,7 @@ fn mk_pod(i: usize, ready: bool) -> Pod {
 }
 
 fn mk_pod_with_ips(i: usize, ready: bool, ips: Vec<String>) -> Pod {
-    crate::test_pods::test_pod(crate::test_pods::TestPod {
+    crate::test_pods::stored(crate::test_pods::TestPod {
         name: format!("pod{i}"),
         namespace: NS,
         uid: Some(format!("uid-{i}")),

@@ -9,7 +9,7 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Pod, Service},
+    core::v1::{Endpoints, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use k8s_openapi::jiff::Timestamp;
@@ -71,12 +71,11 @@ pub struct Indexes {
 
 impl Indexes {
     /// The Pods a Service selects (from the index, then the store).
-    pub fn members(&self, stores: &Stores, key: &Key) -> Vec<Arc<Pod>> {
+    pub fn members(&self, stores: &Stores, key: &Key) -> Vec<Arc<StoredPod>> {
         let names = read(&self.selectors).members(&key.namespace, &key.name);
         names
             .iter()
             .filter_map(|name| stores.pods.get(&ObjectRef::new(name).within(&key.namespace)))
-            .map(|stored| Arc::new(stored.to_pod()))
             .collect()
     }
 
@@ -390,7 +389,7 @@ impl TriggerTimes {
     /// The earliest change not yet reported for this Service: on the first sync of
     /// a Service, its creation time; afterwards the earliest Pod Ready transition or
     /// Service change newer than last time; `None` when nothing changed.
-    pub fn compute(&self, key: &Key, svc: &Service, pods: &[Arc<Pod>]) -> Option<Timestamp> {
+    pub fn compute(&self, key: &Key, svc: &Service, pods: &[Arc<StoredPod>]) -> Option<Timestamp> {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let known = services.contains_key(key);
