@@ -9,14 +9,13 @@ use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Service, ServicePort,
     ServiceSpec,
 };
-// The planners take Pods as the store keeps them.
-use crate::stored_pod::StoredPod as Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
+use crate::stored_pod::StoredPod;
 
 const NS: &str = "default";
 const NAME: &str = "foo";
@@ -60,7 +59,7 @@ struct PodSpecArgs {
     ips: Vec<String>,
 }
 
-fn mk_pod(n: usize, args: PodSpecArgs) -> Pod {
+fn mk_pod(n: usize, args: PodSpecArgs) -> StoredPod {
     crate::test_pods::stored(crate::test_pods::TestPod {
         name: format!("pod{n}"),
         namespace: NS,
@@ -76,15 +75,15 @@ fn mk_pod(n: usize, args: PodSpecArgs) -> Pod {
     })
 }
 
-fn ready_pod(n: usize) -> Pod {
+fn ready_pod(n: usize) -> StoredPod {
     mk_pod(n, PodSpecArgs { ready: true, phase: "Running", ips: vec![format!("1.2.3.{}", 4 + n)] })
 }
 
-fn not_ready_pod(n: usize) -> Pod {
+fn not_ready_pod(n: usize) -> StoredPod {
     mk_pod(n, PodSpecArgs { ready: false, phase: "Running", ips: vec![format!("1.2.3.{}", 4 + n)] })
 }
 
-fn arcs(pods: Vec<Pod>) -> Vec<Arc<Pod>> {
+fn arcs(pods: Vec<StoredPod>) -> Vec<Arc<StoredPod>> {
     pods.into_iter().map(Arc::new).collect()
 }
 
@@ -382,7 +381,7 @@ fn pods_without_an_ip_are_excluded() {
     assert_eq!(got.subsets, None);
 }
 
-fn terminating(mut pod: Pod) -> Pod {
+fn terminating(mut pod: StoredPod) -> StoredPod {
     pod.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
     pod
 }
@@ -508,7 +507,7 @@ fn the_address_is_the_pod_ip_of_the_services_primary_family() {
         0,
         PodSpecArgs { ready: true, phase: "Running", ips: vec!["2000::4".to_owned(), "1.2.3.4".to_owned()] },
     );
-    type Row<'a> = (&'a str, Option<Vec<&'a str>>, &'a str, Pod, Option<&'a str>);
+    type Row<'a> = (&'a str, Option<Vec<&'a str>>, &'a str, StoredPod, Option<&'a str>);
     let rows: Vec<Row> = vec![
         ("v4 service, dual-stack pod", Some(vec!["IPv4"]), "10.0.0.1", dual(0), Some("1.2.3.4")),
         ("v6 service, dual-stack pod", Some(vec!["IPv6"]), "3000::1", dual(0), Some("2000::4")),
@@ -583,7 +582,7 @@ fn a_trigger_time_alone_never_causes_a_write() {
     );
 }
 
-fn many_pods(ready: usize, not_ready: usize) -> Vec<Arc<Pod>> {
+fn many_pods(ready: usize, not_ready: usize) -> Vec<Arc<StoredPod>> {
     let ip = |n: usize| vec![format!("10.{}.{}.{}", n / 65536, (n / 256) % 256, n % 256)];
     (0..ready + not_ready)
         .map(|n| mk_pod(n, PodSpecArgs { ready: n < ready, phase: "Running", ips: ip(n) }))
@@ -717,7 +716,7 @@ fn arb_pod() -> impl Strategy<Value = ArbPod> {
         })
 }
 
-fn build_pods(specs: &[ArbPod]) -> Vec<Arc<Pod>> {
+fn build_pods(specs: &[ArbPod]) -> Vec<Arc<StoredPod>> {
     specs
         .iter()
         .enumerate()

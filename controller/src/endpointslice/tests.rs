@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-// The planners take Pods as the store keeps them.
-use crate::stored_pod::StoredPod as Pod;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -18,6 +16,7 @@ use super::meta::{build_slice, rfc3339_nano};
 use super::*;
 use crate::labels::{HEADLESS, LAST_CHANGE_TRIGGER_TIME, MANAGED_BY, SERVICE_NAME};
 use crate::pod::{IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family};
+use crate::stored_pod::StoredPod;
 
 const NS: &str = "test";
 const SVC_UID: &str = "svc-uid";
@@ -47,12 +46,12 @@ fn mk_service(name: &str) -> Service {
     }
 }
 
-fn mk_pod(i: usize, ready: bool) -> Pod {
+fn mk_pod(i: usize, ready: bool) -> StoredPod {
     let ips = vec![format!("10.1.{}.{}", i / 250, i % 250 + 1)];
     mk_pod_with_ips(i, ready, ips)
 }
 
-fn mk_pod_with_ips(i: usize, ready: bool, ips: Vec<String>) -> Pod {
+fn mk_pod_with_ips(i: usize, ready: bool, ips: Vec<String>) -> StoredPod {
     crate::test_pods::stored(crate::test_pods::TestPod {
         name: format!("pod{i}"),
         namespace: NS,
@@ -68,7 +67,7 @@ fn mk_pod_with_ips(i: usize, ready: bool, ips: Vec<String>) -> Pod {
     })
 }
 
-fn mk_pods(n: usize) -> Vec<Arc<Pod>> {
+fn mk_pods(n: usize) -> Vec<Arc<StoredPod>> {
     (0..n).map(|i| Arc::new(mk_pod(i, i % 3 != 0))).collect()
 }
 
@@ -80,7 +79,7 @@ fn arcs(slices: Vec<EndpointSlice>) -> Vec<Arc<EndpointSlice>> {
     slices.into_iter().map(Arc::new).collect()
 }
 
-fn plan(svc: &Service, pods: &[Arc<Pod>], existing: &[Arc<EndpointSlice>]) -> SlicePlan {
+fn plan(svc: &Service, pods: &[Arc<StoredPod>], existing: &[Arc<EndpointSlice>]) -> SlicePlan {
     plan_slices(svc, pods, &mk_nodes(), existing, None, &SliceConfig::default())
 }
 
@@ -90,17 +89,17 @@ fn writes(plan: &SlicePlan) -> (usize, usize, usize) {
 }
 
 /// Plans from nothing and applies: the state a first sync leaves.
-fn synced(svc: &Service, pods: &[Arc<Pod>]) -> Vec<Arc<EndpointSlice>> {
+fn synced(svc: &Service, pods: &[Arc<StoredPod>]) -> Vec<Arc<EndpointSlice>> {
     arcs(apply_plan(&[], &plan(svc, pods, &[])))
 }
 
 /// A named slice of `svc` holding the given Pods' endpoints, as a prior sync wrote it.
-fn mk_slice(name: &str, svc: &Service, pods: &[Arc<Pod>]) -> Arc<EndpointSlice> {
+fn mk_slice(name: &str, svc: &Service, pods: &[Arc<StoredPod>]) -> Arc<EndpointSlice> {
     let ports = super::desired::endpoint_ports(svc, &pods[0]);
     let mut slice = build_slice(svc, &ports, IpFamily::V4, &SliceConfig::default().managed_by);
     slice.metadata.name = Some(name.into());
     let nodes = mk_nodes();
-    let refs: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
+    let refs: Vec<&StoredPod> = pods.iter().map(Arc::as_ref).collect();
     let groups = super::desired::desired_groups(svc, &refs, &nodes, IpFamily::V4);
     slice.endpoints = Some(groups.into_values().flat_map(|g| g.endpoints.into_values()).collect());
     Arc::new(slice)
@@ -217,7 +216,7 @@ fn terminal_ipless_and_unselected_pods_are_not_endpoints() {
     other_app.metadata.labels = Some(BTreeMap::from([("app".into(), "db".into())]));
     let mut other_ns = mk_pod(4, true);
     other_ns.metadata.namespace = Some("elsewhere".into());
-    let pods: Vec<Arc<Pod>> =
+    let pods: Vec<Arc<StoredPod>> =
         [failed, ipless, other_app, other_ns, mk_pod(5, true)].into_iter().map(Arc::new).collect();
     let plan = plan(&svc, &pods, &[]);
     let names: Vec<_> = endpoints_of(&plan.create)
@@ -350,7 +349,7 @@ fn removed_and_added_pod_update_the_same_slice() {
 fn changed_endpoints_are_updated_and_fuller_slice_takes_new_ones() {
     // upstream TestReconcileEndpointSlicesUpdatePacking
     let svc = mk_service("foo");
-    let mut pods: Vec<Arc<Pod>> = (0..80).chain(100..120).map(|i| Arc::new(mk_pod(i, true))).collect();
+    let mut pods: Vec<Arc<StoredPod>> = (0..80).chain(100..120).map(|i| Arc::new(mk_pod(i, true))).collect();
     let existing = vec![mk_slice("foo-1", &svc, &pods[..80]), mk_slice("foo-2", &svc, &pods[80..])];
     for (i, pod) in pods.iter_mut().enumerate() {
         if i % 10 == 0 {
@@ -433,7 +432,7 @@ fn named_ports_resolving_to_different_numbers_make_separate_slices() {
         target_port: Some(IntOrString::String("http".into())),
         ..Default::default()
     }]);
-    let pods: Vec<Arc<Pod>> = (0..300)
+    let pods: Vec<Arc<StoredPod>> = (0..300)
         .map(|i| {
             let mut pod = mk_pod(i, i % 3 != 0);
             let port = &mut pod.spec.as_mut().unwrap().containers[0].ports.as_mut().unwrap()[0];
@@ -478,7 +477,7 @@ fn max_endpoints_per_slice_is_respected() {
 fn dual_stack_service_gets_one_slice_per_family() {
     let mut svc = mk_service("foo");
     svc.spec.as_mut().unwrap().ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
-    let pods: Vec<Arc<Pod>> = (0..3)
+    let pods: Vec<Arc<StoredPod>> = (0..3)
         .map(|i| {
             let ips = vec![format!("10.0.0.{i}"), format!("fd00::{i}")];
             Arc::new(mk_pod_with_ips(i, true, ips))
@@ -673,7 +672,7 @@ fn pod_shape() -> impl Strategy<Value = PodShape> {
         })
 }
 
-fn build_pod(i: usize, shape: &PodShape) -> Pod {
+fn build_pod(i: usize, shape: &PodShape) -> StoredPod {
     let mut ips = Vec::new();
     if shape.has_v4 {
         ips.push(format!("10.{}.{}.{}", i / 62500, i / 250 % 250, i % 250 + 1));
@@ -765,7 +764,11 @@ fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
 
 /// The endpoints a model of upstream's rules expects: (family, ports, pod, ready,
 /// serving, terminating), built without the planner's code.
-fn expected_entries(svc: &Service, pods: &[Arc<Pod>], nodes: &BTreeMap<String, NodeInfo>) -> Vec<String> {
+fn expected_entries(
+    svc: &Service,
+    pods: &[Arc<StoredPod>],
+    nodes: &BTreeMap<String, NodeInfo>,
+) -> Vec<String> {
     let pnra = svc.spec.as_ref().unwrap().publish_not_ready_addresses == Some(true);
     let mut entries = Vec::new();
     for family in service_address_families(svc) {
@@ -823,9 +826,9 @@ proptest! {
         let svc = scenario_service(&s);
         let nodes = mk_nodes();
         let config = SliceConfig { max_endpoints_per_slice: s.max, ..SliceConfig::default() };
-        let before: Vec<Arc<Pod>> = s.before.iter().enumerate().map(|(i, p)| Arc::new(build_pod(i, p))).collect();
+        let before: Vec<Arc<StoredPod>> = s.before.iter().enumerate().map(|(i, p)| Arc::new(build_pod(i, p))).collect();
         // Later Pods reuse some names of earlier ones (same identity, new state).
-        let after: Vec<Arc<Pod>> = s.after.iter().enumerate().map(|(i, p)| Arc::new(build_pod(i * 2, p))).collect();
+        let after: Vec<Arc<StoredPod>> = s.after.iter().enumerate().map(|(i, p)| Arc::new(build_pod(i * 2, p))).collect();
         let mut svc_before = svc.clone();
         svc_before.spec.as_mut().unwrap().traffic_distribution = s.traffic_before.clone();
         svc_before.metadata.labels =
