@@ -7,11 +7,11 @@
 //! empty (a `Container` is 2.3 KiB, a `Pod` 2.4 KiB), so a trimmed Pod still took
 //! about 6 KiB, the largest share of svcplane's memory. A `StoredPod` takes about
 //! a quarter of that. The planners read `StoredPod` directly, so a sync borrows
-//! its members from the store and copies nothing; a full Pod (a GET in
-//! `svcplane explain`, a test) converts with `StoredPod::from(&pod)`.
+//! its members from the store and copies nothing; `svcplane explain` and the
+//! differential tests list Pods as `StoredPod` too.
 
 use k8s_openapi::{
-    api::core::v1::{Container, ContainerPort, Pod, PodIP},
+    api::core::v1::{ContainerPort, Pod, PodIP},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use kube::Resource;
@@ -119,11 +119,13 @@ impl StoredPod {
     }
 }
 
-/// A full `k8s_openapi` Pod (from a GET, or a test) as the store would keep it:
-/// the same fields the watch's deserialization keeps, then [`StoredPod::trim`].
+/// A full `k8s_openapi` Pod, as the planners' unit tests build them, as the store
+/// would keep it: the same fields the watch's deserialization keeps, then
+/// [`StoredPod::trim`].
+#[cfg(test)]
 impl From<&Pod> for StoredPod {
     fn from(pod: &Pod) -> Self {
-        let container = |c: &Container| StoredContainer {
+        let container = |c: &k8s_openapi::api::core::v1::Container| StoredContainer {
             name: c.name.clone(),
             ports: c.ports.clone(),
             restart_policy: c.restart_policy.clone(),

@@ -10,7 +10,7 @@
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
-    core::v1::{EndpointSubset, Endpoints, Pod, Service},
+    core::v1::{EndpointSubset, Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, api::ListParams};
@@ -98,7 +98,7 @@ pub async fn converge_endpoints(
     svc: &str,
     expect: impl Fn(Option<&Endpoints>) -> bool,
 ) -> Option<Endpoints> {
-    let (eps, svcs, pods): (Api<Endpoints>, Api<Service>, Api<Pod>) = (ns.api(), ns.api(), ns.api());
+    let (eps, svcs, pods): (Api<Endpoints>, Api<Service>, Api<StoredPod>) = (ns.api(), ns.api(), ns.api());
     eventually(
         &format!("svcplane's Endpoints plan for {}/{svc} to equal upstream's", ns.name),
         CONVERGE,
@@ -112,8 +112,11 @@ pub async fn converge_endpoints(
                     .await
                     .map_err(|e| e.to_string())?
                     .items
-                    .iter()
-                    .map(|pod| Arc::new(StoredPod::from(pod)))
+                    .into_iter()
+                    .map(|mut pod| {
+                        pod.trim();
+                        Arc::new(pod)
+                    })
                     .collect();
                 let planned = match desired_endpoints(service.as_ref(), &pods, None, None) {
                     EndpointsPlan::Create(e) | EndpointsPlan::Update(e) => Some(e),

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
 use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
+    core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, api::ListParams};
@@ -166,11 +166,9 @@ fn reason_name(exclusion: &Exclusion) -> &'static str {
 }
 
 /// Builds one Pod's report from each consumer's exclusions (pure).
-pub fn build_pod_report(svc: &Service, pod: &Pod, node_found: bool) -> PodReport {
-    // The fields the controllers read, as their store keeps them.
-    let stored = StoredPod::from(pod);
-    let for_slices = endpoint_exclusions(svc, &stored, Consumer::EndpointSlices, Some(node_found));
-    let for_endpoints = endpoint_exclusions(svc, &stored, Consumer::Endpoints, None);
+pub fn build_pod_report(svc: &Service, pod: &StoredPod, node_found: bool) -> PodReport {
+    let for_slices = endpoint_exclusions(svc, pod, Consumer::EndpointSlices, Some(node_found));
+    let for_endpoints = endpoint_exclusions(svc, pod, Consumer::Endpoints, None);
     // Union in first-seen order; a reason both consumers give is listed once.
     let mut reasons: Vec<(Exclusion, Vec<&'static str>)> = Vec::new();
     for (consumer, list) in [("EndpointSlices", &for_slices), ("Endpoints", &for_endpoints)] {
@@ -245,11 +243,13 @@ pub fn build_slice_report(slice: &EndpointSlice) -> SliceReport {
 pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> {
     let (namespace, svc) = fetch_service(&client, &args.common, &args.service).await?;
     let name = svc.metadata.name.clone().unwrap_or_default();
-    let mut pods = Api::<Pod>::namespaced(client.clone(), &namespace)
+    // Pods as the controllers' store keeps them, so the rules see the same fields.
+    let mut pods = Api::<StoredPod>::namespaced(client.clone(), &namespace)
         .list(&ListParams::default())
         .await
         .with_context(|| format!("listing Pods in {namespace}"))?
         .items;
+    pods.iter_mut().for_each(StoredPod::trim);
     pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
 
     // Ask for each Node by name, as the controller's store lookup does, rather than
@@ -263,7 +263,7 @@ pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> 
             existing.insert(node);
         }
     }
-    let node_found = |pod: &Pod| {
+    let node_found = |pod: &StoredPod| {
         pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some_and(|n| existing.contains(n))
     };
 
