@@ -15,6 +15,7 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use svcplane_ipam::{IpamError, NodePortAssignment, NodePortError};
@@ -394,6 +395,8 @@ pub fn pools_from(cidrs: &BTreeMap<String, ServiceCIDR>, fallback: &PoolConfig) 
 /// Keeps `index` in step with claims, Services and ServiceCIDRs until the
 /// streams end; sets `ready` once all three have listed. With
 /// `release_on_delete`, a deleted Service's claims are deleted at once.
+/// A failed watch is retried with kube-runtime's default backoff (as the
+/// controllers' watches), so an apiserver outage does not spin.
 pub async fn run_watches(
     client: Client,
     index: Arc<Mutex<Index>>,
@@ -419,7 +422,7 @@ pub async fn run_watches(
 }
 
 async fn watch_claims(api: Api<AllocationClaim>, index: Arc<Mutex<Index>>, mark: impl Fn(usize)) {
-    let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+    let mut stream = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
     let mut buffer = Vec::new();
     while let Some(event) = stream.next().await {
         let record = |claim: &AllocationClaim| {
@@ -460,7 +463,7 @@ async fn watch_services(
 ) {
     let claims: Api<AllocationClaim> = Api::all(client.clone());
     let api: Api<Service> = Api::all(client);
-    let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+    let mut stream = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
     let mut buffer = Vec::new();
     while let Some(event) = stream.next().await {
         match event {
@@ -506,7 +509,7 @@ async fn watch_cidrs(
     fallback: PoolConfig,
     mark: impl Fn(usize),
 ) {
-    let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+    let mut stream = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
     let mut current: BTreeMap<String, ServiceCIDR> = BTreeMap::new();
     let mut buffer = BTreeMap::new();
     while let Some(event) = stream.next().await {
