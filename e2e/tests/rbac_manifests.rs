@@ -1,7 +1,8 @@
 //! The shipped manifests against a real kube-apiserver:
 //! - svcplane runs with nothing but the manifests' RBAC (a ServiceAccount token,
 //!   no admin): its controllers write slices and Endpoints and it takes the Lease;
-//! - the rules are least-privilege (no wildcards; no Secrets);
+//! - the rules are least-privilege (no wildcards; of Secrets only the webhook's
+//!   CA, which it may create and read by name);
 //! - `kubectl kustomize manifests/base` is accepted by server-side dry-run and
 //!   matches the committed manifests/rendered/svcplane.yaml.
 
@@ -208,10 +209,26 @@ async fn svcplane_works_with_only_the_manifests_rbac() {
         .expect("config"),
     )
     .expect("client");
+    // The webhook's shared CA: the first call creates the Secret, the second
+    // (another replica) gets 409 and reads the same CA.
+    let names = ["127.0.0.1".to_owned()];
+    let ca_secret = svcplane_webhook::DEFAULT_CA_SECRET;
+    let (first, _) = svcplane_webhook::tls::self_signed_from_shared_ca(&sa, NAMESPACE, ca_secret, &names)
+        .await
+        .expect("create or read the CA Secret with the manifests' RBAC");
+    let (second, _) = svcplane_webhook::tls::self_signed_from_shared_ca(&sa, NAMESPACE, ca_secret, &names)
+        .await
+        .expect("read the CA Secret with the manifests' RBAC");
+    assert_eq!(first, second, "one CA for every replica");
     let denied = Api::<Secret>::namespaced(sa.clone(), NAMESPACE).list(&ListParams::default()).await;
     assert!(
         matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403),
-        "Secrets must be denied: {denied:?}"
+        "listing Secrets must be denied: {denied:?}"
+    );
+    let denied = Api::<Secret>::namespaced(sa.clone(), NAMESPACE).get_opt("another-secret").await;
+    assert!(
+        matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "reading another Secret must be denied: {denied:?}"
     );
     let denied = Api::<Lease>::namespaced(sa, "default").get_opt("svcplane").await;
     assert!(matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403), "Leases elsewhere: {denied:?}");
@@ -247,7 +264,19 @@ fn rbac_rules_name_every_verb_resource_and_group() {
     assert_eq!(verbs_on("nodes"), ["list", "watch"]);
     assert_eq!(verbs_on("endpointslices"), ["create", "delete", "list", "update", "watch"]);
     assert_eq!(verbs_on("leases"), ["create", "get", "patch", "update"]);
-    assert!(verbs_on("secrets").is_empty() && verbs_on("configmaps").is_empty());
+    // Secrets: create the webhook's CA (create cannot be limited by name) and
+    // get that one Secret only.
+    assert_eq!(verbs_on("secrets"), ["create", "get"]);
+    for rule in rules.iter().filter(|r| r.resources.iter().flatten().any(|x| x == "secrets")) {
+        if rule.verbs.iter().any(|v| v == "get") {
+            assert_eq!(
+                rule.resource_names.as_deref(),
+                Some(&["svcplane-webhook-ca".to_owned()][..]),
+                "{rule:?}"
+            );
+        }
+    }
+    assert!(verbs_on("configmaps").is_empty());
 }
 
 fn kubectl() -> PathBuf {

@@ -248,38 +248,122 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     restarted.kill();
 }
 
+/// A free loopback address for a replica that must know its URL before it starts.
+fn free_loopback_addr() -> std::net::SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    format!("127.0.0.1:{port}").parse().expect("addr")
+}
+
 #[tokio::test]
-async fn self_signed_mode_adds_its_ca_to_the_webhook_configurations() {
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+async fn self_signed_replicas_share_one_ca_from_a_secret_and_the_bundle_is_exactly_it() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    use k8s_openapi::api::core::v1::Secret;
     let cp = shared();
     let client = cp.client().await;
     install_crd(&client).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (addr_a, addr_b) = (free_loopback_addr(), free_loopback_addr());
     let ns = scoped_namespace(&client, "wh-selfsigned", "selfsigned").await;
-    // Registered with the test CA's bundle, which did not sign the replica's
-    // self-generated certificate: only the replica's own patch makes it callable.
-    register(&client, cp, "svcplane-selfsigned", addr, "selfsigned").await;
-    let args = WebhookArgs {
+    // Registered with the test CA's bundle, which did not sign the replicas'
+    // certificates: only the replicas' own caBundle makes them callable.
+    register(&client, cp, "svcplane-selfsigned", addr_a, "selfsigned").await;
+    let args = |addr| WebhookArgs {
         bind_address: addr,
         self_signed: true,
         self_signed_names: vec!["127.0.0.1".into()],
+        ca_secret_namespace: Some(ns.name.clone()),
         mutating_configuration: Some("svcplane-selfsigned".into()),
         validating_configuration: Some("svcplane-selfsigned".into()),
         ..WebhookArgs::default()
     };
-    let server = start_replica(&args, &client).await;
-    wait_webhook_active(&ns, &server).await;
-    let config = Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .get("svcplane-selfsigned")
-        .await
-        .expect("get");
-    let bundle = config.webhooks.unwrap_or_default()[0].client_config.ca_bundle.clone().expect("caBundle");
-    let certs = String::from_utf8_lossy(&bundle.0).matches("BEGIN CERTIFICATE").count();
-    assert_eq!(certs, 2, "the earlier CA is kept and the replica's own is added");
+    let a = start_replica(&args(addr_a), &client).await;
+    wait_webhook_active(&ns, &a).await;
+    let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone());
+    let versions = || async {
+        let m = mutating.get("svcplane-selfsigned").await.expect("get mutating");
+        let v = validating.get("svcplane-selfsigned").await.expect("get validating");
+        let bundle = m.webhooks.unwrap_or_default()[0].client_config.ca_bundle.clone().expect("caBundle");
+        (m.metadata.resource_version, v.metadata.resource_version, bundle)
+    };
+    let (mutating_version, validating_version, bundle) = versions().await;
+    let ca_secret =
+        |secret: Secret| secret.data.unwrap_or_default().get("tls.crt").cloned().expect("tls.crt");
+    let secrets = ns.api::<Secret>();
+    let ca = ca_secret(secrets.get(svcplane_webhook::DEFAULT_CA_SECRET).await.expect("the CA Secret"));
+    assert_eq!(bundle, ca, "the caBundle is exactly the shared CA: the test CA it replaced is gone");
+
+    // A second replica reads the same CA and finds the bundle already right.
+    let b = start_replica(&args(addr_b), &client).await;
+    let again = ca_secret(secrets.get(svcplane_webhook::DEFAULT_CA_SECRET).await.expect("the CA Secret"));
+    assert_eq!(again, ca, "the second replica did not replace the CA");
+    let (mutating_after, validating_after, _) = versions().await;
+    assert_eq!(
+        (mutating_after, validating_after),
+        (mutating_version, validating_version),
+        "the configurations were not written again"
+    );
+    // Each replica's own certificate chains to the shared CA.
+    let ca_file = tempfile::NamedTempFile::new().expect("ca file");
+    std::fs::write(ca_file.path(), &ca.0).expect("write ca");
+    for addr in [a.addr, b.addr] {
+        let health = tokio::process::Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(ca_file.path())
+            .arg(format!("https://{addr}/healthz"))
+            .output()
+            .await
+            .expect("curl");
+        assert_eq!(String::from_utf8_lossy(&health.stdout), "ok", "replica at {addr}");
+    }
     let created = ns.create(&mk_service("web", "NodePort", &[(80, None)])).await;
     assert!(!node_ports(&created).is_empty(), "a real create goes through the self-signed replica");
-    server.kill();
+    a.kill();
+    b.kill();
+}
+
+#[tokio::test]
+async fn a_malformed_ca_secret_stops_the_replica_with_an_error_naming_it() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    let cp = shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let ns = svcplane_e2e::TestNamespace::new(&client, "wh-badca").await;
+    let broken = Secret {
+        metadata: kube::core::ObjectMeta {
+            name: Some(svcplane_webhook::DEFAULT_CA_SECRET.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [("tls.crt", "not a certificate"), ("tls.key", "not a key")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    ns.create(&broken).await;
+    let args = WebhookArgs {
+        bind_address: "127.0.0.1:0".parse().expect("addr"),
+        self_signed: true,
+        self_signed_names: vec!["127.0.0.1".into()],
+        ca_secret_namespace: Some(ns.name.clone()),
+        ..WebhookArgs::default()
+    };
+    let error = match svcplane_webhook::WebhookServer::start(&args, client.clone()).await {
+        Ok(server) => {
+            server.kill();
+            panic!("a replica started with an unusable CA Secret");
+        }
+        Err(error) => error.to_string(),
+    };
+    let secret = format!("{}/{}", ns.name, svcplane_webhook::DEFAULT_CA_SECRET);
+    assert!(error.contains(&secret) && error.contains("tls.key is not a private key"), "{error}");
+    let kept = ns.api::<Secret>().get(svcplane_webhook::DEFAULT_CA_SECRET).await.expect("get");
+    assert_eq!(kept.data, broken.data, "the Secret is never overwritten");
 }
 
 /// The test CA in a file, for curl.

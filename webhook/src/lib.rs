@@ -48,8 +48,9 @@ pub struct WebhookArgs {
     /// How often the certificate files are checked for changes.
     #[arg(long = "webhook-cert-reload-interval", default_value = "60s", value_parser = parse_duration)]
     pub cert_reload_interval: Duration,
-    /// Generate a CA and serving certificate at start-up and write the CA
-    /// into the named webhook configurations' caBundle.
+    /// Sign a serving certificate at start-up with the CA every replica shares
+    /// through the Secret `--webhook-ca-secret` (the first replica creates it),
+    /// and set the named webhook configurations' caBundle to exactly that CA.
     #[arg(long = "webhook-self-signed")]
     pub self_signed: bool,
     /// DNS names / IPs of the self-signed serving certificate.
@@ -59,6 +60,14 @@ pub struct WebhookArgs {
         default_value = "svcplane-webhook.svcplane-system.svc"
     )]
     pub self_signed_names: Vec<String>,
+    /// Secret (type kubernetes.io/tls) holding the CA shared by every replica in
+    /// self-signed mode.
+    #[arg(long = "webhook-ca-secret", default_value = DEFAULT_CA_SECRET)]
+    pub ca_secret: String,
+    /// Namespace of `--webhook-ca-secret`; default: this Pod's namespace, else
+    /// "svcplane-system".
+    #[arg(long = "webhook-ca-secret-namespace", env = "POD_NAMESPACE")]
+    pub ca_secret_namespace: Option<String>,
     /// MutatingWebhookConfiguration to patch the caBundle into.
     #[arg(long = "webhook-mutating-configuration")]
     pub mutating_configuration: Option<String>,
@@ -96,6 +105,8 @@ impl Default for WebhookArgs {
             cert_reload_interval: Duration::from_secs(60),
             self_signed: false,
             self_signed_names: vec!["svcplane-webhook.svcplane-system.svc".to_owned()],
+            ca_secret: DEFAULT_CA_SECRET.to_owned(),
+            ca_secret_namespace: None,
             mutating_configuration: None,
             validating_configuration: None,
             service_cidrs: "10.96.0.0/16".to_owned(),
@@ -108,7 +119,19 @@ impl Default for WebhookArgs {
     }
 }
 
+/// Name of the shared CA Secret unless `--webhook-ca-secret` says otherwise.
+pub const DEFAULT_CA_SECRET: &str = "svcplane-webhook-ca";
+
+/// Namespace of the CA Secret when neither the flag nor POD_NAMESPACE gives one
+/// (the manifests' namespace).
+pub const DEFAULT_CA_SECRET_NAMESPACE: &str = "svcplane-system";
+
 impl WebhookArgs {
+    /// Namespace of the shared CA Secret.
+    pub fn ca_secret_namespace(&self) -> &str {
+        self.ca_secret_namespace.as_deref().unwrap_or(DEFAULT_CA_SECRET_NAMESPACE)
+    }
+
     /// The fallback pools from the flags.
     pub fn pool_config(&self) -> Result<PoolConfig, Error> {
         let cidrs = store::parse_cidrs(&self.service_cidrs).map_err(Error::Flag)?;
@@ -145,6 +168,18 @@ pub enum Error {
     /// Certificate or key problem.
     #[error("tls: {0}")]
     Tls(String),
+    /// The shared CA Secret exists but cannot be used. It is never overwritten:
+    /// replicas may already serve certificates it signed.
+    #[error(
+        "the webhook CA Secret {secret} is unusable: {problem}; delete it and restart every \
+         replica so that one creates a new CA"
+    )]
+    CaSecret {
+        /// `namespace/name` of the Secret.
+        secret: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The listen address cannot be bound.
     #[error("failed to bind {0}")]
     Bind(SocketAddr, #[source] std::io::Error),
@@ -169,6 +204,7 @@ impl Error {
             Error::Flag(_) => "InvalidFlag",
             Error::Pools(_) => "InvalidPool",
             Error::Tls(_) => "TlsError",
+            Error::CaSecret { .. } => "InvalidCaSecret",
             Error::Bind(..) => "BindError",
             Error::Kube { .. } => "ApiError",
             Error::NotReady => "NotReady",
@@ -220,6 +256,17 @@ mod tests {
         assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn the_ca_secret_lives_in_the_manifests_namespace_unless_told_otherwise() {
+        let mut args = WebhookArgs::default();
+        assert_eq!(
+            (args.ca_secret_namespace(), args.ca_secret.as_str()),
+            ("svcplane-system", "svcplane-webhook-ca")
+        );
+        args.ca_secret_namespace = Some("elsewhere".into());
+        assert_eq!(args.ca_secret_namespace(), "elsewhere");
     }
 
     #[test]

@@ -71,15 +71,22 @@ impl WebhookServer {
                 (config, Some(reload))
             }
             _ if args.self_signed => {
-                let (ca, cert, key) = tls::self_signed(&args.self_signed_names)?;
-                tls::patch_ca_bundle(
+                let (ca, serving) = tls::self_signed_from_shared_ca(
+                    &client,
+                    args.ca_secret_namespace(),
+                    &args.ca_secret,
+                    &args.self_signed_names,
+                )
+                .await?;
+                tls::set_ca_bundle(
                     &client,
                     args.mutating_configuration.as_deref(),
                     args.validating_configuration.as_deref(),
-                    &ca,
+                    &ca.cert_pem,
                 )
                 .await?;
-                (RustlsConfig::from_config(tls::server_config(cert.as_bytes(), key.as_bytes())?), None)
+                let config = tls::server_config(serving.cert_pem.as_bytes(), serving.key_pem.as_bytes())?;
+                (RustlsConfig::from_config(config), None)
             }
             _ => {
                 return Err(Error::Tls(
