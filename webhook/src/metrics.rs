@@ -1,11 +1,15 @@
-//! The webhook's Prometheus metrics: one registry with the `svcplane_webhook`
-//! prefix; pool usage is read from the index at scrape time.
+//! The webhook's Prometheus metrics, under the `svcplane_webhook` prefix; pool
+//! usage is read from the index at scrape time by a `Collector`.
 //!
-//! No API calls.
+//! `svcplane run` registers them into its one registry ([`Metrics::register`]),
+//! served on `--metrics-bind-address`; [`Metrics::new`] keeps a registry of its
+//! own for a standalone server (tests, benchmarks). No API calls.
 
+use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,6 +18,9 @@ use prometheus_client::registry::Registry;
 
 use crate::index::Index;
 use crate::store::lock;
+
+/// Prefix of every webhook metric.
+pub const PREFIX: &str = "svcplane_webhook";
 
 /// Labels of an admission outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,7 +49,8 @@ pub struct PoolLabels {
 
 /// Every metric the webhook exports.
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    /// The registry of [`Metrics::new`]; `None` when registered into the caller's.
+    registry: Option<Mutex<Registry>>,
     /// Admission calls by outcome.
     pub admissions: Family<AdmissionLabels, Counter>,
     /// Server-side admission latency.
@@ -55,24 +63,30 @@ pub struct Metrics {
     pub dry_runs: Counter,
     /// Repair findings by type.
     pub repairs: Family<RepairLabels, Counter>,
-    used: Family<PoolLabels, Gauge>,
-    free: Family<PoolLabels, Gauge>,
+    pools: Arc<PoolUsage>,
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// The metrics in a registry of their own, encoded by [`Metrics::encode`].
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("svcplane_webhook");
+        let mut registry = Registry::with_prefix(PREFIX);
+        let mut metrics = Self::register(&mut registry);
+        metrics.registry = Some(Mutex::new(registry));
+        metrics
+    }
+
+    /// Registers every metric in `registry`; pass a sub-registry with the
+    /// [`PREFIX`] prefix to keep their names.
+    pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
-            registry: Mutex::new(Registry::default()),
+            registry: None,
             admissions: Family::default(),
             admission_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             allocations: Counter::default(),
             claim_conflicts: Counter::default(),
             dry_runs: Counter::default(),
             repairs: Family::default(),
-            used: Family::default(),
-            free: Family::default(),
+            pools: Arc::default(),
         };
         registry.register(
             "admission_requests",
@@ -92,11 +106,7 @@ impl Metrics {
             metrics.dry_runs.clone(),
         );
         registry.register("repair_findings", "Repair findings by type", metrics.repairs.clone());
-        registry.register("pool_allocated", "Values taken in each pool", metrics.used.clone());
-        registry.register("pool_available", "Values free in each pool", metrics.free.clone());
-        if let Ok(mut slot) = metrics.registry.lock() {
-            *slot = registry;
-        }
+        registry.register_collector(Box::new(metrics.pools.clone()));
         metrics
     }
 
@@ -105,25 +115,115 @@ impl Metrics {
         self.repairs.get_or_create(&RepairLabels { r#type: kind.to_owned() }).inc();
     }
 
-    /// The text exposition, with pool gauges read from `index` now.
+    /// Reports the pool usage of `index` at every scrape from now on.
+    pub fn observe_pools(&self, index: Arc<Mutex<Index>>) {
+        *self.pools.index.lock().unwrap_or_else(|p| p.into_inner()) = Some(index);
+    }
+
+    /// Whether these metrics have their own registry ([`Metrics::new`]).
+    pub fn has_own_registry(&self) -> bool {
+        self.registry.is_some()
+    }
+
+    /// The text exposition of the own registry (empty for metrics registered
+    /// elsewhere: that registry's owner serves them). With `index`, pool usage
+    /// is read from it, now and at later scrapes.
     pub fn encode(&self, index: Option<&Arc<Mutex<Index>>>) -> String {
         if let Some(index) = index {
-            for usage in lock(index).usage() {
-                let labels = PoolLabels { pool: usage.pool };
-                self.used.get_or_create(&labels).set(usage.used as i64);
-                self.free.get_or_create(&labels).set(usage.free as i64);
-            }
+            self.observe_pools(index.clone());
         }
         let mut text = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        if let Some(registry) = &self.registry {
+            let registry = registry.lock().unwrap_or_else(|p| p.into_inner());
+            // Writing to a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        }
         text
+    }
+}
+
+/// `pool_allocated` and `pool_available`, read from the index at scrape time so
+/// a pool that goes away stops being reported.
+#[derive(Default)]
+struct PoolUsage {
+    index: Mutex<Option<Arc<Mutex<Index>>>>,
+}
+
+impl fmt::Debug for PoolUsage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolUsage").finish_non_exhaustive()
+    }
+}
+
+impl Collector for PoolUsage {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let index = self.index.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(index) = index else { return Ok(()) };
+        let used = Family::<PoolLabels, Gauge>::default();
+        let free = Family::<PoolLabels, Gauge>::default();
+        for usage in lock(&index).usage() {
+            let labels = PoolLabels { pool: usage.pool };
+            used.get_or_create(&labels).set(i64::try_from(usage.used).unwrap_or(i64::MAX));
+            free.get_or_create(&labels).set(i64::try_from(usage.free).unwrap_or(i64::MAX));
+        }
+        for (name, help, family) in [
+            ("pool_allocated", "Values taken in each pool", &used),
+            ("pool_available", "Values free in each pool", &free),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, None, family.metric_type())?;
+            family.encode(metric)?;
+        }
+        Ok(())
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::PoolConfig;
+
+    fn mk_index() -> Arc<Mutex<Index>> {
+        let pools = PoolConfig {
+            cidrs: vec!["10.96.0.0/28".parse().unwrap()],
+            node_ports: "30000-30009".parse().unwrap(),
+        };
+        Arc::new(Mutex::new(Index::new(pools).unwrap()))
+    }
+
+    #[test]
+    fn metrics_registered_in_a_shared_registry_keep_their_names_and_pool_gauges() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(registry.sub_registry_with_prefix(PREFIX));
+        metrics.allocations.inc();
+        metrics.repair("leak");
+        metrics.observe_pools(mk_index());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for name in [
+            "svcplane_webhook_allocations_total 1",
+            "svcplane_webhook_repair_findings_total{type=\"leak\"} 1",
+            "svcplane_webhook_pool_allocated{pool=\"10.96.0.0/28\"}",
+            "svcplane_webhook_pool_available{pool=\"30000-30009\"} 10",
+            "# TYPE svcplane_webhook_pool_allocated gauge",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(!metrics.has_own_registry());
+        assert_eq!(metrics.encode(None), "", "the shared registry's owner serves them");
+    }
+
+    #[test]
+    fn standalone_metrics_encode_their_own_registry() {
+        let metrics = Metrics::new();
+        metrics.dry_runs.inc();
+        let text = metrics.encode(Some(&mk_index()));
+        assert!(text.contains("svcplane_webhook_dry_runs_total 1"), "{text}");
+        assert!(text.contains("svcplane_webhook_pool_available{pool=\"30000-30009\"} 10"), "{text}");
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTPS server: axum over rustls, `/mutate`, `/validate`, `/healthz`,
-//! `/readyz`, `/metrics`, and the watches that keep the index current.
+//! `/readyz`, `/metrics` (standalone only), and the watches that keep the index
+//! current.
 //!
 //! Health routes sit outside the trace layer so probes do not flood the log.
 
@@ -41,22 +42,21 @@ pub struct WebhookServer {
 
 impl WebhookServer {
     /// Binds, starts serving and starts the watches; returns at once (the
-    /// replica answers 503 denials until [`Self::wait_ready`]).
+    /// replica answers 503 denials until [`Self::wait_ready`]). The metrics
+    /// have a registry of their own, served on this server's `/metrics`.
     pub async fn start(args: &WebhookArgs, client: Client) -> Result<Self, Error> {
-        let pools = args.pool_config()?;
-        let metrics = Arc::new(Metrics::new());
-        let index = Arc::new(Mutex::new(Index::new(pools.clone()).map_err(Error::Pools)?));
-        let (ready_tx, ready_rx) = watch::channel(false);
-        let store = Store::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(run_watches(
-            client.clone(),
-            index.clone(),
-            pools,
-            ready_tx,
-            args.release_on_delete,
-        )));
+        Self::start_with_metrics(args, client, Arc::new(Metrics::new())).await
+    }
 
+    /// Like [`Self::start`], counting in `metrics` (registered in the process's
+    /// registry by `svcplane run`, which serves them on its metrics address).
+    pub async fn start_with_metrics(
+        args: &WebhookArgs,
+        client: Client,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
+        let pools = args.pool_config()?;
+        // Certificates first: a replica that cannot serve TLS starts nothing.
         let (rustls, reload) = match (&args.tls_cert_file, &args.tls_key_file) {
             (Some(cert), Some(key)) => {
                 let pair = tls::read_pair(cert, key).await?;
@@ -95,12 +95,7 @@ impl WebhookServer {
                 ));
             }
         };
-        if let Some(reload) = reload {
-            tasks.push(tokio::spawn(reload));
-        }
 
-        let state = AppState { store: store.clone(), metrics: metrics.clone() };
-        let app = router(state, index, args.max_body_bytes);
         let listener =
             std::net::TcpListener::bind(args.bind_address).map_err(|e| Error::Bind(args.bind_address, e))?;
         listener.set_nonblocking(true).map_err(|e| Error::Bind(args.bind_address, e))?;
@@ -109,6 +104,25 @@ impl WebhookServer {
         let server = axum_server::from_tcp_rustls(listener, rustls)
             .map_err(|e| Error::Bind(addr, e))?
             .handle(handle.clone());
+
+        let index = Arc::new(Mutex::new(Index::new(pools.clone()).map_err(Error::Pools)?));
+        metrics.observe_pools(index.clone());
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let store = Store::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(run_watches(
+            client.clone(),
+            index.clone(),
+            pools,
+            ready_tx,
+            args.release_on_delete,
+        )));
+        if let Some(reload) = reload {
+            tasks.push(tokio::spawn(reload));
+        }
+
+        let state = AppState { store: store.clone(), metrics: metrics.clone() };
+        let app = router(state, args.max_body_bytes);
         tasks.push(tokio::spawn(async move {
             if let Err(error) = server.serve(app.into_make_service()).await {
                 tracing::error!(%error, "webhook server stopped");
@@ -153,7 +167,7 @@ impl WebhookServer {
     }
 }
 
-fn router(state: AppState, index: Arc<Mutex<Index>>, max_body: usize) -> Router {
+fn router(state: AppState, max_body: usize) -> Router {
     let admission = Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
@@ -170,7 +184,7 @@ fn router(state: AppState, index: Arc<Mutex<Index>>, max_body: usize) -> Router 
     let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(move || async move { metrics.encode(Some(&index)) }))
+        .route("/metrics", get(move || async move { own_metrics(&metrics) }))
         .with_state(state);
     admission.merge(health)
 }
@@ -210,6 +224,16 @@ async fn explain_too_large(
         "code": 413,
     });
     (StatusCode::PAYLOAD_TOO_LARGE, Json(status)).into_response()
+}
+
+/// The metrics of a standalone server. Inside `svcplane run` they are in the
+/// process's registry, on its metrics address.
+fn own_metrics(metrics: &Metrics) -> (StatusCode, String) {
+    if metrics.has_own_registry() {
+        (StatusCode::OK, metrics.encode(None))
+    } else {
+        (StatusCode::NOT_FOUND, "the webhook's metrics are served on --metrics-bind-address\n".to_owned())
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
