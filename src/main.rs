@@ -9,12 +9,13 @@ mod lease;
 use std::{
     path::PathBuf,
     sync::{Arc, atomic::AtomicBool},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use svcplane_webhook::{WebhookServer, metrics::Metrics as WebhookMetrics};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +66,11 @@ struct RunArgs {
     /// Address of /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8081")]
     health_probe_bind_address: String,
+    /// With the webhook role: after SIGTERM, how long /readyz answers 503 while
+    /// the webhook still serves, so the replica leaves the Service's endpoints
+    /// before it stops (0s: no drain).
+    #[arg(long, default_value = "5s", value_parser = svcplane_webhook::parse_duration)]
+    shutdown_drain: Duration,
     #[command(flatten)]
     controller: svcplane_controller::run::ControllerArgs,
     #[command(flatten)]
@@ -132,78 +138,138 @@ async fn run(args: RunArgs, kubeconfig: Option<&PathBuf>) -> anyhow::Result<()> 
             "unknown role {role:?} (expected controller, webhook or repair)"
         );
     }
+    let has = |role: &str| args.roles.iter().any(|r| r == role);
     let client = client(kubeconfig).await?;
+
+    // One registry for every role, served on --metrics-bind-address.
     let mut registry = Registry::default();
     let metrics =
         svcplane_controller::metrics::Metrics::register(registry.sub_registry_with_prefix("svcplane"));
-    let ready = Arc::new(AtomicBool::new(!args.roles.iter().any(|r| r == "controller")));
+    let webhook_metrics = Arc::new(if has("webhook") || has("repair") {
+        WebhookMetrics::register(registry.sub_registry_with_prefix(svcplane_webhook::metrics::PREFIX))
+    } else {
+        WebhookMetrics::register(&mut Registry::default())
+    });
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let controller_synced = Arc::new(AtomicBool::new(false));
+    let webhook = if has("webhook") {
+        let server =
+            WebhookServer::start_with_metrics(&args.webhook, client.clone(), webhook_metrics.clone())
+                .await
+                .context("webhook")?;
+        Some(server)
+    } else {
+        None
+    };
+    let readiness = Arc::new(admin::Readiness::new(
+        has("controller").then(|| controller_synced.clone()),
+        webhook.as_ref().map(|server| server.store.ready_signal()),
+    ));
+    // The admin endpoints serve until the process exits: /readyz says 503
+    // throughout the shutdown.
+    let admin = admin::serve(
+        &args.metrics_bind_address,
+        &args.health_probe_bind_address,
+        registry,
+        readiness.clone(),
+        std::future::pending(),
+    )
+    .await?;
+
+    let mut election = if args.leader_elect {
+        let namespace = args.leader_election_namespace.clone().unwrap_or_else(|| "default".into());
+        lease::LeaderElection::start(client.clone(), &namespace, &args.leader_election_id).await?
+    } else {
+        lease::LeaderElection::always_leader()
+    };
+    let leader = election.leader();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let admin = admin::serve(
-        &args.metrics_bind_address,
-        &args.health_probe_bind_address,
-        registry,
-        ready.clone(),
-        stopped(),
-    )
-    .await?;
-
-    // Without leader election this process always leads; the sender lives as long
-    // as `run` so the channel never reads as closed (a lost lease).
-    let (_always_leader, always_leader_rx) = watch::channel(true);
-    let leader = if args.leader_elect {
-        let namespace = args.leader_election_namespace.clone().unwrap_or_else(|| "default".into());
-        lease::acquire(client.clone(), &namespace, &args.leader_election_id).await?
-    } else {
-        always_leader_rx
-    };
-
     let mut tasks = tokio::task::JoinSet::new();
-    if args.roles.iter().any(|r| r == "controller") {
-        let (client, leader, ready, stop) = (client.clone(), leader.clone(), ready.clone(), stopped());
+    if has("controller") {
+        let (client, leader, synced, stop) = (client.clone(), leader.clone(), controller_synced, stopped());
         let controller_args = args.controller.clone();
         tasks.spawn(async move {
-            svcplane_controller::run::run(controller_args, client, metrics, leader, ready, stop)
+            svcplane_controller::run::run(controller_args, client, metrics, leader, synced, stop)
                 .await
                 .context("controller")
         });
     }
-    if args.roles.iter().any(|r| r == "webhook") {
-        let (client, stop) = (client.clone(), stopped());
-        let webhook_args = args.webhook.clone();
-        tasks
-            .spawn(async move { svcplane_webhook::run(webhook_args, client, stop).await.context("webhook") });
+    if let Some(server) = webhook {
+        let stop = stopped();
+        tasks.spawn(async move {
+            stop.await;
+            // In-flight reviews finish; new connections are refused.
+            server.shutdown().await;
+            Ok(())
+        });
     }
-
-    if args.roles.iter().any(|r| r == "repair") {
-        // Only the leader repairs; losing the lease ends the process (see lease.rs).
-        let (client, mut leader, stop) = (client.clone(), leader.clone(), stopped());
+    if has("repair") {
+        // Only the leader repairs; it stops when the lease is lost.
+        let (client, mut leader, metrics) = (client.clone(), leader.clone(), webhook_metrics.clone());
+        let (before_leading, stop) = (stopped(), stopped());
         let webhook_args = args.webhook.clone();
         tasks.spawn(async move {
-            if leader.wait_for(|l| *l).await.is_err() {
-                return Ok(());
-            }
+            tokio::select! {
+                led = leader.wait_for(|l| *l) => led.context("repair: the leader election ended")?,
+                _ = before_leading => return Ok(()),
+            };
             tracing::info!("leading: starting the IPAM repair loop");
-            svcplane_webhook::run_repair(webhook_args, client, stop).await.context("repair")
+            let repair = svcplane_webhook::run_repair_with_metrics(webhook_args, client, metrics, stop);
+            tokio::select! {
+                done = repair => done.context("repair"),
+                _ = leader.wait_for(|l| !*l) => Err(anyhow::anyhow!("repair: lost the leader lease")),
+            }
         });
     }
 
-    let result = tokio::select! {
+    let mut result = tokio::select! {
         _ = shutdown_signal() => Ok(()),
-        Some(done) = tasks.join_next() => match done {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(e.into()),
-        },
+        Some(done) = tasks.join_next() => task_result(done),
+        error = election.died() => Err(error),
     };
+    // From here /readyz is 503, so the kubelet takes this replica out of the
+    // webhook Service's endpoints while the webhook keeps answering.
+    readiness.begin_shutdown();
+    if result.is_ok() && has("webhook") && !args.shutdown_drain.is_zero() {
+        tracing::info!(drain = ?args.shutdown_drain, "not ready; the webhook serves on during the drain");
+        result = tokio::select! {
+            _ = tokio::time::sleep(args.shutdown_drain) => Ok(()),
+            // A second signal ends the drain early.
+            _ = shutdown_signal() => Ok(()),
+            Some(done) = tasks.join_next() => task_result(done),
+            error = election.died() => Err(error),
+        };
+    }
     let _ = stop_tx.send(true);
-    while tasks.join_next().await.is_some() {}
+    while let Some(done) = tasks.join_next().await {
+        if let Err(error) = task_result(done) {
+            if result.is_ok() {
+                result = Err(error);
+            } else {
+                tracing::error!(error = format!("{error:#}"), "while stopping");
+            }
+        }
+    }
+    // Only now that nothing writes: the standby takes over at once instead of
+    // when the Lease expires.
+    if let Err(error) = election.release().await {
+        tracing::warn!(error = format!("{error:#}"), "could not release the leader Lease; it will expire");
+    }
     admin.abort();
     result
+}
+
+/// The outcome of a finished role task.
+fn task_result(done: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match done {
+        Ok(result) => result,
+        Err(error) => Err(error.into()),
+    }
 }

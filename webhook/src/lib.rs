@@ -212,18 +212,6 @@ impl Error {
     }
 }
 
-/// Serves the webhook until `shutdown` resolves.
-pub async fn run(
-    args: WebhookArgs,
-    client: kube::Client,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    let server = WebhookServer::start(&args, client).await?;
-    shutdown.await;
-    server.shutdown().await;
-    Ok(())
-}
-
 /// Runs the repair loop until `shutdown` resolves; run it on the leader only.
 pub async fn run_repair(
     args: WebhookArgs,
@@ -233,8 +221,8 @@ pub async fn run_repair(
     run_repair_with_metrics(args, client, Arc::new(metrics::Metrics::new()), shutdown).await
 }
 
-/// Like [`run_repair`], counting findings in `metrics` (share the server's
-/// to export them on its `/metrics`).
+/// Like [`run_repair`], counting findings in `metrics` (share the webhook
+/// server's, registered in the process's registry, so one `/metrics` shows both).
 pub async fn run_repair_with_metrics(
     args: WebhookArgs,
     client: kube::Client,

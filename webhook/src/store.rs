@@ -67,6 +67,12 @@ impl Store {
         *self.ready.borrow()
     }
 
+    /// Turns true once the index has been rebuilt from the cluster (for a
+    /// readiness probe outside the webhook server).
+    pub fn ready_signal(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
     /// The index (for metrics and tests).
     pub fn index(&self) -> MutexGuard<'_, Index> {
         lock(&self.index)
