@@ -10,20 +10,22 @@
 #
 # Idempotent: a binary already in the cache is not rebuilt.
 #
-# Usage: build.sh [--with-proxy] [--with-kubectl] [--with-coredns] [--print-bin-dir]
+# Usage: build.sh [--with-proxy] [--with-kubectl] [--with-coredns] [--with-nodes] [--print-bin-dir]
+#   --with-nodes also builds kubelet and kube-scheduler (the real-cluster suite).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.env
 . "$here/versions.env"
 
-want_proxy=0 want_kubectl=0 want_coredns=0 print_only=0
+want_proxy=0 want_kubectl=0 want_coredns=0 want_nodes=0 print_only=0
 for arg in "$@"; do
   case "$arg" in
     --with-proxy) want_proxy=1 ;;
     --with-kubectl) want_kubectl=1 ;;
     --with-coredns) want_coredns=1 ;;
-    --all) want_proxy=1 want_kubectl=1 want_coredns=1 ;;
+    --with-nodes) want_nodes=1 ;;
+    --all) want_proxy=1 want_kubectl=1 want_coredns=1 want_nodes=1 ;;
     --print-bin-dir) print_only=1 ;;
     *) echo "build.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
@@ -58,6 +60,7 @@ tags="selinux,notest,grpcnotrace"
 k8s_cmds=(kube-apiserver kube-controller-manager)
 [ "$want_proxy" = 1 ] && k8s_cmds+=(kube-proxy)
 [ "$want_kubectl" = 1 ] && k8s_cmds+=(kubectl)
+[ "$want_nodes" = 1 ] && k8s_cmds+=(kubelet kube-scheduler)
 missing=()
 for c in "${k8s_cmds[@]}"; do [ -x "$bin/$c" ] || missing+=("$c"); done
 
@@ -75,11 +78,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
       echo "package tools"
       echo
       echo "import ("
-      for c in kube-apiserver kube-controller-manager kube-proxy kubectl; do
+      for c in kube-apiserver kube-controller-manager kube-proxy kubectl kubelet kube-scheduler; do
         echo "	_ \"k8s.io/kubernetes/cmd/$c\""
       done
       echo ")"
-    } > tools.go
+    } > tools.go.new
+    # A changed import list needs a new tidy (go.sum entries for the new commands).
+    if ! cmp -s tools.go.new tools.go; then rm -f go.sum; fi
+    mv tools.go.new tools.go
     if [ ! -f go.sum ] || ! grep -q "k8s.io/kubernetes $KUBERNETES_VERSION" go.mod 2>/dev/null; then
       rm -f go.mod go.sum
       go mod init svcplane.local/k8s-wrapper >/dev/null 2>&1
