@@ -55,9 +55,7 @@ impl LeaderElection {
 
     /// Starts competing for the Lease `namespace/name`.
     pub async fn start(client: kube::Client, namespace: &str, name: &str) -> anyhow::Result<Self> {
-        let identity = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| format!("svcplane-{}", std::process::id()));
+        let identity = process_identity();
         let lease = LeaseRef { client, namespace: namespace.to_owned(), name: name.to_owned(), identity };
         let manager = lease.manager().await?;
         let (tx, leader) = watch::channel(false);
@@ -98,6 +96,22 @@ impl LeaderElection {
             Err(_) => anyhow::bail!("releasing the Lease took over {RELEASE_TIMEOUT:?}; it will expire"),
         }
     }
+}
+
+/// This process's name in the Lease: the Pod's name (else the host's), then `_` and
+/// a suffix new for every process, as client-go's `hostname_uuid`. A container the
+/// kubelet restarts in the same Pod is a new contender: it must not take the old
+/// process's unexpired Lease for its own, and two processes on one host never share
+/// an identity (kube-lease-manager renews whatever Lease names its identity).
+fn process_identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "svcplane".to_owned());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{base}_{:x}{:x}", std::process::id(), nanos & 0xffff_ffff)
 }
 
 /// What identifies this process's claim on the Lease.

@@ -18,7 +18,9 @@ use svcplane_e2e::{
 };
 
 async fn holder(api: &Api<Lease>) -> Option<String> {
-    api.get_opt("svcplane").await.ok().flatten()?.spec?.holder_identity
+    // `POD_NAME_<per-process suffix>`: the Pod (here, the process's POD_NAME).
+    let identity = api.get_opt("svcplane").await.ok().flatten()?.spec?.holder_identity?;
+    Some(identity.split('_').next().unwrap_or_default().to_owned())
 }
 
 #[tokio::test]
