@@ -10,16 +10,20 @@ BUILD_RELEASE := $(CARGO) build --workspace --locked --release --bins
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup controlplane lint unit e2e test test-datapath demo bench bench-ipam bench-webhook bench-datapath fmt
+.PHONY: help setup controlplane lint unit e2e test test-datapath test-cluster cluster cluster-down cluster-images demo bench bench-ipam bench-webhook bench-datapath fmt
+# The static svcplane in the cluster's image (as the Dockerfile builds it).
+MUSL_TARGET := x86_64-unknown-linux-musl
+IMAGE_BIN := $(TARGET_DIR)/$(MUSL_TARGET)/release/svcplane
+CLUSTER_BIN := $(TARGET_DIR)/debug/svcplane-cluster
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-setup: ## Install what the build needs and build the pinned control plane (cached)
-	@bash scripts/setup.sh --with-kubectl --with-proxy --with-coredns
+setup: ## Install what the build needs and build the pinned control plane and node binaries (cached)
+	@bash scripts/setup.sh --all
 
-controlplane: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, kube-proxy, CoreDNS into the cache
-	@bash e2e/controlplane/build.sh --with-kubectl --with-proxy --with-coredns
+controlplane: ## Build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kube-proxy, CoreDNS into the cache
+	@bash e2e/controlplane/build.sh --all
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -35,16 +39,33 @@ e2e: setup ## End-to-end tests against a real kube-apiserver + etcd
 	$(BUILD)
 	$(CARGO) test --workspace --locked --test '*'
 
-test: setup lint ## Everything CI runs: lint, unit, property and e2e tests, the data path
+test: setup lint ## Everything CI runs: lint, unit, property and e2e tests, the data path, the real cluster
 	$(BUILD)
 	$(CARGO) test --workspace --locked
 	@$(MAKE) --no-print-directory test-datapath
+	@$(MAKE) --no-print-directory test-cluster
 
 test-datapath: setup ## kube-proxy (nftables) + CoreDNS driven by svcplane's slices, traffic through ip netns (root)
 	$(BUILD)
 	$(CARGO) test --workspace --locked --test datapath -- --ignored --show-output
 
-demo: setup ## Real control plane + svcplane + examples/, printing Services, slices and allocations
+test-cluster: cluster-images ## In-cluster suite on a real 2-node cluster (kubelet, containerd, kube-proxy; root)
+	$(BUILD)
+	$(CARGO) test --workspace --locked --test cluster -- --ignored --show-output
+
+cluster-images: setup ## svcplane (static musl) and the test images, built without Docker into target/cluster-images
+	CC_$(subst -,_,$(MUSL_TARGET))=musl-gcc $(CARGO) build --locked --release --bin svcplane --target $(MUSL_TARGET)
+	bash e2e/cluster/images.sh $(IMAGE_BIN) $(TARGET_DIR)/cluster-images
+
+cluster: cluster-images ## Start a real 2-node cluster with svcplane deployed in it, and leave it running
+	$(BUILD)
+	$(CLUSTER_BIN) up
+
+cluster-down: ## Stop the cluster of `make cluster`: no process, mount, namespace or route left
+	@[ -x $(CLUSTER_BIN) ] || $(BUILD)
+	$(CLUSTER_BIN) down
+
+demo: cluster-images ## A real cluster: the examples' Pods, their Services through svcplane, requests through ClusterIP, NodePort, DNS
 	$(BUILD)
 	$(TARGET_DIR)/debug/svcplane-demo
 

@@ -74,6 +74,16 @@ pub struct ControlPlaneOptions {
     /// a veth pair it created so that kube-proxy and CoreDNS in a network namespace
     /// reach the apiserver; never an address of the machine's real interfaces.
     pub bind_address: Option<String>,
+    /// Real kubelets join (the in-cluster suite, [`crate::cluster`]): the Node
+    /// authorizer and ServiceAccount admission are on, the apiserver keeps the
+    /// `kubernetes` Service's endpoints itself (in-cluster clients dial it), prefers
+    /// Nodes' InternalIPs, and dials webhook and aggregated Services at their
+    /// endpoints (it runs outside every node's network namespace, where no
+    /// kube-proxy rule is). Off: a node-less apiserver, Pods are API objects only.
+    pub with_nodes: bool,
+    /// The working directory (logs/, certs/, etcd/, kubeconfig); `None`: a new
+    /// temporary one.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for ControlPlaneOptions {
@@ -86,6 +96,8 @@ impl Default for ControlPlaneOptions {
             apiserver_args: Vec::new(),
             bin_dir: None,
             bind_address: None,
+            with_nodes: false,
+            dir: None,
         }
     }
 }
@@ -147,7 +159,7 @@ pub fn kubernetes_version() -> &'static str {
         .unwrap_or("unknown")
 }
 
-fn binary(dir: &Path, name: &str) -> Result<PathBuf, HarnessError> {
+pub(crate) fn binary(dir: &Path, name: &str) -> Result<PathBuf, HarnessError> {
     let path = dir.join(name);
     if path.is_file() {
         Ok(path)
@@ -204,11 +216,14 @@ impl ControlPlane {
             Some(binary(&bins, "kube-controller-manager")?)
         };
 
-        let dir = tempfile::Builder::new()
-            .prefix("svcplane-cp-")
-            .tempdir()
-            .map_err(|e| HarnessError::Setup(e.to_string()))?
-            .keep();
+        let dir = match &options.dir {
+            Some(dir) => dir.clone(),
+            None => tempfile::Builder::new()
+                .prefix("svcplane-cp-")
+                .tempdir()
+                .map_err(|e| HarnessError::Setup(e.to_string()))?
+                .keep(),
+        };
         let setup = |e: &dyn std::fmt::Display| HarnessError::Setup(e.to_string());
         for sub in ["logs", "certs", "etcd"] {
             fs::create_dir_all(dir.join(sub)).map_err(|e| setup(&e))?;
@@ -382,18 +397,31 @@ impl ControlPlane {
             format!("--advertise-address={address}"),
             format!("--service-cluster-ip-range={}", self.options.service_cidrs),
             format!("--service-node-port-range={}", self.options.node_port_range),
-            "--authorization-mode=RBAC".to_string(),
             format!("--client-ca-file={}", client_ca.display()),
             "--service-account-issuer=https://kubernetes.default.svc".to_string(),
             format!("--service-account-key-file={}", sa_key.with_extension("pub").display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
-            // No ServiceAccount admission: Pods are API objects only (no kubelet, no tokens).
-            "--disable-admission-plugins=ServiceAccount".to_string(),
-            // The apiserver must not write the `kubernetes` Service's Endpoints itself.
-            "--endpoint-reconciler-type=none".to_string(),
             "--allow-privileged=true".to_string(),
             "--profiling=false".to_string(),
         ];
+        if self.options.with_nodes {
+            args.extend([
+                "--authorization-mode=Node,RBAC".to_string(),
+                // Without it the `kubernetes` Service has no endpoints and every
+                // in-cluster client (svcplane, CoreDNS) gets "connection refused".
+                "--endpoint-reconciler-type=lease".to_string(),
+                "--kubelet-preferred-address-types=InternalIP".to_string(),
+                "--enable-aggregator-routing=true".to_string(),
+            ]);
+        } else {
+            args.extend([
+                "--authorization-mode=RBAC".to_string(),
+                // No ServiceAccount admission: Pods are API objects only (no kubelet, no tokens).
+                "--disable-admission-plugins=ServiceAccount".to_string(),
+                // The apiserver must not write the `kubernetes` Service's Endpoints itself.
+                "--endpoint-reconciler-type=none".to_string(),
+            ]);
+        }
         args.extend(self.options.apiserver_args.iter().cloned());
         self.spawn("kube-apiserver", apiserver, &args)?;
         self.server = format!("https://{host}:{port}");
@@ -470,7 +498,9 @@ impl ControlPlane {
         self.spawn("kube-controller-manager", kcm, &args)
     }
 
-    fn spawn(&self, component: &str, bin: &Path, args: &[String]) -> Result<(), HarnessError> {
+    /// Starts another component (e.g. kube-scheduler) that is stopped with the rest;
+    /// its output goes to [`Self::log_path`].
+    pub fn spawn(&self, component: &str, bin: &Path, args: &[String]) -> Result<(), HarnessError> {
         let log_path = self.log_path(component);
         let log = fs::OpenOptions::new()
             .create(true)
@@ -580,7 +610,7 @@ pub enum KubeconfigAuth {
     Token(String),
 }
 
-fn kubeconfig_yaml(server: &str, ca_pem: &str, auth: &KubeconfigAuth) -> String {
+pub(crate) fn kubeconfig_yaml(server: &str, ca_pem: &str, auth: &KubeconfigAuth) -> String {
     use std::fmt::Write;
     let b64 = |s: &str| base64_encode(s.as_bytes());
     let mut user = String::new();

@@ -11,6 +11,7 @@
 //! every `#[tokio::test]` has its own runtime) and works in its own namespace.
 
 pub mod certs;
+pub mod cluster;
 mod controlplane;
 pub mod datapath;
 pub mod differential;

@@ -1,176 +1,197 @@
-//! `make demo`: a real control plane (etcd, kube-apiserver, and kube-controller-manager
-//! with only its workload controllers: its endpoint controllers stay off), svcplane,
-//! and the examples/ objects; then prints what kubectl shows. There is no kubelet or
-//! scheduler: the demo binds Pods to Nodes and reports their status as a kubelet
-//! would (Running, a Pod IP, Ready), so svcplane has real Pods to work with.
+//! `make demo`: svcplane on a real cluster. Two kubelet nodes on this machine
+//! (e2e/src/cluster), svcplane deployed from its own image as the cluster's only
+//! endpoint controller and Service IPAM webhook, CoreDNS behind kube-dns; then the
+//! examples/ objects with real Pods whose readiness the kubelet probes, the tables
+//! kubectl and svcplane's CLI print, and requests answered through a ClusterIP, a
+//! NodePort and a DNS name.
+//!
+//! The examples' agnhost image cannot be pulled here (no registry): the test workload
+//! image, which implements the two agnhost commands they use, stands in for it. A
+//! cluster `make cluster` left running is used and kept; otherwise the demo's own
+//! cluster is removed at the end.
 
 use std::{
-    collections::BTreeMap,
+    io::Write,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    apps::v1::{Deployment, StatefulSet},
-    core::v1::{Binding, ObjectReference, Pod},
-};
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
-    core::ObjectMeta,
-};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, PostParams};
 use svcplane_e2e::{
-    ControlPlane, ControlPlaneOptions, bin_dir,
-    fixtures::{ensure_node, set_pod_status},
-    wait::poll_until,
+    bin_dir,
+    cluster::{
+        Cluster, ClusterOptions, host,
+        workload::{
+            TESTPOD_IMAGE, client_pod, endpoint_conditions, fetch_through, http_get, ready_pods, resolve_in,
+        },
+    },
+    wait::eventually,
 };
 
 const NAMESPACE: &str = "demo";
-const NODES: [(&str, &str, &str); 2] =
-    [("node-a", "192.0.2.11", "zone-a"), ("node-b", "192.0.2.12", "zone-b")];
-
-/// Runs `program --kubeconfig=<admin> args…`; returns stdout then stderr.
-fn run_with_kubeconfig(program: &Path, cp: &ControlPlane, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig_path.display()))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{} {args:?}: {e}", program.display()));
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    text
-}
-
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    run_with_kubeconfig(&bin_dir().join("kubectl"), cp, args)
-}
-
-fn svcplane_cli(cp: &ControlPlane, args: &[&str]) -> String {
-    run_with_kubeconfig(&svcplane_e2e::svcplane::svcplane_bin(), cp, args)
-}
+const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.53";
 
 fn banner(title: &str) {
     println!("\n=== {title} {}", "=".repeat(70usize.saturating_sub(title.len())));
 }
 
+/// Runs `program args` with the cluster's kubeconfig; stdout then stderr.
+fn run(program: &Path, cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new(program)
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig_path.display()))
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} {args:?}: {e}", program.display()));
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{} {args:?}: {e}", program.display()));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
+    run(&bin_dir().join("kubectl"), cluster, args, None)
+}
+
+fn svcplane_cli(cluster: &Cluster, args: &[&str]) -> String {
+    run(&svcplane_e2e::svcplane::svcplane_bin(), cluster, args, None)
+}
+
+/// The examples as one YAML stream, with the stand-in image.
+fn examples() -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+        .replace(AGNHOST, TESTPOD_IMAGE)
+}
+
 #[tokio::main]
 async fn main() {
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    banner("starting a control plane (etcd, kube-apiserver, kube-controller-manager workload controllers)");
-    let options = ControlPlaneOptions::default().with_controller_manager(&[
-        "deployment-controller",
-        "replicaset-controller",
-        "statefulset-controller",
-        "garbage-collector-controller",
-    ]);
-    let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{e}"));
-    println!(
-        "kube-apiserver {} at {} (logs: {}/logs)",
-        svcplane_e2e::kubernetes_version(),
-        cp.server,
-        cp.dir().display()
-    );
-    let client = cp.client().await;
-    for (name, ip, zone) in NODES {
-        ensure_node(&client, name, ip, Some(zone)).await;
-    }
-
-    banner("starting svcplane (controller: endpointslice, endpoints, mirroring)");
-    let svcplane = cp.svcplane("demo", &[]).await;
-    println!("svcplane ready; metrics at http://{}/metrics", svcplane.metrics);
-
-    banner(&format!("kubectl apply -f {}", examples.display()));
-    print!("{}", kubectl(&cp, &["apply", "-f", &examples.display().to_string()]));
-
-    banner("playing kubelet: binding Pods to Nodes and reporting them Running and Ready");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let mut next_ip = 10u8;
-    let mut done: BTreeMap<String, String> = BTreeMap::new();
-    // Every replica the examples' Deployments and StatefulSets ask for. The
-    // StatefulSet creates zk-N only after zk-(N-1) is Ready, so Pods appear over time.
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
-    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NAMESPACE);
-    let lp = ListParams::default();
-    let wanted: usize = deployments
-        .list(&lp)
-        .await
-        .map(|l| l.items.iter().map(|d| d.spec.replicas.unwrap_or(1)).sum::<i32>())
-        .unwrap_or(0) as usize
-        + statefulsets
-            .list(&lp)
-            .await
-            .map(|l| l.items.iter().map(|s| s.spec.replicas.unwrap_or(1)).sum::<i32>())
-            .unwrap_or(0) as usize;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while done.len() < wanted && tokio::time::Instant::now() < deadline {
-        let list = pods.list(&ListParams::default()).await.unwrap_or_else(|e| panic!("list pods: {e}"));
-        for pod in list.items {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            if done.contains_key(&name) {
-                continue;
-            }
-            let node = NODES[done.len() % NODES.len()].0;
-            if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none() {
-                let binding = Binding {
-                    metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-                    target: ObjectReference {
-                        kind: Some("Node".into()),
-                        name: Some(node.into()),
-                        ..Default::default()
-                    },
-                };
-                pods.create_subresource::<Binding, serde_json::Value>(
-                    "binding",
-                    &name,
-                    &PostParams::default(),
-                    &binding,
-                )
-                .await
-                .unwrap_or_else(|e| panic!("bind {name}: {e}"));
-            }
-            let ip = format!("10.244.0.{next_ip}");
-            next_ip += 1;
-            // The last ZooKeeper member stays not ready, to show publishNotReadyAddresses.
-            let ready = name != "zk-2";
-            set_pod_status(&pods, &name, &[&ip], ready).await;
-            println!("  {name:<28} -> {node}, {ip}, ready={ready}");
-            done.insert(name, ip);
+    let options = ClusterOptions::default();
+    let (cluster, owned) = match Cluster::attach(&options.root).await {
+        Some(cluster) => {
+            banner(&format!("using the cluster `make cluster` left running in {}", options.root.display()));
+            (cluster, false)
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        None => {
+            banner(
+                "starting a real cluster: control plane, 2 kubelet nodes, svcplane from its image, CoreDNS",
+            );
+            // Removed even if the demo dies: svcplane-cluster sits beside this binary.
+            let down = std::env::current_exe().ok().and_then(|p| Some(p.parent()?.join("svcplane-cluster")));
+            if let Some(down) = down {
+                let _ = svcplane_e2e::cluster::reap_when_gone(
+                    std::process::id(),
+                    &down.to_string_lossy(),
+                    &options.root,
+                );
+            }
+            match Cluster::start(&options, Some(std::process::id())).await {
+                Ok(cluster) => (cluster, true),
+                Err(e) => {
+                    let _ = std::fs::write(options.root.join("KEEP"), "demo start-up failed\n");
+                    let kept = host::teardown(&options.root);
+                    panic!("{e} (logs kept in {kept:?})");
+                }
+            }
+        }
+    };
+    let client = cluster.client().await;
+    print!("{}", kubectl(&cluster, &["get", "nodes", "-o", "wide"]));
+    print!("{}", kubectl(&cluster, &["get", "pods", "-n", "svcplane-system", "-o", "wide"]));
+
+    banner("kubectl apply -f examples/ (agnhost -> the local test image)");
+    let _ = kubectl(&cluster, &["delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true"]);
+    print!("{}", run(&bin_dir().join("kubectl"), &cluster, &["apply", "-f", "-"], Some(&examples())));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    pods.create(&PostParams::default(), &client_pod("client", &cluster.nodes[cluster.nodes.len() - 1].name))
+        .await
+        .unwrap_or_else(|e| panic!("client Pod: {e}"));
+    ready_pods(&client, NAMESPACE, "app=web", 3).await;
+    ready_pods(&client, NAMESPACE, "app=zk", 3).await;
+    let client_pod = ready_pods(&client, NAMESPACE, "role=client", 1).await.remove(0);
+    // Every Pod's endpoint is ready in svcplane's slices before the tables are printed.
+    for service in ["web", "web-nodeport", "zk"] {
+        eventually(
+            &format!("svcplane published 3 ready endpoints of {service}"),
+            Duration::from_secs(30),
+            || async {
+                let endpoints = endpoint_conditions(&client, NAMESPACE, service).await;
+                let ready = endpoints.values().filter(|c| c.0).count();
+                if ready == 3 { Ok(()) } else { Err(endpoints) }
+            },
+        )
+        .await;
     }
 
-    // Give the controller a moment to catch up with the last status change, by
-    // waiting until svcplane's queue is empty.
-    let _ = poll_until(Duration::from_secs(15), Duration::from_millis(100), || async {
-        Ok(svcplane.metric_sum("svcplane_queue_depth", &[]).await == 0.0)
-    })
-    .await;
-
-    banner("kubectl get services -n demo -o wide");
-    print!("{}", kubectl(&cp, &["get", "services", "-n", NAMESPACE, "-o", "wide"]));
+    banner("kubectl get pods -n demo -o wide (real Pods, real probes)");
+    print!("{}", kubectl(&cluster, &["get", "pods", "-n", NAMESPACE, "-o", "wide"]));
+    banner("kubectl get services -n demo -o wide (ClusterIPs and NodePorts from svcplane's webhook)");
+    print!("{}", kubectl(&cluster, &["get", "services", "-n", NAMESPACE, "-o", "wide"]));
+    banner("kubectl get allocationclaims (svcplane's record of each value)");
+    print!("{}", kubectl(&cluster, &["get", "allocationclaims"]));
     banner("kubectl get endpointslices -n demo (written by svcplane)");
     print!(
         "{}",
         kubectl(
-            &cp,
+            &cluster,
             &["get", "endpointslices", "-n", NAMESPACE, "-L", "endpointslice.kubernetes.io/managed-by"]
         )
     );
     banner("kubectl get endpoints -n demo");
-    print!("{}", kubectl(&cp, &["get", "endpoints", "-n", NAMESPACE]));
+    print!("{}", kubectl(&cluster, &["get", "endpoints", "-n", NAMESPACE]));
     banner("svcplane explain svc/web -n demo");
-    print!("{}", svcplane_cli(&cp, &["explain", "svc/web", "-n", NAMESPACE]));
-    banner("svcplane explain svc/zk -n demo");
-    print!("{}", svcplane_cli(&cp, &["explain", "svc/zk", "-n", NAMESPACE]));
+    print!("{}", svcplane_cli(&cluster, &["explain", "svc/web", "-n", NAMESPACE]));
     banner("svcplane dns svc/zk -n demo");
-    print!("{}", svcplane_cli(&cp, &["dns", "svc/zk", "-n", NAMESPACE]));
+    print!("{}", svcplane_cli(&cluster, &["dns", "svc/zk", "-n", NAMESPACE]));
     banner("svcplane ipam status");
-    print!("{}", svcplane_cli(&cp, &["ipam", "status"]));
-    banner("svcplane metrics (writes)");
-    for line in svcplane.metrics_text().await.lines().filter(|l| l.starts_with("svcplane_changes_total")) {
-        println!("  {line}");
+    print!("{}", svcplane_cli(&cluster, &["ipam", "status"]));
+
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    let web = services.get("web").await.unwrap_or_else(|e| panic!("svc web: {e}"));
+    let cluster_ip = web.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
+    let client_name = client_pod.metadata.name.clone().unwrap_or_default();
+    banner(&format!("requests from Pod {client_name} through the ClusterIP {cluster_ip}:80"));
+    for answer in fetch_through(&client_pod, &format!("{cluster_ip}:80"), 6).await {
+        println!("  GET http://{cluster_ip}/ -> {answer:?}");
     }
-    println!("\nDone. The control plane stops now (set SVCPLANE_KEEP_CONTROLPLANE=1 to keep its folder).");
-    svcplane.kill();
+    let node = &cluster.nodes[0];
+    banner(&format!("a request from outside the cluster through the NodePort {}:30080", node.ip));
+    match http_get(&format!("{}:30080", node.ip), "/", Duration::from_secs(5)).await {
+        Ok((status, body)) => println!("  GET http://{}:30080/ -> {status} {}", node.ip, body.trim()),
+        Err(e) => println!("  GET http://{}:30080/ -> failed: {e}", node.ip),
+    }
+    let name = format!("web.{NAMESPACE}.svc.cluster.local");
+    banner(&format!("DNS from Pod {client_name}: {name} and zk-0.zk.{NAMESPACE}.svc.cluster.local"));
+    println!("  {name} -> {:?}", resolve_in(&client_pod, &name).await);
+    let zk0 = format!("zk-0.zk.{NAMESPACE}.svc.cluster.local");
+    println!("  {zk0} -> {:?}", resolve_in(&client_pod, &zk0).await);
+    for answer in fetch_through(&client_pod, &format!("{name}:80"), 3).await {
+        println!("  GET http://{name}/ -> {answer:?}");
+    }
+
+    if owned {
+        banner("removing the demo's cluster");
+        host::teardown(&cluster.root);
+        println!("Done. `make cluster` starts one that stays up (then `make demo` uses it).");
+    } else {
+        println!("\nDone. The cluster keeps running (make cluster-down stops it).");
+    }
 }

@@ -1,0 +1,733 @@
+//! svcplane as users run it: a real cluster on this machine (kubelet nodes in network
+//! namespaces, containerd, kube-proxy in iptables mode on node 1 and nftables on node
+//! 2, kube-scheduler, kube-controller-manager without its endpoint controllers, CoreDNS
+//! behind kube-dns), svcplane deployed from its own image with
+//! `manifests/overlays/local`, real Pods whose readiness comes from real probes.
+//!
+//! `make test-cluster` (root): `#[ignore]`d in a plain `cargo test`. One cluster for the
+//! binary (or the one `make cluster` left running), one namespace per test. Tests that
+//! disturb svcplane or a node take [`DISRUPTION`] exclusively; the others share it.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{Pod, Secret, Service},
+};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use svcplane_e2e::{
+    certs::TestCa,
+    cluster::{
+        self, Cluster, SVCPLANE_NAMESPACE, wait_available,
+        workload::{
+            client_pod, cluster_ip_service, endpoint_conditions, fetch_through, from_json,
+            headless_statefulset, http_get, namespace, pod_ip, pod_node, ready_pods, resolve_in, set_ready,
+            testpod_deployment,
+        },
+    },
+    wait::eventually,
+};
+use svcplane_webhook::AllocationClaim;
+use tokio::sync::RwLock;
+
+const SVCPLANE_SELECTOR: &str = "app.kubernetes.io/name=svcplane";
+
+/// Exclusive for tests that stop svcplane replicas or a node; shared for the rest.
+static DISRUPTION: RwLock<()> = RwLock::const_new(());
+
+fn cluster() -> &'static Cluster {
+    cluster::shared(env!("CARGO_BIN_EXE_svcplane-cluster"))
+}
+
+/// One client Pod per node (`client-1` on node 1, ...), Ready: requests through a
+/// Service start in each kube-proxy mode.
+async fn clients(client: &kube::Client, ns: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for node in &cluster().nodes {
+        pods.create(&PostParams::default(), &client_pod(&format!("client-{}", node.index), &node.name))
+            .await
+            .unwrap_or_else(|e| panic!("create client on {}: {e}", node.name));
+    }
+    let mut ready = ready_pods(client, ns, "role=client", cluster().nodes.len()).await;
+    ready.sort_by_key(|p| p.metadata.name.clone());
+    ready
+}
+
+/// Service creates at `per_second` in `ns` until `stop`: (attempts, failures).
+fn create_services_until(
+    client: kube::Client,
+    ns: String,
+    prefix: &'static str,
+    per_second: u32,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    tokio::spawn(async move {
+        let api: Api<Service> = Api::namespaced(client, &ns);
+        let mut ticker = tokio::time::interval(Duration::from_millis(1000 / u64::from(per_second)));
+        let (mut attempts, mut failures) = (0usize, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            ticker.tick().await;
+            let svc: Service = from_json(json!({
+                "metadata": { "name": format!("{prefix}-{attempts}") },
+                "spec": { "type": "NodePort", "ports": [{ "port": 80 }] },
+            }));
+            attempts += 1;
+            let started = Instant::now();
+            if let Err(e) = api.create(&PostParams::default(), &svc).await {
+                failures.push(format!("{prefix}-{} after {:?}: {e}", attempts - 1, started.elapsed()));
+            }
+        }
+        (attempts, failures)
+    })
+}
+
+/// The leader's identity from the Lease: `POD_NAME_<per-process suffix>`.
+async fn lease_holder(client: &kube::Client) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), SVCPLANE_NAMESPACE);
+    leases.get("svcplane").await.ok()?.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+/// The Pod of a Lease identity.
+fn pod_of(identity: &str) -> &str {
+    identity.split('_').next().unwrap_or_default()
+}
+
+fn answered_by(results: &[Result<String, String>]) -> Vec<String> {
+    let mut names: Vec<String> = results.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn svcplane_runs_two_ready_replicas_on_different_nodes_and_exactly_one_leads() {
+    let _shared = DISRUPTION.read().await;
+    let started = Instant::now();
+    let client = cluster().client().await;
+    wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+    let pods = ready_pods(&client, SVCPLANE_NAMESPACE, SVCPLANE_SELECTOR, 2).await;
+    let nodes: std::collections::BTreeSet<String> = pods.iter().map(pod_node).collect();
+    assert_eq!(nodes.len(), 2, "replicas share a node: {nodes:?}");
+    let names: Vec<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    // Exactly one: a Lease has one holder; it must be one of the running replicas.
+    let holder = eventually("one of the replicas holds the Lease", Duration::from_secs(30), || async {
+        match lease_holder(&client).await {
+            Some(h) if names.iter().any(|n| n == pod_of(&h)) => Ok(h),
+            other => Err(format!("holder {other:?}, replicas {names:?}")),
+        }
+    })
+    .await;
+    // What the kubelet probes: each replica's /readyz on the health port is 200.
+    for pod in &pods {
+        let (status, body) =
+            http_get(&format!("{}:8081", pod_ip(pod)), "/readyz", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(status, 200, "{:?} /readyz: {body}", pod.metadata.name);
+    }
+    eprintln!("svcplane 2/2 on {nodes:?}, leader {holder} ({:?})", started.elapsed());
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn a_replica_whose_allocation_index_is_not_built_is_not_ready() {
+    let _shared = DISRUPTION.read().await;
+    let client = cluster().client().await;
+    let ns = namespace(&client, "unready").await;
+    // svcplane's own Pod template (probes and all), as a webhook-only replica in a
+    // namespace whose ServiceAccount may not list AllocationClaims: the index can
+    // never be built, so the kubelet's readiness probe must never pass.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), SVCPLANE_NAMESPACE);
+    let mut template = deployments.get("svcplane").await.unwrap().spec.template;
+    let ca = TestCa::new().unwrap();
+    let cert = ca.server(&["svcplane-unready"]).unwrap();
+    let secret: Secret = from_json(json!({
+        "metadata": { "name": "serving" },
+        "stringData": { "tls.crt": cert.cert_pem, "tls.key": cert.key_pem },
+    }));
+    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+    let spec = template.spec.as_mut().unwrap();
+    spec.service_account_name = None;
+    spec.service_account = None;
+    spec.affinity = None;
+    spec.priority_class_name = None;
+    spec.volumes = Some(vec![from_json(json!({ "name": "serving", "secret": { "secretName": "serving" } }))]);
+    let container = &mut spec.containers[0];
+    container.args = Some(
+        [
+            "run",
+            "--roles=webhook",
+            "--webhook-tls-cert-file=/serving/tls.crt",
+            "--webhook-tls-key-file=/serving/tls.key",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    container.volume_mounts = Some(vec![from_json(json!({ "name": "serving", "mountPath": "/serving" }))]);
+    container.lifecycle = None;
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert("app".to_string(), "unready".to_string());
+    template.metadata.get_or_insert_default().labels = Some(labels.clone());
+    let unready: Deployment = from_json(json!({
+        "metadata": { "name": "unready" },
+        "spec": { "replicas": 1, "selector": { "matchLabels": labels }, "template": template },
+    }));
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &unready)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // Started, probed several times (period 5 s), never Ready.
+    let pod = eventually("the replica started and probed three times", Duration::from_secs(90), || async {
+        let list =
+            pods.list(&ListParams::default().labels("app=unready")).await.map_err(|e| e.to_string())?;
+        let pod = list.items.into_iter().next().ok_or("no Pod yet")?;
+        let status = pod.status.clone().unwrap_or_default();
+        let started_at = status
+            .container_statuses
+            .as_ref()
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref()?.running.as_ref()?.started_at.clone())
+            .ok_or("not running")?;
+        let running_for = chrono_like_age(&started_at.0);
+        if running_for < Duration::from_secs(16) {
+            return Err(format!("running for {running_for:?}"));
+        }
+        Ok(pod)
+    })
+    .await;
+    assert!(
+        !svcplane_e2e::cluster::workload::pod_ready(&pod),
+        "a replica without an index is Ready: {:?}",
+        pod.status
+    );
+    let (status, body) =
+        http_get(&format!("{}:8081", pod_ip(&pod)), "/readyz", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(status, 503, "/readyz of a replica without an index: {body}");
+    assert!(body.contains("webhook"), "/readyz should name the role that is not ready: {body}");
+}
+
+fn chrono_like_age(time: &k8s_openapi::jiff::Timestamp) -> Duration {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    Duration::from_secs_f64((now.as_millisecond() - time.as_millisecond()).max(0) as f64 / 1000.0)
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn a_service_created_with_kubectl_gets_its_cluster_ip_and_node_port_from_svcplane() {
+    let _shared = DISRUPTION.read().await;
+    let cluster = cluster();
+    let client = cluster.client().await;
+    let ns = namespace(&client, "alloc").await;
+    cluster.kubectl(&["create", "service", "nodeport", "web", "--tcp=80:8080", "-n", &ns]).unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), &ns).get("web").await.unwrap();
+    let spec = svc.spec.unwrap();
+    let ip = spec.cluster_ip.unwrap();
+    let node_port = spec.ports.unwrap()[0].node_port.unwrap();
+    let claims: Api<AllocationClaim> = Api::all(client.clone());
+    let held: Vec<(String, String)> = claims
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|c| c.spec.namespace == ns && c.spec.service == "web")
+        .map(|c| (c.spec.kind, c.spec.value))
+        .collect();
+    assert!(held.contains(&("ClusterIP".into(), ip.clone())), "no claim for {ip}: {held:?}");
+    assert!(held.contains(&("NodePort".into(), node_port.to_string())), "no claim for {node_port}: {held:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod() {
+    let _shared = DISRUPTION.read().await;
+    let client = cluster().client().await;
+    let ns = namespace(&client, "probe").await;
+    let clients = clients(&client, &ns).await;
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
+        .await
+        .unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cluster_ip_service("web"))
+        .await
+        .unwrap();
+    let target = format!("{}:80", svc.spec.unwrap().cluster_ip.unwrap());
+    let web = ready_pods(&client, &ns, "app=web", 2).await;
+    let (failing, healthy) = (&web[0], &web[1]);
+    let failing_name = failing.metadata.name.clone().unwrap();
+    let healthy_name = healthy.metadata.name.clone().unwrap();
+    let both = {
+        let mut v = vec![failing_name.clone(), healthy_name.clone()];
+        v.sort();
+        v
+    };
+    for c in &clients {
+        eventually("both Pods answer through the ClusterIP", Duration::from_secs(30), || async {
+            let got = answered_by(&fetch_through(c, &target, 20).await);
+            if got == both { Ok(()) } else { Err(got) }
+        })
+        .await;
+    }
+
+    set_ready(failing, false).await;
+    let flipped = Instant::now();
+    let ip = pod_ip(failing);
+    eventually("the failing Pod's endpoint turns not ready", Duration::from_secs(30), || async {
+        match endpoint_conditions(&client, &ns, "web").await.get(&ip) {
+            Some((false, false, false)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eprintln!("probe failed -> endpoint not ready in {:?}", flipped.elapsed());
+    for c in &clients {
+        // After kube-proxy's sync, no request reaches the failing Pod.
+        eventually("kube-proxy drops the failing Pod", Duration::from_secs(30), || async {
+            let got = fetch_through(c, &target, 10).await;
+            if answered_by(&got) == [healthy_name.clone()] { Ok(()) } else { Err(got) }
+        })
+        .await;
+        let got = fetch_through(c, &target, 50).await;
+        assert!(
+            got.iter().all(|r| r.as_deref() == Ok(healthy_name.as_str())),
+            "from {:?} ({}) while {failing_name} fails its probe: {got:?}",
+            c.metadata.name,
+            pod_node(c)
+        );
+    }
+
+    set_ready(failing, true).await;
+    eventually("the endpoint turns ready again", Duration::from_secs(30), || async {
+        match endpoint_conditions(&client, &ns, "web").await.get(&ip) {
+            Some((true, true, false)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    for c in &clients {
+        eventually("both Pods answer again", Duration::from_secs(30), || async {
+            let got = answered_by(&fetch_through(c, &target, 20).await);
+            if got == both { Ok(()) } else { Err(got) }
+        })
+        .await;
+    }
+}
+
+// Multi-threaded: the background traffic must run while the test blocks on kubectl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn a_rolling_update_under_traffic_fails_no_request() {
+    let _shared = DISRUPTION.read().await;
+    let client = cluster().client().await;
+    let ns = namespace(&client, "rollout").await;
+    let clients = clients(&client, &ns).await;
+    // What users configure so a rollout drops nothing: a preStop pause longer than
+    // the endpoint removal takes to reach kube-proxy, then SIGTERM.
+    let deployment =
+        testpod_deployment("web", 4, json!({ "lifecycle": { "preStop": { "sleep": { "seconds": 5 } } } }));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments.create(&PostParams::default(), &deployment).await.unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cluster_ip_service("web"))
+        .await
+        .unwrap();
+    let target = format!("{}:80", svc.spec.unwrap().cluster_ip.unwrap());
+    ready_pods(&client, &ns, "app=web", 4).await;
+    for c in &clients {
+        eventually("4 Pods answer through the ClusterIP", Duration::from_secs(30), || async {
+            let got = answered_by(&fetch_through(c, &target, 40).await);
+            if got.len() == 4 { Ok(()) } else { Err(got) }
+        })
+        .await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|c| {
+            let (stop, target) = (stop.clone(), target.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    results.extend(fetch_through(&c, &target, 10).await);
+                }
+                (c.metadata.name.clone().unwrap_or_default(), results)
+            })
+        })
+        .collect();
+    let restarted = Instant::now();
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "template": { "metadata": { "annotations": { "restartedAt": format!("{}", std::process::id()) } } } } })),
+        )
+        .await
+        .unwrap();
+    // Terminating endpoints are published as serving (not ready) while they drain.
+    let mut saw_terminating_serving = false;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let endpoints = endpoint_conditions(&client, &ns, "web").await;
+        saw_terminating_serving |=
+            endpoints.values().any(|&(ready, serving, terminating)| terminating && serving && !ready);
+        let done = wait_available(&client, &ns, "web", Duration::from_millis(1)).await.is_ok()
+            && endpoints.len() == 4
+            && endpoints.values().all(|&(ready, _, terminating)| ready && !terminating);
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rollout not done in 180 s: {endpoints:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut failures = Vec::new();
+    for task in traffic {
+        let (from, results) = task.await.unwrap();
+        total += results.len();
+        failures.extend(results.into_iter().filter_map(|r| r.err()).map(|e| format!("{from}: {e}")));
+    }
+    eprintln!(
+        "rolling update of 4 in {:?}: {total} requests, {} failed",
+        restarted.elapsed(),
+        failures.len()
+    );
+    assert!(total > 100, "too little traffic to judge: {total}");
+    assert!(failures.is_empty(), "{} of {total} requests failed: {failures:#?}", failures.len());
+    assert!(saw_terminating_serving, "never saw a terminating endpoint published as serving");
+    // Once the rollout is over the old Pods' endpoints are gone.
+    let now = ready_pods(&client, &ns, "app=web", 4).await;
+    let ips: std::collections::BTreeSet<String> = now.iter().map(pod_ip).collect();
+    let published: std::collections::BTreeSet<String> =
+        endpoint_conditions(&client, &ns, "web").await.into_keys().collect();
+    assert_eq!(published, ips);
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn a_statefulset_member_resolves_through_coredns_even_when_not_ready() {
+    let _shared = DISRUPTION.read().await;
+    let client = cluster().client().await;
+    let ns = namespace(&client, "sts").await;
+    let clients = clients(&client, &ns).await;
+    let (svc, set) = headless_statefulset("db", 2);
+    Api::<Service>::namespaced(client.clone(), &ns).create(&PostParams::default(), &svc).await.unwrap();
+    Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &set)
+        .await
+        .unwrap();
+    let members = ready_pods(&client, &ns, "app=db", 2).await;
+    let db1 = members.iter().find(|p| p.metadata.name.as_deref() == Some("db-1")).unwrap();
+    set_ready(db1, false).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    eventually("db-1 not Ready", Duration::from_secs(30), || async {
+        let p = pods.get("db-1").await.map_err(|e| e.to_string())?;
+        if svcplane_e2e::cluster::workload::pod_ready(&p) { Err("still Ready".to_string()) } else { Ok(()) }
+    })
+    .await;
+    for c in &clients {
+        for member in &members {
+            let name = member.metadata.name.clone().unwrap();
+            let fqdn = format!("{name}.db.{ns}.svc.cluster.local");
+            let ip = pod_ip(member);
+            eventually(
+                &format!("{fqdn} resolves to {ip} in {:?}", c.metadata.name),
+                Duration::from_secs(30),
+                || async {
+                    let got = resolve_in(c, &fqdn).await?;
+                    if got == [ip.clone()] { Ok(()) } else { Err(format!("{got:?}")) }
+                },
+            )
+            .await;
+        }
+    }
+    // The headless name lists every member, the not-ready one included.
+    let all = format!("db.{ns}.svc.cluster.local");
+    let mut want: Vec<String> = members.iter().map(pod_ip).collect();
+    want.sort();
+    let mut got = resolve_in(&clients[0], &all).await.unwrap();
+    got.sort();
+    assert_eq!(got, want, "{all}");
+}
+
+// Multi-threaded: the background traffic must run while the test blocks on kubectl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn the_standby_takes_over_when_the_leaders_container_is_killed() {
+    let _exclusive = DISRUPTION.write().await;
+    let cluster = cluster();
+    let client = cluster.client().await;
+    let ns = namespace(&client, "failover").await;
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
+        .await
+        .unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cluster_ip_service("web"))
+        .await
+        .unwrap();
+    let web = ready_pods(&client, &ns, "app=web", 2).await;
+    wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+    let leader = lease_holder(&client).await.expect("a leader");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SVCPLANE_NAMESPACE);
+    let leader_pod = pods.get(pod_of(&leader)).await.unwrap();
+    let container_id = leader_pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0]
+        .container_id
+        .clone()
+        .unwrap();
+    let node = cluster.nodes.iter().find(|n| n.name == pod_node(&leader_pod)).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = create_services_until(client.clone(), ns.clone(), "during-kill", 5, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await; // traffic before the kill, not synchronisation
+    let killed = Instant::now();
+    node.kill_container(container_id.trim_start_matches("containerd://")).unwrap();
+    // A live process leads again: the standby, or the killed container's restart
+    // (a new process, so a new identity; it may win the race at the Lease's expiry).
+    let new_leader = eventually("a live process holds the Lease", Duration::from_secs(40), || async {
+        match lease_holder(&client).await {
+            Some(h) if h != leader => Ok(h),
+            other => Err(other),
+        }
+    })
+    .await;
+    let takeover = killed.elapsed();
+    let which = if pod_of(&new_leader) == pod_of(&leader) {
+        "the killed Pod's restarted container"
+    } else {
+        "the other replica"
+    };
+    eprintln!("leader {leader} killed; {new_leader} ({which}) took the Lease after {takeover:?}");
+    assert!(takeover < Duration::from_secs(20), "takeover took {takeover:?} (lease duration 15 s)");
+    // Slices keep following changes under the new leader.
+    let ip = pod_ip(&web[0]);
+    set_ready(&web[0], false).await;
+    eventually("the new leader follows a readiness change", Duration::from_secs(30), || async {
+        match endpoint_conditions(&client, &ns, "web").await.get(&ip) {
+            Some((false, false, false)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // traffic after the takeover, not synchronisation
+    stop.store(true, Ordering::Relaxed);
+    let (attempts, failures) = load.await.unwrap();
+    eprintln!("Service creates during the leader kill: {attempts} attempted, {} failed", failures.len());
+    for failure in &failures {
+        eprintln!("  failed: {failure}");
+    }
+    wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+}
+
+// Multi-threaded: the background traffic must run while the test blocks on kubectl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn a_rollout_restart_of_svcplane_fails_no_service_create() {
+    let _exclusive = DISRUPTION.write().await;
+    let cluster = cluster();
+    let client = cluster.client().await;
+    let ns = namespace(&client, "restart").await;
+    wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = create_services_until(client.clone(), ns.clone(), "during-restart", 5, stop.clone());
+    let started = Instant::now();
+    cluster.kubectl(&["rollout", "restart", "deployment/svcplane", "-n", SVCPLANE_NAMESPACE]).unwrap();
+    cluster
+        .kubectl(&["rollout", "status", "deployment/svcplane", "-n", SVCPLANE_NAMESPACE, "--timeout=240s"])
+        .unwrap();
+    wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (attempts, failures) = load.await.unwrap();
+    eprintln!(
+        "rollout restart of svcplane in {:?}: {attempts} Service creates, {} failed",
+        started.elapsed(),
+        failures.len()
+    );
+    assert!(attempts >= 50, "too few creates to judge: {attempts}");
+    assert!(failures.is_empty(), "{} of {attempts} creates failed: {failures:#?}", failures.len());
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
+    let _exclusive = DISRUPTION.write().await;
+    let cluster = cluster();
+    let client = cluster.client().await;
+    let ns = namespace(&client, "nodefail").await;
+    let clients = clients(&client, &ns).await;
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
+        .await
+        .unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cluster_ip_service("web"))
+        .await
+        .unwrap();
+    let target = format!("{}:80", svc.spec.unwrap().cluster_ip.unwrap());
+    let web = ready_pods(&client, &ns, "app=web", 2).await;
+    let failed = &cluster.nodes[0];
+    let (lost, kept): (Vec<&Pod>, Vec<&Pod>) = web.iter().partition(|p| pod_node(p) == failed.name);
+    assert_eq!((lost.len(), kept.len()), (1, 1), "one web Pod per node");
+    let (lost_ip, kept_name) = (pod_ip(lost[0]), kept[0].metadata.name.clone().unwrap());
+    let survivor = clients.iter().find(|c| pod_node(c) != failed.name).unwrap();
+
+    let stopped = Instant::now();
+    failed.stop_agents();
+    eventually("the failed node's endpoint turns not ready", Duration::from_secs(90), || async {
+        match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
+            Some((false, _, false)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eprintln!("node {} stopped -> its endpoint not ready after {:?}", failed.name, stopped.elapsed());
+    eventually("traffic goes to the other node's Pod only", Duration::from_secs(30), || async {
+        let got = fetch_through(survivor, &target, 10).await;
+        if answered_by(&got) == [kept_name.clone()] { Ok(()) } else { Err(got) }
+    })
+    .await;
+    let got = fetch_through(survivor, &target, 30).await;
+    assert!(got.iter().all(|r| r.as_deref() == Ok(kept_name.as_str())), "{got:?}");
+
+    failed.restart_agents(&svcplane_e2e::bin_dir()).await.unwrap();
+    eventually("the node's endpoint is ready again", Duration::from_secs(90), || async {
+        match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
+            Some((true, true, false)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eprintln!("node {} back -> endpoint ready after {:?}", failed.name, stopped.elapsed());
+    wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn svcplane_scaled_to_zero_fails_creates_by_name_and_recovers_by_itself() {
+    let _exclusive = DISRUPTION.write().await;
+    let cluster = cluster();
+    let client = cluster.client().await;
+    let ns = namespace(&client, "scale0").await;
+    let clients = clients(&client, &ns).await;
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc = services.create(&PostParams::default(), &cluster_ip_service("web")).await.unwrap();
+    let ip = svc.spec.unwrap().cluster_ip.unwrap();
+    ready_pods(&client, &ns, "app=web", 2).await;
+    let dns = format!("web.{ns}.svc.cluster.local");
+    let endpoints_before = eventually("2 ready endpoints", Duration::from_secs(30), || async {
+        let e = endpoint_conditions(&client, &ns, "web").await;
+        if e.len() == 2 && e.values().all(|c| c.0) { Ok(e) } else { Err(e) }
+    })
+    .await;
+
+    cluster.kubectl(&["scale", "deployment/svcplane", "-n", SVCPLANE_NAMESPACE, "--replicas=0"]).unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SVCPLANE_NAMESPACE);
+    eventually("no svcplane Pod left", Duration::from_secs(90), || async {
+        let n = pods
+            .list(&ListParams::default().labels(SVCPLANE_SELECTOR))
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if n == 0 { Ok(()) } else { Err(format!("{n} left")) }
+    })
+    .await;
+    let denied = services
+        .create(&PostParams::default(), &cluster_ip_service("while-down"))
+        .await
+        .expect_err("a Service create must fail while no svcplane replica runs (failurePolicy Fail)");
+    eprintln!("create while svcplane is at 0: {denied}");
+    assert!(denied.to_string().contains("svcplane"), "the failure should name svcplane: {denied}");
+    for excluded in ["kube-system", SVCPLANE_NAMESPACE] {
+        let api: Api<Service> = Api::namespaced(client.clone(), excluded);
+        let name = format!("scale0-{}", std::process::id());
+        api.create(&PostParams::default(), &cluster_ip_service(&name))
+            .await
+            .unwrap_or_else(|e| panic!("{excluded} must be unaffected: {e}"));
+        api.delete(&name, &DeleteParams::default()).await.unwrap();
+    }
+    assert_eq!(
+        endpoint_conditions(&client, &ns, "web").await,
+        endpoints_before,
+        "endpoints changed while down"
+    );
+    for c in &clients {
+        assert_eq!(
+            resolve_in(c, &dns).await.unwrap(),
+            std::slice::from_ref(&ip),
+            "DNS while svcplane is at 0"
+        );
+        let got = fetch_through(c, &format!("{ip}:80"), 10).await;
+        assert!(got.iter().all(Result::is_ok), "traffic while svcplane is at 0: {got:?}");
+    }
+
+    cluster.kubectl(&["scale", "deployment/svcplane", "-n", SVCPLANE_NAMESPACE, "--replicas=2"]).unwrap();
+    let back = Instant::now();
+    eventually("Service creates work again", Duration::from_secs(120), || async {
+        services.create(&PostParams::default(), &cluster_ip_service("after-scale-up")).await.map(|_| ())
+    })
+    .await;
+    eprintln!("svcplane scaled back: creates work after {:?}", back.elapsed());
+    wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+}
+
+/// The runtime stage of the Dockerfile: (user, entrypoint, cmd, exposed ports).
+fn dockerfile_runtime() -> (String, Vec<String>, Vec<String>, Vec<String>) {
+    let text = std::fs::read_to_string(cluster::workspace_dir().join("Dockerfile")).expect("the Dockerfile");
+    let runtime = text.rsplit("\nFROM ").next().expect("a FROM line");
+    let field = |key: &str| {
+        runtime.lines().rev().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default()
+    };
+    let list = |key: &str| serde_json::from_str::<Vec<String>>(field(key)).unwrap_or_default();
+    let mut ports: Vec<String> = field("EXPOSE ").split_whitespace().map(|p| format!("{p}/tcp")).collect();
+    ports.sort();
+    (field("USER ").to_string(), list("ENTRYPOINT "), list("CMD "), ports)
+}
+
+#[test]
+#[ignore = "needs the cluster images: make test-cluster"]
+fn the_svcplane_image_runs_as_the_dockerfile_says() {
+    let tar = cluster::default_images().join("svcplane-dev.tar");
+    let read = |member: &str| {
+        let out = std::process::Command::new("tar").arg("-xOf").arg(&tar).arg(member).output().unwrap();
+        assert!(out.status.success(), "{}: {}", tar.display(), String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let manifest = read("manifest.json");
+    let config = read(manifest[0]["Config"].as_str().unwrap())["config"].clone();
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+    };
+    let mut ports: Vec<String> =
+        config["ExposedPorts"].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    ports.sort();
+    let image = (
+        config["User"].as_str().unwrap_or_default().to_string(),
+        strings(&config["Entrypoint"]),
+        strings(&config["Cmd"]),
+        ports,
+    );
+    let dockerfile = dockerfile_runtime();
+    assert!(
+        !dockerfile.1.is_empty() && !dockerfile.3.is_empty(),
+        "could not read the Dockerfile's runtime stage: {dockerfile:?}"
+    );
+    assert_eq!(image, dockerfile, "(user, entrypoint, cmd, ports) of the local image vs the Dockerfile");
+    // What the overlay's `svcplane:dev` means to containerd.
+    assert_eq!(manifest[0]["RepoTags"][0], "docker.io/library/svcplane:dev");
+}
