@@ -61,28 +61,44 @@ async fn clients(client: &kube::Client, ns: &str) -> Vec<Pod> {
     ready
 }
 
-/// Service creates at `per_second` in `ns` until `stop`: (attempts, failures).
+/// Service creates in `ns` until `stop`, from `workers` loops each at `per_second`:
+/// (attempts, failures with their messages).
 fn create_services_until(
     client: kube::Client,
     ns: String,
     prefix: &'static str,
-    per_second: u32,
+    (workers, per_second): (usize, u32),
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    let loops: Vec<_> = (0..workers)
+        .map(|worker| {
+            let (api, stop): (Api<Service>, _) = (Api::namespaced(client.clone(), &ns), stop.clone());
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(Duration::from_millis(1000 / u64::from(per_second)));
+                let (mut attempts, mut failures) = (0usize, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    ticker.tick().await;
+                    let name = format!("{prefix}-{worker}-{attempts}");
+                    let svc: Service = from_json(json!({
+                        "metadata": { "name": name },
+                        "spec": { "type": "NodePort", "ports": [{ "port": 80 }] },
+                    }));
+                    attempts += 1;
+                    let started = Instant::now();
+                    if let Err(e) = api.create(&PostParams::default(), &svc).await {
+                        failures.push(format!("{name} after {:?}: {e}", started.elapsed()));
+                    }
+                }
+                (attempts, failures)
+            })
+        })
+        .collect();
     tokio::spawn(async move {
-        let api: Api<Service> = Api::namespaced(client, &ns);
-        let mut ticker = tokio::time::interval(Duration::from_millis(1000 / u64::from(per_second)));
-        let (mut attempts, mut failures) = (0usize, Vec::new());
-        while !stop.load(Ordering::Relaxed) {
-            ticker.tick().await;
-            let svc: Service = from_json(json!({
-                "metadata": { "name": format!("{prefix}-{attempts}") },
-                "spec": { "type": "NodePort", "ports": [{ "port": 80 }] },
-            }));
-            attempts += 1;
-            let started = Instant::now();
-            if let Err(e) = api.create(&PostParams::default(), &svc).await {
-                failures.push(format!("{prefix}-{} after {:?}: {e}", attempts - 1, started.elapsed()));
+        let (mut attempts, mut failures) = (0, Vec::new());
+        for task in loops {
+            if let Ok((a, f)) = task.await {
+                attempts += a;
+                failures.extend(f);
             }
         }
         (attempts, failures)
@@ -489,7 +505,7 @@ async fn the_standby_takes_over_when_the_leaders_container_is_killed() {
     let node = cluster.nodes.iter().find(|n| n.name == pod_node(&leader_pod)).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = create_services_until(client.clone(), ns.clone(), "during-kill", 5, stop.clone());
+    let load = create_services_until(client.clone(), ns.clone(), "during-kill", (2, 5), stop.clone());
     tokio::time::sleep(Duration::from_secs(2)).await; // traffic before the kill, not synchronisation
     let killed = Instant::now();
     node.kill_container(container_id.trim_start_matches("containerd://")).unwrap();
@@ -540,13 +556,30 @@ async fn a_rollout_restart_of_svcplane_fails_no_service_create() {
     let ns = namespace(&client, "restart").await;
     wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = create_services_until(client.clone(), ns.clone(), "during-restart", 5, stop.clone());
+    let load = create_services_until(client.clone(), ns.clone(), "during-restart", (4, 10), stop.clone());
     let started = Instant::now();
     cluster.kubectl(&["rollout", "restart", "deployment/svcplane", "-n", SVCPLANE_NAMESPACE]).unwrap();
     cluster
         .kubectl(&["rollout", "status", "deployment/svcplane", "-n", SVCPLANE_NAMESPACE, "--timeout=240s"])
         .unwrap();
     wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+    // The rollout is "done" while the old replicas still stop: keep creating until
+    // they are gone and the webhook's slice lists only the new ones.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SVCPLANE_NAMESPACE);
+    eventually("the old replicas gone and unpublished", Duration::from_secs(120), || async {
+        let list =
+            pods.list(&ListParams::default().labels(SVCPLANE_SELECTOR)).await.map_err(|e| e.to_string())?;
+        let ips: std::collections::BTreeSet<String> =
+            list.items.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect();
+        let published: std::collections::BTreeSet<String> =
+            endpoint_conditions(&client, SVCPLANE_NAMESPACE, "svcplane-webhook").await.into_keys().collect();
+        if list.items.len() == 2 && published == ips {
+            Ok(())
+        } else {
+            Err(format!("{} Pods, published {published:?}", list.items.len()))
+        }
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let (attempts, failures) = load.await.unwrap();
     eprintln!(
@@ -554,7 +587,7 @@ async fn a_rollout_restart_of_svcplane_fails_no_service_create() {
         started.elapsed(),
         failures.len()
     );
-    assert!(attempts >= 50, "too few creates to judge: {attempts}");
+    assert!(attempts >= 100, "too few creates to judge: {attempts}");
     assert!(failures.is_empty(), "{} of {attempts} creates failed: {failures:#?}", failures.len());
 }
 
