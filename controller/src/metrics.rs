@@ -38,6 +38,12 @@ struct ChangeLabels {
     operation: &'static str,
 }
 
+/// The `operation` label values of `changes`.
+const OPERATIONS: [&str; 3] = ["create", "update", "delete"];
+
+/// The `result` label values of `syncs` ([`SyncTimer`]'s default and setters).
+const SYNC_RESULTS: [&str; 3] = ["success", "error", "stale"];
+
 /// The controllers' metrics; cheap to clone (shared cells).
 #[derive(Clone)]
 pub struct Metrics {
@@ -90,6 +96,23 @@ impl Metrics {
             m.stale_skips.clone(),
         );
         m
+    }
+
+    /// Creates the series of a controller that runs in this process at 0 (its
+    /// writes by operation, queue depth, stale-cache skips and reconciles by
+    /// result): a standby that never writes exposes `svcplane_changes_total` 0
+    /// rather than nothing, so dashboards, `rate()` and tests can tell "no writes"
+    /// from "not scraped" (prometheus-client omits a family without series).
+    pub fn declare(&self, controller: ControllerKind) {
+        for operation in OPERATIONS {
+            self.changes.get_or_create(&ChangeLabels { controller: controller.clone(), operation }).inc_by(0);
+        }
+        for result in SYNC_RESULTS {
+            self.syncs.get_or_create(&SyncLabels { controller: controller.clone(), result }).inc_by(0);
+        }
+        let l = ControllerLabels { controller };
+        self.queue_depth.get_or_create(&l).set(0);
+        self.stale_skips.get_or_create(&l).inc_by(0);
     }
 
     /// Starts timing one reconcile; the guard records duration and result when dropped.
@@ -151,5 +174,31 @@ impl Drop for SyncTimer<'_> {
             .sync_duration
             .get_or_create(&ControllerLabels { controller })
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declared_controller_exposes_its_counters_at_zero_before_any_write() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(registry.sub_registry_with_prefix("svcplane"));
+        metrics.declare(ControllerKind::endpointslice);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "svcplane_changes_total{controller=\"endpointslice\",operation=\"create\"} 0",
+            "svcplane_changes_total{controller=\"endpointslice\",operation=\"update\"} 0",
+            "svcplane_changes_total{controller=\"endpointslice\",operation=\"delete\"} 0",
+            "svcplane_syncs_total{controller=\"endpointslice\",result=\"success\"} 0",
+            "svcplane_queue_depth{controller=\"endpointslice\"} 0",
+            "svcplane_stale_cache_skips_total{controller=\"endpointslice\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+        // Only the controllers that run.
+        assert!(!text.contains("controller=\"mirroring\""), "{text}");
     }
 }

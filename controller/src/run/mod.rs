@@ -217,6 +217,15 @@ pub async fn run(
             return Err(RunError::UnknownController(c.clone()));
         }
     }
+    for (name, kind) in [
+        ("endpointslice", ControllerKind::endpointslice),
+        ("endpoints", ControllerKind::endpoints),
+        ("mirroring", ControllerKind::mirroring),
+    ] {
+        if wants(name) {
+            metrics.declare(kind);
+        }
+    }
     let interval = Duration::from_millis(args.min_sync_interval_ms);
     let burst = Duration::from_millis(args.burst_batch_ms);
     let new_queue = || queue::WorkQueue::with_intervals(interval, burst);
