@@ -95,12 +95,14 @@ impl ControlPlane {
 }
 
 impl Svcplane {
-    /// The process's /metrics text.
+    /// The process's /metrics text. Panics with the address and the error when
+    /// the scrape fails: an unreachable endpoint is never read as "no samples".
     pub async fn metrics_text(&self) -> String {
-        http_get(&self.metrics, "/metrics").await.map(|(_, body)| body).unwrap_or_default()
+        scrape_metrics(&self.metrics).await
     }
 
-    /// The sum of a metric's samples whose line contains every `filters` substring.
+    /// The sum of a metric's samples whose line contains every `filters` substring;
+    /// panics when the scrape fails or the metric is not exposed (see [`sum_metric`]).
     pub async fn metric_sum(&self, name: &str, filters: &[&str]) -> f64 {
         sum_metric(&self.metrics_text().await, name, filters)
     }
@@ -141,29 +143,84 @@ impl Drop for Svcplane {
 }
 
 /// Sums the samples of `name` in Prometheus text whose line contains all `filters`.
+///
+/// Panics, naming the metric and the filters, when the text does not expose the
+/// metric at all (see [`try_sum_metric`]): a misspelt name, a role that is not
+/// running or a scrape of the wrong process fails the test instead of reading 0.
 pub fn sum_metric(text: &str, name: &str, filters: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        // An empty f64 sum is -0.0; report it as 0.
-        + 0.0
+    try_sum_metric(text, name, filters).unwrap_or_else(|| {
+        panic!("metric {name} (filters {filters:?}) is not exposed: no sample and no `# TYPE` line for it")
+    })
 }
 
-/// Plain HTTP GET on loopback: (status, body).
+/// Like [`sum_metric`], `None` when the text does not expose `name`: neither a
+/// sample of it nor a `# TYPE` line of its family. A declared family without a
+/// matching sample sums to 0, which is what a labelled counter reads before its
+/// first increment (prometheus-client prints its `# TYPE` line from registration).
+pub fn try_sum_metric(text: &str, name: &str, filters: &[&str]) -> Option<f64> {
+    let samples: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .collect();
+    if samples.is_empty() && !declares_family_of(text, name) {
+        return None;
+    }
+    Some(
+        samples
+            .iter()
+            .filter(|l| filters.iter().all(|f| l.contains(f)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            // An empty f64 sum is -0.0; report it as 0.
+            + 0.0,
+    )
+}
+
+/// Whether a `# TYPE <family> ...` line declares the family that sample `name`
+/// belongs to: the family itself, or it plus a suffix the exposition formats add
+/// (`_total` of an OpenMetrics counter, `_count`/`_sum`/`_bucket` of a histogram).
+fn declares_family_of(text: &str, name: &str) -> bool {
+    const SUFFIXES: [&str; 6] = ["", "_total", "_count", "_sum", "_bucket", "_created"];
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .any(|family| name.strip_prefix(family).is_some_and(|suffix| SUFFIXES.contains(&suffix)))
+}
+
+/// GET /metrics on `addr`; panics with the address and the error (connection,
+/// timeout or a status other than 200).
+pub async fn scrape_metrics(addr: &str) -> String {
+    match try_http_get(addr, "/metrics").await {
+        Ok((200, body)) => body,
+        Ok((code, body)) => panic!("GET http://{addr}/metrics answered {code}: {body}"),
+        Err(error) => panic!("GET http://{addr}/metrics failed: {error}"),
+    }
+}
+
+/// Plain HTTP GET on loopback: (status, body), `None` on any error.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    try_http_get(addr, path).await.ok()
+}
+
+/// Plain HTTP GET on loopback: (status, body), or what failed.
+pub async fn try_http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.ok()?;
+    stream.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "no complete answer within 5s".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((code, body))
+    Ok((code, body))
 }
 
 /// One svcplane process for the whole test binary (on the shared control plane),
@@ -182,4 +239,59 @@ pub fn shared_svcplane(name: &str, args: &[&str]) -> &'static Svcplane {
         .join()
         .expect("start svcplane")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As prometheus-client prints a registry: a labelled counter family that
+    /// has never been incremented, one that has, and a histogram.
+    const TEXT: &str = "\
+# HELP svcplane_changes Objects written, by operation.
+# TYPE svcplane_changes counter
+# HELP svcplane_syncs Reconciles of one Service, by result.
+# TYPE svcplane_syncs counter
+svcplane_syncs_total{controller=\"endpointslice\",result=\"success\"} 3
+svcplane_syncs_total{controller=\"endpoints\",result=\"success\"} 2
+# TYPE svcplane_sync_duration_seconds histogram
+svcplane_sync_duration_seconds_sum{controller=\"endpoints\"} 0.5
+svcplane_sync_duration_seconds_count{controller=\"endpoints\"} 2
+# EOF
+";
+
+    #[test]
+    fn a_declared_family_without_samples_sums_to_zero() {
+        assert_eq!(sum_metric(TEXT, "svcplane_changes_total", &[]), 0.0);
+        assert_eq!(sum_metric(TEXT, "svcplane_syncs_total", &["controller=\"mirroring\""]), 0.0);
+    }
+
+    #[test]
+    fn samples_are_summed_by_filter() {
+        assert_eq!(sum_metric(TEXT, "svcplane_syncs_total", &[]), 5.0);
+        assert_eq!(sum_metric(TEXT, "svcplane_syncs_total", &["controller=\"endpoints\""]), 2.0);
+        assert_eq!(sum_metric(TEXT, "svcplane_sync_duration_seconds_count", &[]), 2.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "metric svcplane_chnages_total (filters [\"op\"]) is not exposed")]
+    fn a_metric_the_text_does_not_expose_fails_instead_of_reading_zero() {
+        sum_metric(TEXT, "svcplane_chnages_total", &["op"]);
+    }
+
+    #[test]
+    fn an_empty_scrape_exposes_nothing() {
+        assert_eq!(try_sum_metric("", "svcplane_changes_total", &[]), None);
+        // A family's name is not a prefix match: svcplane_sync is not declared.
+        assert_eq!(try_sum_metric(TEXT, "svcplane_sync_total", &[]), None);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "/metrics failed: connect")]
+    async fn scraping_a_closed_metrics_port_fails_with_its_address() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        drop(listener);
+        scrape_metrics(&addr).await;
+    }
 }

@@ -135,7 +135,7 @@ fn proc_usage(pid: u32) -> (f64, f64) {
 /// Writes on endpointslices and endpoints, by resource and verb.
 async fn writes(client: &Client) -> BTreeMap<String, f64> {
     let req = http::Request::get("/metrics").body(Vec::new()).expect("request");
-    let text = client.request_text(req).await.unwrap_or_default();
+    let text = client.request_text(req).await.unwrap_or_else(|e| panic!("apiserver /metrics: {e}"));
     let mut out = BTreeMap::new();
     for resource in ["endpointslices", "endpoints"] {
         for verb in ["POST", "PUT", "PATCH", "DELETE"] {
