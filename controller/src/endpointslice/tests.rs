@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
@@ -797,6 +797,23 @@ fn expected_entries(
     entries
 }
 
+/// The slice ports a model of upstream's rules expects for `pod`, built without
+/// the planner's code: the Service's one port with the number the Pod resolves,
+/// none when it resolves none.
+fn expected_ports(svc: &Service, pod: &StoredPod) -> Vec<EndpointPort> {
+    let svc_port = &svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    find_port(pod, svc_port)
+        .map(|port| {
+            vec![EndpointPort {
+                name: Some(svc_port.name.clone().unwrap_or_default()),
+                port: Some(port),
+                protocol: Some(svc_port.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                app_protocol: svc_port.app_protocol.clone(),
+            }]
+        })
+        .unwrap_or_default()
+}
+
 fn actual_entries(state: &[EndpointSlice]) -> Vec<String> {
     let mut entries = Vec::new();
     for slice in state {
@@ -873,15 +890,20 @@ proptest! {
         keys.sort();
         keys.dedup();
         prop_assert_eq!(keys.len(), total);
-        // Slices of one port set share ports (key), addresses match the family.
+        // Each slice holds one port set: every endpoint's Pod resolves exactly the
+        // slice's ports (name, number, protocol; in any order). Addresses match
+        // the slice's family.
         for slice in &state1 {
             let family = IpFamily::from_name(&slice.address_type).unwrap();
+            let slice_ports = port_key(slice.ports.as_deref().unwrap_or_default());
             for e in slice.endpoints.iter().flatten() {
                 for a in &e.addresses {
                     prop_assert_eq!(IpFamily::of(a.parse().unwrap()), family);
                 }
+                let pod_name = e.target_ref.as_ref().unwrap().name.as_deref().unwrap();
+                let pod = after.iter().find(|p| p.metadata.name.as_deref() == Some(pod_name)).unwrap();
+                prop_assert_eq!(&port_key(&expected_ports(&svc, pod)), &slice_ports, "{} in {:?}", pod_name, slice.metadata.name);
             }
-            let _ = port_key(slice.ports.as_deref().unwrap_or_default());
         }
 
         // Idempotence: planning on the applied state writes nothing.
