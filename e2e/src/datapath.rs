@@ -92,8 +92,9 @@ pub struct Network {
     pub root_ip: String,
     /// Node-namespace end of the link: the Node's InternalIP.
     pub node_ip: String,
-    /// Whether IPv6 works in the namespaces (dual-stack cases run only then).
-    pub ipv6: bool,
+    /// Whether IPv6 works in the namespaces: `Err` names the command that
+    /// failed and why (the dual-stack case fails with it).
+    pub ipv6: Result<(), String>,
     /// Logs and the reaper's lists.
     pub dir: PathBuf,
     tag: String,
@@ -121,7 +122,7 @@ impl Network {
             node_netns: format!("{NETNS_PREFIX}{tag}-node"),
             root_ip,
             node_ip,
-            ipv6: false,
+            ipv6: Err("not set up yet".into()),
             dir,
             tag,
             next_pod: AtomicU32::new(0),
@@ -156,10 +157,15 @@ impl Network {
         run("ip", &["netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         // Locally originated connections to a ClusterIP need a route before DNAT.
         n(&["route", "add", SERVICE_ROUTES[0], "dev", "br0"])?;
-        self.ipv6 = n(&["addr", "add", "fd00:10:244::1/64", "dev", "br0", "nodad"]).is_ok()
-            && run("ip", &["netns", "exec", &node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
-                .is_ok()
-            && n(&["-6", "route", "add", SERVICE_ROUTES[1], "dev", "br0"]).is_ok();
+        // IPv6 may be missing (a kernel or sandbox without it): the IPv4 cases
+        // still run, and the dual-stack case fails with this reason.
+        self.ipv6 = n(&["addr", "add", "fd00:10:244::1/64", "dev", "br0", "nodad"])
+            .and_then(|_| {
+                run("ip", &["netns", "exec", &node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+            })
+            .and_then(|_| n(&["-6", "route", "add", SERVICE_ROUTES[1], "dev", "br0"]))
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         Ok(())
     }
 
@@ -176,7 +182,7 @@ impl Network {
         let netns = format!("{NETNS_PREFIX}{}-p{n}", self.tag);
         self.add_netns(&netns)?;
         let ipv4 = format!("10.244.{}.{}", n / 250, n % 250 + 2);
-        let ipv6 = self.ipv6.then(|| format!("fd00:10:244::{:x}", n));
+        let ipv6 = self.ipv6.is_ok().then(|| format!("fd00:10:244::{:x}", n));
         let host_if = format!("vp{n}");
         ip(&[
             "-n",
