@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 use prometheus_client::registry::Registry;
 use svcplane_webhook::{WebhookServer, metrics::Metrics as WebhookMetrics};
 
@@ -52,7 +52,8 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_value = "controller")]
     roles: Vec<String>,
     /// Hold a coordination.k8s.io Lease before writing (controllers and repair).
-    #[arg(long, default_value_t = false)]
+    /// Like every boolean flag: `--leader-elect` alone or `=true`, or `=false`.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = ArgAction::Set)]
     leader_elect: bool,
     /// Namespace of the leader-election Lease; default: this Pod's namespace, else "default".
     #[arg(long, env = "POD_NAMESPACE")]
@@ -271,5 +272,106 @@ fn task_result(done: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyh
     match done {
         Ok(result) => result,
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command, RunArgs};
+
+    fn run_args(flags: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv = ["svcplane", "run"].iter().chain(flags);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(args) => Ok(*args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn leader_elect_takes_true_or_false_and_alone_means_true() {
+        assert!(!run_args(&[]).unwrap().leader_elect);
+        assert!(run_args(&["--leader-elect"]).unwrap().leader_elect);
+        assert!(run_args(&["--leader-elect=true"]).unwrap().leader_elect);
+        assert!(!run_args(&["--leader-elect=false"]).unwrap().leader_elect);
+        // A bare flag does not swallow the next one.
+        let args = run_args(&["--leader-elect", "--roles=webhook"]).unwrap();
+        assert!(args.leader_elect);
+        assert_eq!(args.roles, ["webhook"]);
+        assert!(run_args(&["--leader-elect=maybe"]).is_err());
+    }
+
+    #[test]
+    fn the_webhook_booleans_take_true_or_false_and_alone_mean_true() {
+        let defaults = run_args(&[]).unwrap().webhook;
+        assert!(!defaults.self_signed);
+        assert!(defaults.release_on_delete);
+        assert!(run_args(&["--webhook-self-signed"]).unwrap().webhook.self_signed);
+        assert!(!run_args(&["--webhook-self-signed=false"]).unwrap().webhook.self_signed);
+        assert!(run_args(&["--webhook-release-on-delete"]).unwrap().webhook.release_on_delete);
+        assert!(!run_args(&["--webhook-release-on-delete=false"]).unwrap().webhook.release_on_delete);
+    }
+
+    /// Every boolean flag of `svcplane run`, present and future, behaves as a
+    /// Kubernetes component's: `--flag`, `--flag=true`, `--flag=false`.
+    #[test]
+    fn every_boolean_flag_of_run_accepts_an_explicit_value() {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("run subcommand");
+        let mut checked = Vec::new();
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            assert!(
+                !matches!(arg.get_action(), clap::ArgAction::SetTrue | clap::ArgAction::SetFalse),
+                "--{long} is a switch that refuses --{long}=false"
+            );
+            if arg.get_value_parser().type_id() != std::any::TypeId::of::<bool>() {
+                continue;
+            }
+            for (argv, want) in [
+                (format!("--{long}"), true),
+                (format!("--{long}=true"), true),
+                (format!("--{long}=false"), false),
+            ] {
+                let matches = Cli::command()
+                    .try_get_matches_from(["svcplane", "run", argv.as_str()])
+                    .unwrap_or_else(|e| panic!("{argv}: {e}"));
+                let got =
+                    matches.subcommand_matches("run").and_then(|m| m.get_one::<bool>(arg.get_id().as_str()));
+                assert_eq!(got, Some(&want), "{argv}");
+            }
+            checked.push(long.to_owned());
+        }
+        checked.sort();
+        assert_eq!(checked, ["leader-elect", "webhook-release-on-delete", "webhook-self-signed"]);
+    }
+
+    /// The Deployment and its overlays keep starting: every `--flag` line in
+    /// manifests/ is a flag `svcplane run` accepts.
+    #[test]
+    fn every_flag_the_manifests_pass_is_accepted() {
+        fn yaml_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).expect("manifests dir").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    yaml_files(&path, out);
+                } else if path.extension().is_some_and(|e| e == "yaml") {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        yaml_files(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests"), &mut files);
+        let mut flags = 0;
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read manifest");
+            for flag in text.lines().filter_map(|l| l.trim_start().strip_prefix("- --")) {
+                let flag = format!("--{flag}");
+                run_args(&[&flag]).unwrap_or_else(|e| panic!("{}: {flag}: {e}", file.display()));
+                flags += 1;
+            }
+        }
+        assert!(flags >= 10, "found only {flags} flags in manifests/");
     }
 }

@@ -51,7 +51,13 @@ pub struct WebhookArgs {
     /// Sign a serving certificate at start-up with the CA every replica shares
     /// through the Secret `--webhook-ca-secret` (the first replica creates it),
     /// and set the named webhook configurations' caBundle to exactly that CA.
-    #[arg(long = "webhook-self-signed")]
+    #[arg(
+        long = "webhook-self-signed",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub self_signed: bool,
     /// DNS names / IPs of the self-signed serving certificate.
     #[arg(
@@ -85,7 +91,13 @@ pub struct WebhookArgs {
     #[arg(long = "webhook-max-body-bytes", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
     /// Delete a Service's claims as soon as the watch sees it deleted.
-    #[arg(long = "webhook-release-on-delete", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(
+        long = "webhook-release-on-delete",
+        num_args = 0..=1,
+        default_value_t = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub release_on_delete: bool,
     /// Time between repair passes.
     #[arg(long = "webhook-repair-interval", default_value = "30s", value_parser = parse_duration)]
