@@ -70,7 +70,7 @@ struct RunArgs {
     /// With the webhook role: after SIGTERM, how long /readyz answers 503 while
     /// the webhook still serves, so the replica leaves the Service's endpoints
     /// before it stops (0s: no drain).
-    #[arg(long, default_value = "5s", value_parser = svcplane_webhook::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_drain: Duration,
     #[command(flatten)]
     controller: svcplane_controller::run::ControllerArgs,
@@ -277,6 +277,8 @@ fn task_result(done: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyh
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use clap::{CommandFactory, Parser};
 
     use super::{Cli, Command, RunArgs};
@@ -345,6 +347,55 @@ mod tests {
         }
         checked.sort();
         assert_eq!(checked, ["leader-elect", "webhook-release-on-delete", "webhook-self-signed"]);
+    }
+
+    #[test]
+    fn duration_flags_take_a_unit() {
+        let args = run_args(&[
+            "--shutdown-drain=500ms",
+            "--min-sync-interval=2m",
+            "--burst-batch-delay=1m30s",
+            "--webhook-cert-reload-interval=2m",
+            "--webhook-repair-interval=500ms",
+            "--webhook-repair-grace=90s",
+        ])
+        .unwrap();
+        assert_eq!(args.shutdown_drain, Duration::from_millis(500));
+        assert_eq!(args.controller.min_sync_interval, Duration::from_secs(120));
+        assert_eq!(args.controller.burst_batch_delay, Duration::from_secs(90));
+        assert_eq!(args.webhook.cert_reload_interval, Duration::from_secs(120));
+        assert_eq!(args.webhook.repair_interval, Duration::from_millis(500));
+        assert_eq!(args.webhook.repair_grace, Duration::from_secs(90));
+        // Off is 0s (or a bare 0); any other number needs its unit.
+        assert_eq!(
+            run_args(&["--burst-batch-delay=0s"]).unwrap().controller.burst_batch_delay,
+            Duration::ZERO
+        );
+        assert_eq!(run_args(&["--shutdown-drain=0"]).unwrap().shutdown_drain, Duration::ZERO);
+        for bad in ["--shutdown-drain=5", "--min-sync-interval=soon", "--webhook-repair-grace=-1s"] {
+            assert!(run_args(&[bad]).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_durations() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.shutdown_drain, Duration::from_secs(5));
+        let (controller, webhook) = (&args.controller, &args.webhook);
+        let defaults = svcplane_controller::run::ControllerArgs::default();
+        assert_eq!(
+            (controller.min_sync_interval, controller.burst_batch_delay),
+            (defaults.min_sync_interval, defaults.burst_batch_delay)
+        );
+        assert_eq!(
+            (controller.min_sync_interval, controller.burst_batch_delay),
+            (Duration::from_millis(100), Duration::from_millis(50))
+        );
+        let defaults = svcplane_webhook::WebhookArgs::default();
+        assert_eq!(
+            (webhook.cert_reload_interval, webhook.repair_interval, webhook.repair_grace),
+            (defaults.cert_reload_interval, defaults.repair_interval, defaults.repair_grace)
+        );
     }
 
     /// The Deployment and its overlays keep starting: every `--flag` line in

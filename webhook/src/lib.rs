@@ -46,7 +46,7 @@ pub struct WebhookArgs {
     #[arg(long = "webhook-tls-key-file")]
     pub tls_key_file: Option<PathBuf>,
     /// How often the certificate files are checked for changes.
-    #[arg(long = "webhook-cert-reload-interval", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long = "webhook-cert-reload-interval", default_value = "60s", value_parser = humantime::parse_duration)]
     pub cert_reload_interval: Duration,
     /// Sign a serving certificate at start-up with the CA every replica shares
     /// through the Secret `--webhook-ca-secret` (the first replica creates it),
@@ -100,11 +100,11 @@ pub struct WebhookArgs {
     )]
     pub release_on_delete: bool,
     /// Time between repair passes.
-    #[arg(long = "webhook-repair-interval", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long = "webhook-repair-interval", default_value = "30s", value_parser = humantime::parse_duration)]
     pub repair_interval: Duration,
     /// Age after which a claim no Service holds is released (longer than the
     /// apiserver's 60 s request timeout).
-    #[arg(long = "webhook-repair-grace", default_value = "90s", value_parser = parse_duration)]
+    #[arg(long = "webhook-repair-grace", default_value = "90s", value_parser = humantime::parse_duration)]
     pub repair_grace: Duration,
 }
 
@@ -150,22 +150,6 @@ impl WebhookArgs {
         let node_ports: PortRange = self.node_port_range.parse().map_err(Error::Pools)?;
         Ok(PoolConfig { cidrs, node_ports })
     }
-}
-
-/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (text, 1.0)
-    };
-    let value: f64 = number.trim().parse().map_err(|_| format!("invalid duration {text:?}"))?;
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
 /// Why the webhook stopped or could not start.
@@ -249,14 +233,6 @@ pub async fn run_repair_with_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_in_the_usual_units() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn the_ca_secret_lives_in_the_manifests_namespace_unless_told_otherwise() {

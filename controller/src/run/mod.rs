@@ -52,16 +52,16 @@ pub struct ControllerArgs {
     /// Writes each controller may send at once after idling (--kube-api-burst).
     #[arg(long, default_value_t = 100)]
     pub kube_api_burst: u32,
-    /// A Service synced less than this many milliseconds ago waits until then
-    /// (while a burst lasts, or always with --burst-batch-ms=0): a burst of
-    /// changes to one Service costs at most one more write (0: off).
-    #[arg(long, default_value_t = 100)]
-    pub min_sync_interval_ms: u64,
+    /// A Service synced less than this long ago waits until then (while a burst
+    /// lasts, or always with --burst-batch-delay=0s): a burst of changes to one
+    /// Service costs at most one more write (0s: off).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub min_sync_interval: Duration,
     /// While Services are queued faster than 100 per second, a Service waits this
-    /// many milliseconds before its sync, so Pods changing together are written
-    /// once; a quiet cluster never waits (0: off).
-    #[arg(long, default_value_t = 50)]
-    pub burst_batch_ms: u64,
+    /// long before its sync, so Pods changing together are written once; a quiet
+    /// cluster never waits (0s: off).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub burst_batch_delay: Duration,
 }
 
 impl Default for ControllerArgs {
@@ -73,8 +73,8 @@ impl Default for ControllerArgs {
             concurrency: 5,
             kube_api_qps: 50,
             kube_api_burst: 100,
-            min_sync_interval_ms: 100,
-            burst_batch_ms: 50,
+            min_sync_interval: Duration::from_millis(100),
+            burst_batch_delay: Duration::from_millis(50),
         }
     }
 }
@@ -226,8 +226,7 @@ pub async fn run(
             metrics.declare(kind);
         }
     }
-    let interval = Duration::from_millis(args.min_sync_interval_ms);
-    let burst = Duration::from_millis(args.burst_batch_ms);
+    let (interval, burst) = (args.min_sync_interval, args.burst_batch_delay);
     let new_queue = || queue::WorkQueue::with_intervals(interval, burst);
     let queues = Queues {
         slices: wants("endpointslice").then(new_queue),
