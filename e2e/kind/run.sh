@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds the svcplane image, creates a kind cluster without kube-controller-manager's
-# endpoint controllers, deploys manifests/overlays/kind and runs a smoke test:
-# svcplane becomes ready, writes EndpointSlices for examples/ and its CLI explains them.
+# endpoint controllers, deploys manifests/overlays/kind and runs e2e/cluster/smoke.sh,
+# the smoke test the local real cluster (make test-cluster) also runs.
 #
-# Needs docker, kind and kubectl on PATH. Not exercised on the development
-# machine (no Docker engine there); see manifests/README.md.
+# Needs docker, kind and kubectl on PATH. It cannot run on the development machine
+# (no Docker engine there); the same manifests, image layout and smoke test run on
+# the local cluster instead (see manifests/README.md).
 #
 #   e2e/kind/run.sh            # build, create, deploy, smoke test (cluster kept)
 #   KEEP=0 e2e/kind/run.sh     # delete the cluster at the end
@@ -41,29 +42,10 @@ echo "==> deploying manifests/overlays/kind"
 "${KUBECTL[@]}" apply --server-side -k manifests/overlays/kind
 "${KUBECTL[@]}" -n svcplane-system rollout status deploy/svcplane --timeout=180s
 
-echo "==> smoke test: examples/"
-"${KUBECTL[@]}" apply -f examples/
-"${KUBECTL[@]}" -n demo rollout status deploy/web --timeout=180s
-
-# svcplane (not kube-controller-manager) wrote the web Service's slices.
-for _ in $(seq 60); do
-  managed=$("${KUBECTL[@]}" -n demo get endpointslices -l kubernetes.io/service-name=web \
-    -o jsonpath='{.items[*].metadata.labels.endpointslice\.kubernetes\.io/managed-by}')
-  [[ "${managed}" == *endpointslice-controller.svcplane.io* ]] && break
-  sleep 2
-done
-[[ "${managed}" == *endpointslice-controller.svcplane.io* ]] \
-  || { echo "no svcplane EndpointSlice for demo/web (managed-by: ${managed:-none})" >&2; exit 1; }
-# The selectorless external-db is mirrored from its hand-written Endpoints.
-"${KUBECTL[@]}" -n demo get endpointslices -l kubernetes.io/service-name=external-db -o name | grep -q .
-
-echo "==> CLI against the cluster"
+echo "==> smoke test (the same script the local real cluster's suite runs)"
 cargo build --locked --bin svcplane
 kubeconfig=$(mktemp)
 kind get kubeconfig --name "${CLUSTER}" >"${kubeconfig}"
-svc=(./target/debug/svcplane --kubeconfig "${kubeconfig}")
-"${svc[@]}" explain svc/web -n demo
-"${svc[@]}" dns svc/zk -n demo
-"${svc[@]}" ipam status
+bash e2e/cluster/smoke.sh "kubectl --kubeconfig ${kubeconfig}" "./target/debug/svcplane --kubeconfig ${kubeconfig}"
 rm -f "${kubeconfig}"
 echo "==> kind smoke test passed"

@@ -43,6 +43,16 @@ const SVCPLANE_SELECTOR: &str = "app.kubernetes.io/name=svcplane";
 /// Exclusive for tests that stop svcplane replicas or a node; shared for the rest.
 static DISRUPTION: RwLock<()> = RwLock::const_new(());
 
+/// Prints how long a test took when it ends (pass or fail): `make test-cluster`
+/// shows each test's duration.
+struct Timed(&'static str, Instant);
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        eprintln!("[duration] {}: {:.1} s", self.0, self.1.elapsed().as_secs_f64());
+    }
+}
+
 fn cluster() -> &'static Cluster {
     cluster::shared(env!("CARGO_BIN_EXE_svcplane-cluster"))
 }
@@ -127,6 +137,8 @@ fn answered_by(results: &[Result<String, String>]) -> Vec<String> {
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn svcplane_runs_two_ready_replicas_on_different_nodes_and_exactly_one_leads() {
     let _shared = DISRUPTION.read().await;
+    let _timed =
+        Timed("svcplane_runs_two_ready_replicas_on_different_nodes_and_exactly_one_leads", Instant::now());
     let started = Instant::now();
     let client = cluster().client().await;
     wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
@@ -155,6 +167,7 @@ async fn svcplane_runs_two_ready_replicas_on_different_nodes_and_exactly_one_lea
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn a_replica_whose_allocation_index_is_not_built_is_not_ready() {
     let _shared = DISRUPTION.read().await;
+    let _timed = Timed("a_replica_whose_allocation_index_is_not_built_is_not_ready", Instant::now());
     let client = cluster().client().await;
     let ns = namespace(&client, "unready").await;
     // svcplane's own Pod template (probes and all), as a webhook-only replica in a
@@ -212,7 +225,7 @@ async fn a_replica_whose_allocation_index_is_not_built_is_not_ready() {
             .and_then(|c| c.first())
             .and_then(|c| c.state.as_ref()?.running.as_ref()?.started_at.clone())
             .ok_or("not running")?;
-        let running_for = chrono_like_age(&started_at.0);
+        let running_for = age_of(&started_at.0);
         if running_for < Duration::from_secs(16) {
             return Err(format!("running for {running_for:?}"));
         }
@@ -230,7 +243,7 @@ async fn a_replica_whose_allocation_index_is_not_built_is_not_ready() {
     assert!(body.contains("webhook"), "/readyz should name the role that is not ready: {body}");
 }
 
-fn chrono_like_age(time: &k8s_openapi::jiff::Timestamp) -> Duration {
+fn age_of(time: &k8s_openapi::jiff::Timestamp) -> Duration {
     let now = k8s_openapi::jiff::Timestamp::now();
     Duration::from_secs_f64((now.as_millisecond() - time.as_millisecond()).max(0) as f64 / 1000.0)
 }
@@ -239,6 +252,10 @@ fn chrono_like_age(time: &k8s_openapi::jiff::Timestamp) -> Duration {
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn a_service_created_with_kubectl_gets_its_cluster_ip_and_node_port_from_svcplane() {
     let _shared = DISRUPTION.read().await;
+    let _timed = Timed(
+        "a_service_created_with_kubectl_gets_its_cluster_ip_and_node_port_from_svcplane",
+        Instant::now(),
+    );
     let cluster = cluster();
     let client = cluster.client().await;
     let ns = namespace(&client, "alloc").await;
@@ -265,6 +282,8 @@ async fn a_service_created_with_kubectl_gets_its_cluster_ip_and_node_port_from_s
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod() {
     let _shared = DISRUPTION.read().await;
+    let _timed =
+        Timed("endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod", Instant::now());
     let client = cluster().client().await;
     let ns = namespace(&client, "probe").await;
     let clients = clients(&client, &ns).await;
@@ -343,6 +362,7 @@ async fn endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn a_rolling_update_under_traffic_fails_no_request() {
     let _shared = DISRUPTION.read().await;
+    let _timed = Timed("a_rolling_update_under_traffic_fails_no_request", Instant::now());
     let client = cluster().client().await;
     let ns = namespace(&client, "rollout").await;
     let clients = clients(&client, &ns).await;
@@ -434,6 +454,7 @@ async fn a_rolling_update_under_traffic_fails_no_request() {
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn a_statefulset_member_resolves_through_coredns_even_when_not_ready() {
     let _shared = DISRUPTION.read().await;
+    let _timed = Timed("a_statefulset_member_resolves_through_coredns_even_when_not_ready", Instant::now());
     let client = cluster().client().await;
     let ns = namespace(&client, "sts").await;
     let clients = clients(&client, &ns).await;
@@ -482,6 +503,7 @@ async fn a_statefulset_member_resolves_through_coredns_even_when_not_ready() {
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn the_standby_takes_over_when_the_leaders_container_is_killed() {
     let _exclusive = DISRUPTION.write().await;
+    let _timed = Timed("the_standby_takes_over_when_the_leaders_container_is_killed", Instant::now());
     let cluster = cluster();
     let client = cluster.client().await;
     let ns = namespace(&client, "failover").await;
@@ -551,6 +573,7 @@ async fn the_standby_takes_over_when_the_leaders_container_is_killed() {
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn a_rollout_restart_of_svcplane_fails_no_service_create() {
     let _exclusive = DISRUPTION.write().await;
+    let _timed = Timed("a_rollout_restart_of_svcplane_fails_no_service_create", Instant::now());
     let cluster = cluster();
     let client = cluster.client().await;
     let ns = namespace(&client, "restart").await;
@@ -595,6 +618,7 @@ async fn a_rollout_restart_of_svcplane_fails_no_service_create() {
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
     let _exclusive = DISRUPTION.write().await;
+    let _timed = Timed("a_failed_node_loses_its_endpoints_and_gets_them_back", Instant::now());
     let cluster = cluster();
     let client = cluster.client().await;
     let ns = namespace(&client, "nodefail").await;
@@ -649,6 +673,8 @@ async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn svcplane_scaled_to_zero_fails_creates_by_name_and_recovers_by_itself() {
     let _exclusive = DISRUPTION.write().await;
+    let _timed =
+        Timed("svcplane_scaled_to_zero_fails_creates_by_name_and_recovers_by_itself", Instant::now());
     let cluster = cluster();
     let client = cluster.client().await;
     let ns = namespace(&client, "scale0").await;
@@ -717,6 +743,25 @@ async fn svcplane_scaled_to_zero_fails_creates_by_name_and_recovers_by_itself() 
     .await;
     eprintln!("svcplane scaled back: creates work after {:?}", back.elapsed());
     wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn the_smoke_test_that_e2e_kind_runs_passes_on_the_local_cluster() {
+    let _shared = DISRUPTION.read().await;
+    let _timed = Timed("the_smoke_test_that_e2e_kind_runs_passes_on_the_local_cluster", Instant::now());
+    let cluster = cluster();
+    let kubeconfig = cluster.kubeconfig_path.display().to_string();
+    let out = std::process::Command::new("bash")
+        .arg(cluster::workspace_dir().join("e2e/cluster/smoke.sh"))
+        .arg(format!("{} --kubeconfig {kubeconfig}", svcplane_e2e::bin_dir().join("kubectl").display()))
+        .arg(format!("{} --kubeconfig {kubeconfig}", svcplane_e2e::svcplane::svcplane_bin().display()))
+        .arg(svcplane_e2e::cluster::workload::TESTPOD_IMAGE)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "smoke.sh failed:\n{text}");
+    assert!(text.contains("smoke test passed"), "{text}");
 }
 
 /// The runtime stage of the Dockerfile: (user, entrypoint, cmd, exposed ports).

@@ -327,11 +327,29 @@ async fn kustomize_output_is_accepted_by_server_side_dry_run_and_matches_rendere
     }
     // The webhook configurations point at a Service that does not answer: a
     // dry-run never calls them (and they do not match their own kinds).
-    for dir in ["manifests/base", "manifests/overlays/controller-only", "manifests/overlays/kind"] {
+    for dir in [
+        "manifests/base",
+        "manifests/overlays/controller-only",
+        "manifests/overlays/kind",
+        "manifests/overlays/local",
+    ] {
         let (ok, output) = server_dry_run(&kustomize(dir));
         assert!(ok, "{dir} rejected by the apiserver:\n{output}");
         assert!(output.contains("(server dry run)"), "{output}");
     }
+    // cert-manager's own kinds need cert-manager; everything else of that overlay
+    // is checked, and its Certificate names the Secret the Deployment mounts.
+    let cert_manager = kustomize("manifests/overlays/cert-manager");
+    let (ours, theirs): (Vec<&str>, Vec<&str>) =
+        cert_manager.split("\n---\n").partition(|doc| !doc.contains("apiVersion: cert-manager.io/"));
+    assert_eq!(theirs.len(), 4, "two Issuers and two Certificates:\n{cert_manager}");
+    assert!(theirs.iter().any(|d| d.contains("secretName: svcplane-webhook-tls")));
+    assert!(
+        ours.iter().any(|d| d.contains("secretName: svcplane-webhook-tls") && d.contains("kind: Deployment"))
+    );
+    assert!(!cert_manager.contains("--webhook-self-signed"), "cert-manager overlay still self-signs");
+    let (ok, output) = server_dry_run(&ours.join("\n---\n"));
+    assert!(ok, "overlays/cert-manager rejected by the apiserver:\n{output}");
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 //!
 //! `svcplane-cluster up` starts it (removing whatever an earlier one left) and prints
 //! how to use and stop it; `svcplane-cluster down` removes it and everything it made
-//! on the machine. The folder is `$SVCPLANE_CLUSTER_DIR` (default
+//! on the machine; `svcplane-cluster rss` prints the resident memory of every
+//! process of the cluster, by program. The folder is `$SVCPLANE_CLUSTER_DIR` (default
 //! /tmp/svcplane-cluster); `$SVCPLANE_CLUSTER_NODES` sets the node count (2).
 
 use svcplane_e2e::cluster::{Cluster, ClusterOptions, default_root, host};
@@ -50,8 +51,22 @@ async fn main() {
             }
             println!("cluster in {} removed", root.display());
         }
+        Some("rss") => {
+            let rows = host::rss_by_program(&default_root());
+            println!("{:<28} {:>9} {:>10}", "PROGRAM", "PROCESSES", "RSS (MiB)");
+            for (name, count, kib) in &rows {
+                println!("{name:<28} {count:>9} {:>10.1}", *kib as f64 / 1024.0);
+            }
+            let total: u64 = rows.iter().map(|r| r.2).sum();
+            println!(
+                "{:<28} {:>9} {:>10.1}",
+                "total",
+                rows.iter().map(|r| r.1).sum::<usize>(),
+                total as f64 / 1024.0
+            );
+        }
         _ => {
-            eprintln!("usage: svcplane-cluster up|down");
+            eprintln!("usage: svcplane-cluster up|down|rss");
             std::process::exit(2);
         }
     }

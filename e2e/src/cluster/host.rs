@@ -110,7 +110,9 @@ pub fn teardown(root: &Path) -> Option<PathBuf> {
 /// `root` (control plane, containerd, shims, kubelet, kube-proxy) and every process in
 /// a node's cgroups (the containers). kubelet goes first so it restarts nothing.
 fn kill_everything(root: &Path) {
-    let root = root.to_string_lossy().into_owned();
+    // Every process of the cluster names a file inside the folder (`ROOT/...`); a bare
+    // prefix match could hit another folder that starts the same way.
+    let root = format!("{}/", root.to_string_lossy().trim_end_matches('/'));
     // Never this process or its parent (a shell that may name the folder).
     let me = [std::process::id(), std::os::unix::process::parent_id()];
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -142,7 +144,7 @@ fn kill(pid: u32) {
 }
 
 /// Processes (other than `me`) whose command line contains `needle`.
-fn processes_naming(needle: &str, me: [u32; 2]) -> Vec<(u32, String)> {
+pub(crate) fn processes_naming(needle: &str, me: [u32; 2]) -> Vec<(u32, String)> {
     let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
     entries
         .flatten()
@@ -157,7 +159,7 @@ fn processes_naming(needle: &str, me: [u32; 2]) -> Vec<(u32, String)> {
 }
 
 /// Every task in any node's cgroups, in every hierarchy.
-fn node_cgroup_pids() -> Vec<u32> {
+pub(crate) fn node_cgroup_pids() -> Vec<u32> {
     fn walk(dir: &Path, out: &mut Vec<u32>) {
         if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
             out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
@@ -234,4 +236,28 @@ fn list_links() -> Vec<String> {
         .filter_map(|l| l.split(": ").nth(1))
         .map(|name| name.split('@').next().unwrap_or(name).to_string())
         .collect()
+}
+
+/// Resident memory of every process of the cluster in `root`, summed by program
+/// (`kube-apiserver`, `kubelet`, `containerd-shim-runc-v2`, `svcplane`, ...): (name,
+/// processes, KiB), largest first.
+pub fn rss_by_program(root: &Path) -> Vec<(String, usize, u64)> {
+    let root = format!("{}/", root.to_string_lossy().trim_end_matches('/'));
+    let mut pids: Vec<u32> = processes_naming(&root, [0, 0]).into_iter().map(|(pid, _)| pid).collect();
+    pids.extend(node_cgroup_pids());
+    pids.sort_unstable();
+    pids.dedup();
+    let mut totals: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    for pid in pids {
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+        let name = field("Name:").unwrap_or("?").to_string();
+        let kib = field("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0);
+        let entry = totals.entry(name).or_default();
+        entry.0 += 1;
+        entry.1 += kib;
+    }
+    let mut rows: Vec<(String, usize, u64)> = totals.into_iter().map(|(n, (c, k))| (n, c, k)).collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.2));
+    rows
 }

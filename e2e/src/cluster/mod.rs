@@ -64,14 +64,12 @@ pub struct ClusterOptions {
     pub root: PathBuf,
     /// Folder of the image tarballs `make cluster-images` builds.
     pub images: PathBuf,
-    /// Deploy svcplane (overlay `local`) and CoreDNS.
-    pub deploy: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         let nodes = std::env::var("SVCPLANE_CLUSTER_NODES").ok().and_then(|n| n.parse().ok()).unwrap_or(2);
-        Self { nodes, root: default_root(), images: default_images(), deploy: true }
+        Self { nodes, root: default_root(), images: default_images() }
     }
 }
 
@@ -124,8 +122,8 @@ pub struct Cluster {
 
 impl Cluster {
     /// Removes whatever a previous cluster left in `options.root`, then starts a new
-    /// one: control plane, scheduler, nodes (Ready), and with `options.deploy`
-    /// svcplane and CoreDNS (Available, the webhook answering). `owner_pid`: see
+    /// one: control plane, scheduler, nodes (Ready), svcplane and CoreDNS
+    /// (Available, the webhook answering). `owner_pid`: see
     /// [`State::owner_pid`].
     pub async fn start(options: &ClusterOptions, owner_pid: Option<u32>) -> Result<Self, ClusterError> {
         let started = Instant::now();
@@ -187,10 +185,8 @@ impl Cluster {
             .map_err(setup)?;
         cluster.wait_nodes_ready(Duration::from_secs(90)).await?;
         eprintln!("[cluster] {} nodes Ready ({:.1} s)", options.nodes, started.elapsed().as_secs_f64());
-        if options.deploy {
-            cluster.deploy().await?;
-            eprintln!("[cluster] svcplane and CoreDNS Available ({:.1} s)", started.elapsed().as_secs_f64());
-        }
+        cluster.deploy().await?;
+        eprintln!("[cluster] svcplane and CoreDNS Available ({:.1} s)", started.elapsed().as_secs_f64());
         Ok(cluster)
     }
 
