@@ -172,11 +172,20 @@ async fn main() {
     for answer in fetch_through(&client_pod, &format!("{cluster_ip}:80"), 6).await {
         println!("  GET http://{cluster_ip}/ -> {answer:?}");
     }
-    let node = &cluster.nodes[0];
-    banner(&format!("a request from outside the cluster through the NodePort {}:30080", node.ip));
-    match http_get(&format!("{}:30080", node.ip), "/", Duration::from_secs(5)).await {
-        Ok((status, body)) => println!("  GET http://{}:30080/ -> {status} {}", node.ip, body.trim()),
-        Err(e) => println!("  GET http://{}:30080/ -> failed: {e}", node.ip),
+    for node in &cluster.nodes {
+        let mode = format!("{:?}", node.proxy_mode).to_lowercase();
+        banner(&format!(
+            "from outside the cluster through the NodePort {}:30080 (kube-proxy {mode})",
+            node.ip
+        ));
+        // kube-proxy programs a new NodePort within its sync period: wait for it.
+        let addr = format!("{}:30080", node.ip);
+        let answer =
+            eventually(&format!("the NodePort on {}", node.name), Duration::from_secs(30), || async {
+                http_get(&addr, "/", Duration::from_secs(5)).await
+            })
+            .await;
+        println!("  GET http://{addr}/ -> {} {}", answer.0, answer.1.trim());
     }
     let name = format!("web.{NAMESPACE}.svc.cluster.local");
     banner(&format!("DNS from Pod {client_name}: {name} and zk-0.zk.{NAMESPACE}.svc.cluster.local"));
