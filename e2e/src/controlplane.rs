@@ -501,13 +501,8 @@ impl ControlPlane {
     /// Starts another component (e.g. kube-scheduler) that is stopped with the rest;
     /// its output goes to [`Self::log_path`].
     pub fn spawn(&self, component: &str, bin: &Path, args: &[String]) -> Result<(), HarnessError> {
-        let log_path = self.log_path(component);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| HarnessError::Setup(format!("{}: {e}", log_path.display())))?;
-        let err = log.try_clone().map_err(|e| HarnessError::Setup(e.to_string()))?;
+        let (log, err) =
+            crate::datapath::log_outputs(&self.log_path(component)).map_err(HarnessError::Setup)?;
         let child = Command::new(bin)
             .args(args)
             .stdin(Stdio::null())

@@ -46,6 +46,17 @@ pub enum DatapathError {
     Setup(String),
 }
 
+/// A process's stdout and stderr, both appended to the log file `path`.
+pub(crate) fn log_outputs(path: &Path) -> Result<(fs::File, fs::File), String> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let err = log.try_clone().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((log, err))
+}
+
 /// Runs `program args`, returning stdout, or the command line and stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String, DatapathError> {
     let out = Command::new(program).args(args).stdin(Stdio::null()).output().map_err(|e| {
@@ -219,13 +230,7 @@ impl Network {
         program: &Path,
         args: &[String],
     ) -> Result<u32, DatapathError> {
-        let log_path = self.log_path(name);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| DatapathError::Setup(format!("{}: {e}", log_path.display())))?;
-        let err = log.try_clone().map_err(|e| DatapathError::Setup(e.to_string()))?;
+        let (log, err) = log_outputs(&self.log_path(name)).map_err(DatapathError::Setup)?;
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(program)

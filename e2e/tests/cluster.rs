@@ -115,6 +115,27 @@ fn create_services_until(
     })
 }
 
+/// A Deployment `web` of `replicas` testpods (`container_extra` merged into the
+/// container) behind a ClusterIP Service `web`: the Service's `IP:80` and the Ready Pods.
+async fn web_behind_cluster_ip(
+    client: &kube::Client,
+    ns: &str,
+    replicas: i32,
+    container_extra: serde_json::Value,
+) -> (String, Vec<Pod>) {
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &testpod_deployment("web", replicas, container_extra))
+        .await
+        .unwrap_or_else(|e| panic!("create Deployment web: {e}"));
+    let svc = Api::<Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &cluster_ip_service("web"))
+        .await
+        .unwrap_or_else(|e| panic!("create Service web: {e}"));
+    let ip = svc.spec.and_then(|s| s.cluster_ip).unwrap_or_else(|| panic!("Service web has no ClusterIP"));
+    let pods = ready_pods(client, ns, "app=web", replicas as usize).await;
+    (format!("{ip}:80"), pods)
+}
+
 /// The leader's identity from the Lease: `POD_NAME_<per-process suffix>`.
 async fn lease_holder(client: &kube::Client) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), SVCPLANE_NAMESPACE);
@@ -287,16 +308,7 @@ async fn endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod
     let client = cluster().client().await;
     let ns = namespace(&client, "probe").await;
     let clients = clients(&client, &ns).await;
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
-        .await
-        .unwrap();
-    let svc = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &cluster_ip_service("web"))
-        .await
-        .unwrap();
-    let target = format!("{}:80", svc.spec.unwrap().cluster_ip.unwrap());
-    let web = ready_pods(&client, &ns, "app=web", 2).await;
+    let (target, web) = web_behind_cluster_ip(&client, &ns, 2, json!({})).await;
     let (failing, healthy) = (&web[0], &web[1]);
     let failing_name = failing.metadata.name.clone().unwrap();
     let healthy_name = healthy.metadata.name.clone().unwrap();
@@ -368,16 +380,9 @@ async fn a_rolling_update_under_traffic_fails_no_request() {
     let clients = clients(&client, &ns).await;
     // What users configure so a rollout drops nothing: a preStop pause longer than
     // the endpoint removal takes to reach kube-proxy, then SIGTERM.
-    let deployment =
-        testpod_deployment("web", 4, json!({ "lifecycle": { "preStop": { "sleep": { "seconds": 5 } } } }));
+    let prestop = json!({ "lifecycle": { "preStop": { "sleep": { "seconds": 5 } } } });
+    let (target, _) = web_behind_cluster_ip(&client, &ns, 4, prestop).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    deployments.create(&PostParams::default(), &deployment).await.unwrap();
-    let svc = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &cluster_ip_service("web"))
-        .await
-        .unwrap();
-    let target = format!("{}:80", svc.spec.unwrap().cluster_ip.unwrap());
-    ready_pods(&client, &ns, "app=web", 4).await;
     for c in &clients {
         eventually("4 Pods answer through the ClusterIP", Duration::from_secs(30), || async {
             let got = answered_by(&fetch_through(c, &target, 40).await);
@@ -507,15 +512,7 @@ async fn the_standby_takes_over_when_the_leaders_container_is_killed() {
     let cluster = cluster();
     let client = cluster.client().await;
     let ns = namespace(&client, "failover").await;
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
-        .await
-        .unwrap();
-    Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &cluster_ip_service("web"))
-        .await
-        .unwrap();
-    let web = ready_pods(&client, &ns, "app=web", 2).await;
+    let (_, web) = web_behind_cluster_ip(&client, &ns, 2, json!({})).await;
     wait_available(&client, SVCPLANE_NAMESPACE, "svcplane", Duration::from_secs(120)).await.unwrap();
     let leader = lease_holder(&client).await.expect("a leader");
     let pods: Api<Pod> = Api::namespaced(client.clone(), SVCPLANE_NAMESPACE);
@@ -623,16 +620,7 @@ async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
     let client = cluster.client().await;
     let ns = namespace(&client, "nodefail").await;
     let clients = clients(&client, &ns).await;
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
-        .await
-        .unwrap();
-    let svc = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &cluster_ip_service("web"))
-        .await
-        .unwrap();
-    let target = format!("{}:80", svc.spec.unwrap().cluster_ip.unwrap());
-    let web = ready_pods(&client, &ns, "app=web", 2).await;
+    let (target, web) = web_behind_cluster_ip(&client, &ns, 2, json!({})).await;
     let failed = &cluster.nodes[0];
     let (lost, kept): (Vec<&Pod>, Vec<&Pod>) = web.iter().partition(|p| pod_node(p) == failed.name);
     assert_eq!((lost.len(), kept.len()), (1, 1), "one web Pod per node");
@@ -679,14 +667,9 @@ async fn svcplane_scaled_to_zero_fails_creates_by_name_and_recovers_by_itself() 
     let client = cluster.client().await;
     let ns = namespace(&client, "scale0").await;
     let clients = clients(&client, &ns).await;
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &testpod_deployment("web", 2, json!({})))
-        .await
-        .unwrap();
+    let (target, _) = web_behind_cluster_ip(&client, &ns, 2, json!({})).await;
+    let ip = target.trim_end_matches(":80").to_string();
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let svc = services.create(&PostParams::default(), &cluster_ip_service("web")).await.unwrap();
-    let ip = svc.spec.unwrap().cluster_ip.unwrap();
-    ready_pods(&client, &ns, "app=web", 2).await;
     let dns = format!("web.{ns}.svc.cluster.local");
     let endpoints_before = eventually("2 ready endpoints", Duration::from_secs(30), || async {
         let e = endpoint_conditions(&client, &ns, "web").await;

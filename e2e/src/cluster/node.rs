@@ -330,13 +330,8 @@ nodeStatusUpdateFrequency: 4s
     /// folder its arguments name), logging to [`Self::log_path`].
     fn spawn(&self, component: &str, bin: &Path, args: &[String]) -> Result<(), DatapathError> {
         use std::os::unix::process::CommandExt;
-        let log_path = self.log_path(component);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| DatapathError::Setup(format!("{}: {e}", log_path.display())))?;
-        let err = log.try_clone().map_err(|e| DatapathError::Setup(e.to_string()))?;
+        let (log, err) =
+            crate::datapath::log_outputs(&self.log_path(component)).map_err(DatapathError::Setup)?;
         Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.name))
             .arg(bin)
