@@ -629,6 +629,13 @@ async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
 
     let stopped = Instant::now();
     failed.stop_agents();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    eventually("kube-controller-manager marks the node not Ready", Duration::from_secs(90), || async {
+        let node = nodes.get(&failed.name).await.map_err(|e| e.to_string())?;
+        if cluster::node_ready(&node) { Err("still Ready".to_string()) } else { Ok(()) }
+    })
+    .await;
+    eprintln!("node {} stopped -> not Ready after {:?}", failed.name, stopped.elapsed());
     eventually("the failed node's endpoint turns not ready", Duration::from_secs(90), || async {
         match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
             Some((false, _, false)) => Ok(()),

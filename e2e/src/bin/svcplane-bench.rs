@@ -6,7 +6,10 @@
 //! Per scenario and side: time from the first change to convergence (both
 //! EndpointSlices and Endpoints as desired), writes on endpointslices and endpoints
 //! by verb as counted by kube-apiserver itself (`apiserver_request_total`), the
-//! controller's CPU seconds during the change and peak RSS from /proc, and the
+//! controller's CPU seconds during the change and peak RSS from /proc, the events
+//! and bytes one EndpointSlice watcher received during the change (a raw watch of
+//! every slice in protobuf, as kube-proxy and CoreDNS hold it, counted frame by
+//! frame as it arrives), and the
 //! svcplane/upstream ratios; the QPS floor for the throttled runs: the busier
 //! controller's writes beyond its burst at its QPS (each controller has its own
 //! token bucket, in kube-controller-manager and in svcplane). Output: a markdown table on stdout and in
@@ -105,7 +108,51 @@ struct Run {
     writes: BTreeMap<String, f64>,
     cpu_s: f64,
     rss_mib: f64,
+    watch: WatchCount,
     profile: Option<String>,
+}
+
+/// What one EndpointSlice watcher received.
+#[derive(Clone, Copy, Debug, Default)]
+struct WatchCount {
+    events: u64,
+    bytes: u64,
+}
+
+/// A raw watch of every EndpointSlice from `resource_version` on, in protobuf as
+/// kube-proxy asks for it (`application/vnd.kubernetes.protobuf;stream=watch`: each
+/// event a 4-byte big-endian length, then the event). The counts grow as frames
+/// arrive; abort the task to stop watching.
+fn watch_slices(
+    client: Client,
+    resource_version: String,
+    counts: Arc<std::sync::Mutex<WatchCount>>,
+) -> tokio::task::JoinHandle<()> {
+    use futures::AsyncReadExt as _;
+    tokio::spawn(async move {
+        let uri = format!(
+            "/apis/discovery.k8s.io/v1/endpointslices?watch=true&allowWatchBookmarks=false&resourceVersion={resource_version}&timeoutSeconds=3600"
+        );
+        let request = http::Request::get(uri)
+            .header("Accept", "application/vnd.kubernetes.protobuf;stream=watch")
+            .body(Vec::new())
+            .expect("watch request");
+        let mut body = client.request_stream(request).await.unwrap_or_else(|e| panic!("watch slices: {e}"));
+        let mut length = [0u8; 4];
+        loop {
+            if body.read_exact(&mut length).await.is_err() {
+                return;
+            }
+            let n = u32::from_be_bytes(length) as usize;
+            let mut frame = vec![0u8; n];
+            if body.read_exact(&mut frame).await.is_err() {
+                return;
+            }
+            let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+            c.events += 1;
+            c.bytes += 4 + n as u64;
+        }
+    })
 }
 
 impl Run {
@@ -471,6 +518,15 @@ async fn run(scenario: Scenario, side: Side) -> Run {
     settle(&client).await;
     let writes_before = writes(&client).await;
     let (cpu_before, _) = proc_usage(pid);
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    let from = slices
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+        .ok()
+        .and_then(|l| l.metadata.resource_version)
+        .expect("a resourceVersion to watch from");
+    let counts = Arc::new(std::sync::Mutex::new(WatchCount::default()));
+    let watcher = watch_slices(client.clone(), from, counts.clone());
 
     let start = tokio::time::Instant::now();
     let change = scenario.change(&ns);
@@ -479,6 +535,19 @@ async fn run(scenario: Scenario, side: Side) -> Run {
     let converge_s = start.elapsed().as_secs_f64();
 
     let (cpu_after, rss_mib) = proc_usage(pid);
+    // The last writes' events are on their way to the watcher: wait until its count
+    // holds still for a second (the data is in; nothing synchronises the controller).
+    let mut last = *counts.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = *counts.lock().unwrap_or_else(|p| p.into_inner());
+        if now.events == last.events {
+            break;
+        }
+        last = now;
+    }
+    watcher.abort();
+    let watch = last;
     let after = writes(&client).await;
     let writes =
         after.iter().map(|(k, v)| (k.clone(), v - writes_before.get(k).copied().unwrap_or(0.0))).collect();
@@ -486,7 +555,7 @@ async fn run(scenario: Scenario, side: Side) -> Run {
         Some(s) => Some(sync_profile(&s.metrics_text().await)),
         None => None,
     };
-    Run { side, converge_s, writes, cpu_s: cpu_after - cpu_before, rss_mib, profile }
+    Run { side, converge_s, writes, cpu_s: cpu_after - cpu_before, rss_mib, watch, profile }
 }
 
 /// Reconcile counts and time per controller from svcplane's own histograms.
@@ -610,7 +679,7 @@ fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
 
-fn plot(rows: &[(String, [f64; 4])], path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn plot(rows: &[(String, [f64; RATIOS])], path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -636,14 +705,14 @@ fn plot(rows: &[(String, [f64; 4])], path: &std::path::Path) -> Result<(), Box<d
         })
         .y_desc("ratio")
         .draw()?;
-    let colours = [BLUE, RED, GREEN, MAGENTA];
-    let labels = ["convergence", "writes", "CPU", "peak RSS"];
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    let labels = ["convergence", "writes", "CPU", "peak RSS", "watcher bytes"];
     for (k, (colour, label)) in colours.into_iter().zip(labels).enumerate() {
         chart
             .draw_series(rows.iter().enumerate().filter(|(_, (_, r))| r[k].is_finite()).map(
                 |(i, (_, r))| {
-                    let x0 = i as f64 + 0.1 + k as f64 * 0.2;
-                    Rectangle::new([(x0, 0.0), (x0 + 0.18, r[k])], colour.filled())
+                    let x0 = i as f64 + 0.1 + k as f64 * 0.16;
+                    Rectangle::new([(x0, 0.0), (x0 + 0.14, r[k])], colour.filled())
                 },
             ))?
             .label(label)
@@ -660,15 +729,18 @@ fn plot(rows: &[(String, [f64; 4])], path: &std::path::Path) -> Result<(), Box<d
     Ok(())
 }
 
-/// The ratio lines of a `scenarios.md` ("- KEY: a x, b x, c x, d x").
-fn parse_ratios(markdown: &str) -> Vec<(String, [f64; 4])> {
+/// Ratios per scenario: convergence, writes, CPU, peak RSS, watcher bytes.
+const RATIOS: usize = 5;
+
+/// The ratio lines of a `scenarios.md` ("- KEY: a x, b x, c x, d x, e x").
+fn parse_ratios(markdown: &str) -> Vec<(String, [f64; RATIOS])> {
     markdown
         .lines()
         .filter_map(|l| {
             let (key, rest) = l.strip_prefix("- ")?.split_once(": ")?;
             let values: Vec<f64> =
                 rest.split(", ").filter_map(|v| v.trim_end_matches('x').parse().ok()).collect();
-            let values: [f64; 4] = values.try_into().ok()?;
+            let values: [f64; RATIOS] = values.try_into().ok()?;
             Some((key.to_string(), values))
         })
         .collect()
@@ -706,9 +778,9 @@ async fn main() {
     );
     let _ = writeln!(
         table,
-        "| scenario | controller | converged (s) | floor (s) | EndpointSlice writes | Endpoints writes | CPU (s) | peak RSS (MiB) |"
+        "| scenario | controller | converged (s) | floor (s) | EndpointSlice writes | Endpoints writes | CPU (s) | peak RSS (MiB) | watcher events | watcher KiB |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     let mut profiles = Vec::new();
     for (key, scenario, (upstream, svcplane)) in scenarios {
@@ -748,14 +820,16 @@ async fn main() {
             };
             let _ = writeln!(
                 table,
-                "| {key}: {} | {} | {:.1} | {floor} | {} | {} | {:.2} | {:.0} |",
+                "| {key}: {} | {} | {:.1} | {floor} | {} | {} | {:.2} | {:.0} | {} | {:.0} |",
                 scenario.name(),
                 r.side.name(),
                 r.converge_s,
                 by("endpointslices"),
                 by("endpoints"),
                 r.cpu_s,
-                r.rss_mib
+                r.rss_mib,
+                r.watch.events,
+                r.watch.bytes as f64 / 1024.0
             );
             eprintln!("[bench]   {}: {:.1} s, {:.0} writes", r.side.name(), r.converge_s, r.total_writes());
         }
@@ -766,6 +840,7 @@ async fn main() {
                 ratio(s.total_writes(), u.total_writes()),
                 ratio(s.cpu_s, u.cpu_s),
                 ratio(s.rss_mib, u.rss_mib),
+                ratio(s.watch.bytes as f64, u.watch.bytes as f64),
             ],
         ));
         if let Some(p) = s.profile {
@@ -806,9 +881,13 @@ async fn main() {
             ratio(s.cpu_per_event_ms, s_small.cpu_per_event_ms),
         );
     }
-    let _ = writeln!(table, "\nRatios svcplane / upstream (convergence, writes, CPU, peak RSS):\n");
+    let _ = writeln!(
+        table,
+        "\nRatios svcplane / upstream (convergence, writes, CPU, peak RSS, bytes one slice watcher received):\n"
+    );
     for (key, r) in &ratios {
-        let _ = writeln!(table, "- {key}: {:.2}x, {:.2}x, {:.2}x, {:.2}x", r[0], r[1], r[2], r[3]);
+        let _ =
+            writeln!(table, "- {key}: {:.2}x, {:.2}x, {:.2}x, {:.2}x, {:.2}x", r[0], r[1], r[2], r[3], r[4]);
     }
     if !profiles.is_empty() {
         let _ =
@@ -830,10 +909,10 @@ mod tests {
 
     #[test]
     fn ratio_lines_parse_and_every_scenario_is_labelled_in_the_plot() {
-        let table = "Ratios:\n\n- A: 0.97x, 0.99x, 0.24x, 0.58x\n- B: 0.98x, 1.00x, 0.11x, 0.64x\n- node-deletion: 0.70x, 0.83x, 0.21x, 0.33x\n- nonsense line\n";
+        let table = "Ratios:\n\n- A: 0.97x, 0.99x, 0.24x, 0.58x, 0.61x\n- B: 0.98x, 1.00x, 0.11x, 0.64x, 1.00x\n- node-deletion: 0.70x, 0.83x, 0.21x, 0.33x, 0.90x\n- old four-ratio line: 1x, 1x, 1x, 1x\n- nonsense line\n";
         let rows = parse_ratios(table);
         assert_eq!(rows.len(), 3);
-        assert_eq!(rows[1], ("B".to_string(), [0.98, 1.00, 0.11, 0.64]));
+        assert_eq!(rows[1], ("B".to_string(), [0.98, 1.00, 0.11, 0.64, 1.00]));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ratios.svg");
         plot(&rows, &path).unwrap();
