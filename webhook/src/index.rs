@@ -225,13 +225,10 @@ impl Index {
                 if self.ips.iter().any(|pool| pool.contains(ip)) {
                     Ok(())
                 } else {
-                    let range = self
-                        .ips
-                        .iter()
-                        .filter(|pool| pool.family() == IpFamily::of(ip))
-                        .map(|pool| pool.cidr().to_string())
-                        .collect::<Vec<_>>()
-                        .join(",");
+                    // Every range of the pool set, both families on a dual-stack
+                    // cluster, so the user sees all valid choices.
+                    let range =
+                        self.ips.iter().map(|pool| pool.cidr().to_string()).collect::<Vec<_>>().join(",");
                     Err(IpamError::NotInRange { value: ip.to_string(), range })
                 }
             }
