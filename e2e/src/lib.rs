@@ -15,6 +15,7 @@ pub mod cluster;
 mod controlplane;
 pub mod datapath;
 pub mod differential;
+pub mod fault;
 pub mod fixtures;
 pub(crate) mod ports;
 pub mod slices;
