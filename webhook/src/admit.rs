@@ -134,6 +134,11 @@ pub struct Plan {
     pub ip_fields: Option<IpFields>,
     /// NodePorts to claim; `None` when there are none.
     pub ports: Option<PortNeeds>,
+    /// The mutating call of a CREATE: values this replica claimed for the
+    /// same namespace/name in an earlier request that no Service holds (a
+    /// create the apiserver rejected after admission, now retried) are
+    /// released first, so a retry loop does not drain the pool.
+    pub supersede: bool,
 }
 
 impl Plan {
@@ -180,7 +185,8 @@ pub fn plan_admission(request: &Request<'_>) -> Result<Plan, Denial> {
         _ => String::new(),
     };
     let owner = Owner { namespace: request.namespace.to_owned(), name };
-    let mut plan = Plan { owner, ..Plan::default() };
+    let supersede = request.operation == Operation::Create && request.mode == Mode::Mutate;
+    let mut plan = Plan { owner, supersede, ..Plan::default() };
     let default_spec = ServiceSpec::default();
     let spec = request.service.spec.as_ref().unwrap_or(&default_spec);
     let kind = service_type(spec);

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use svcplane_ipam::{
@@ -52,6 +53,18 @@ pub struct ClaimRecord {
     pub owner: Owner,
     /// The claim object's uid, for delete preconditions.
     pub uid: Option<String>,
+}
+
+/// A claim this replica created for a request that no Service has been seen
+/// holding yet: the request may still fail after admission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unconfirmed {
+    /// The Service the request was for.
+    pub owner: Owner,
+    /// The claim object's uid.
+    pub uid: Option<String>,
+    /// When the claim was created.
+    pub since: Instant,
 }
 
 /// Who holds a value, for denials.
@@ -96,6 +109,7 @@ pub struct Index {
     held: HashMap<Value, BTreeSet<Owner>>,
     services: HashMap<Owner, BTreeSet<Value>>,
     pending: HashMap<Value, usize>,
+    unconfirmed: HashMap<Value, Unconfirmed>,
 }
 
 impl Index {
@@ -110,6 +124,7 @@ impl Index {
             held: HashMap::new(),
             services: HashMap::new(),
             pending: HashMap::new(),
+            unconfirmed: HashMap::new(),
         })
     }
 
@@ -154,6 +169,7 @@ impl Index {
     /// Forgets a deleted claim.
     pub fn delete_claim(&mut self, value: Value) {
         self.claims.remove(&value);
+        self.unconfirmed.remove(&value);
         self.sync(value);
     }
 
@@ -194,6 +210,67 @@ impl Index {
             self.held.entry(*new).or_default().insert(owner.clone());
             self.sync(*new);
         }
+    }
+
+    /// The values the Service `owner` carried when last seen.
+    pub fn service_values(&self, owner: &Owner) -> BTreeSet<Value> {
+        self.services.get(owner).cloned().unwrap_or_default()
+    }
+
+    /// Remembers a claim this replica just created for a request, until a
+    /// Service of that owner is seen holding it.
+    pub fn track_unconfirmed(&mut self, value: Value, owner: &Owner, uid: Option<String>, now: Instant) {
+        self.unconfirmed.insert(value, Unconfirmed { owner: owner.clone(), uid, since: now });
+    }
+
+    /// Whether any Service carries `value`.
+    pub fn is_held(&self, value: Value) -> bool {
+        self.held.contains_key(&value)
+    }
+
+    /// Whether a Service matching `owner` carries `value`.
+    fn held_by(&self, value: Value, owner: &Owner) -> bool {
+        self.held.get(&value).is_some_and(|holders| holders.iter().any(|o| o.matches(owner)))
+    }
+
+    /// Drops the tracked claims a Service of their owner now holds (or that
+    /// are gone or re-made), and returns those older than `bound`, still the
+    /// same claim object and held by no Service: their request failed after
+    /// admission. They stay tracked until [`Index::delete_claim`].
+    pub fn expired_unconfirmed(&mut self, now: Instant, bound: Duration) -> Vec<(Value, Option<String>)> {
+        let mut expired = Vec::new();
+        let values: Vec<Value> = self.unconfirmed.keys().copied().collect();
+        for value in values {
+            let Some(entry) = self.unconfirmed.get(&value) else { continue };
+            let same_claim = self.claims.get(&value).is_some_and(|c| c.uid == entry.uid);
+            if !same_claim || self.held_by(value, &entry.owner) {
+                self.unconfirmed.remove(&value);
+            } else if now.saturating_duration_since(entry.since) >= bound && !self.held.contains_key(&value) {
+                expired.push((value, entry.uid.clone()));
+            }
+        }
+        expired
+    }
+
+    /// The claims this replica made for `owner` (exactly this name, never a
+    /// `prefix*` placeholder) that no Service holds yet, except `keep`: a new
+    /// create of the same namespace/name supersedes an earlier attempt that
+    /// never persisted (a retried create of a bad manifest).
+    pub fn superseded_by(&self, owner: &Owner, keep: &BTreeSet<Value>) -> Vec<(Value, Option<String>)> {
+        if owner.name.ends_with('*') {
+            return Vec::new();
+        }
+        self.unconfirmed
+            .iter()
+            .filter(|(value, entry)| {
+                entry.owner == *owner
+                    && !keep.contains(value)
+                    && !self.held.contains_key(value)
+                    && !self.pending.contains_key(value)
+                    && self.claims.get(value).is_some_and(|c| c.uid == entry.uid)
+            })
+            .map(|(value, entry)| (*value, entry.uid.clone()))
+            .collect()
     }
 
     /// Forgets a deleted Service; returns the values it carried.
@@ -451,5 +528,54 @@ mod tests {
             .unwrap();
         assert_eq!(index.usage()[1].used, 1);
         assert!(index.check_in_range(Value::Ip("10.0.0.5".parse().unwrap())).is_err());
+    }
+
+    #[test]
+    fn out_of_range_ip_names_every_range_of_a_dual_stack_pool() {
+        let index = mk_index(&["10.0.0.0/24", "fd00::/120"], "30000-30010");
+        let err = index.check_in_range(Value::Ip("10.9.0.1".parse().unwrap())).unwrap_err();
+        assert!(err.to_string().contains("10.0.0.0/24,fd00::/120"), "{err}");
+    }
+
+    #[test]
+    fn an_unconfirmed_claim_is_released_after_the_bound_unless_its_service_holds_it() {
+        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        let start = Instant::now();
+        let bound = Duration::from_secs(30);
+        let (kept, failed) = (Value::Port(30001), Value::Port(30002));
+        for value in [kept, failed] {
+            index.apply_claim(value, ClaimRecord { owner: owner("web-*"), uid: Some(format!("u{value}")) });
+            index.track_unconfirmed(value, &owner("web-*"), Some(format!("u{value}")), start);
+        }
+        assert_eq!(index.expired_unconfirmed(start + Duration::from_secs(1), bound), vec![]);
+        // The apiserver named the Service web-x7k2, and it holds one value.
+        index.apply_service(owner("web-x7k2"), [kept].into());
+        let later = start + Duration::from_secs(31);
+        assert_eq!(index.expired_unconfirmed(later, bound), vec![(failed, Some("u30002".into()))]);
+        index.delete_claim(failed);
+        assert_eq!(index.expired_unconfirmed(later, bound), vec![]);
+        assert!(index.claim(kept).is_some());
+    }
+
+    #[test]
+    fn a_new_create_supersedes_only_unheld_claims_of_the_same_name() {
+        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        let now = Instant::now();
+        let track = |index: &mut Index, value: Value, name: &str| {
+            index.apply_claim(value, ClaimRecord { owner: owner(name), uid: Some(format!("u{value}")) });
+            index.track_unconfirmed(value, &owner(name), Some(format!("u{value}")), now);
+        };
+        track(&mut index, Value::Port(30001), "web");
+        track(&mut index, Value::Port(30002), "web");
+        track(&mut index, Value::Port(30003), "api");
+        track(&mut index, Value::Port(30004), "gen-*");
+        index.apply_service(owner("web"), [Value::Port(30002)].into());
+        let none = BTreeSet::new();
+        assert_eq!(
+            index.superseded_by(&owner("web"), &none),
+            vec![(Value::Port(30001), Some("u30001".into()))]
+        );
+        assert_eq!(index.superseded_by(&owner("web"), &[Value::Port(30001)].into()), vec![]);
+        assert_eq!(index.superseded_by(&owner("gen-*"), &none), vec![], "placeholders are never superseded");
     }
 }

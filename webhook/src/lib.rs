@@ -90,7 +90,9 @@ pub struct WebhookArgs {
     /// Largest AdmissionReview body accepted.
     #[arg(long = "webhook-max-body-bytes", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
-    /// Delete a Service's claims as soon as the watch sees it deleted.
+    /// Delete a Service's claims as soon as the watch sees it deleted, and the
+    /// claims of values an update dropped (a type change) as soon as it sees
+    /// the update.
     #[arg(
         long = "webhook-release-on-delete",
         num_args = 0..=1,
@@ -106,6 +108,12 @@ pub struct WebhookArgs {
     /// apiserver's 60 s request timeout).
     #[arg(long = "webhook-repair-grace", default_value = "90s", value_parser = humantime::parse_duration)]
     pub repair_grace: Duration,
+    /// Age after which a claim a replica created for a request, that no
+    /// Service of that name has been seen holding, is released by that replica
+    /// (the apiserver rejected the object after admission). Longer than the
+    /// apiserver's admission-to-persist time; see README.md.
+    #[arg(long = "webhook-unconfirmed-grace", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub unconfirmed_grace: Duration,
 }
 
 impl Default for WebhookArgs {
@@ -127,6 +135,7 @@ impl Default for WebhookArgs {
             release_on_delete: true,
             repair_interval: Duration::from_secs(30),
             repair_grace: Duration::from_secs(90),
+            unconfirmed_grace: Duration::from_secs(30),
         }
     }
 }

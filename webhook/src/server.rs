@@ -25,7 +25,7 @@ use tracing::info;
 use crate::handler::{AppState, mutate, validate};
 use crate::index::Index;
 use crate::metrics::{AdmissionLabels, Metrics};
-use crate::store::{Store, run_watches};
+use crate::store::{ReleasePolicy, Store, run_watches};
 use crate::{Error, WebhookArgs, tls};
 
 /// A running webhook replica: the server and its watch tasks.
@@ -115,7 +115,10 @@ impl WebhookServer {
             index.clone(),
             pools,
             ready_tx,
-            args.release_on_delete,
+            ReleasePolicy {
+                on_service_change: args.release_on_delete,
+                unconfirmed_grace: args.unconfirmed_grace,
+            },
         )));
         if let Some(reload) = reload {
             tasks.push(tokio::spawn(reload));

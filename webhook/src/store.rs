@@ -9,12 +9,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, future::join_all};
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
@@ -35,6 +36,7 @@ const MAX_PICK_ATTEMPTS: usize = 32;
 pub struct Store {
     index: Arc<Mutex<Index>>,
     claims: Api<AllocationClaim>,
+    client: Client,
     metrics: Arc<Metrics>,
     ready: watch::Receiver<bool>,
 }
@@ -59,7 +61,7 @@ impl Store {
         metrics: Arc<Metrics>,
         ready: watch::Receiver<bool>,
     ) -> Self {
-        Self { index, claims: Api::all(client), metrics, ready }
+        Self { index, claims: Api::all(client.clone()), client, metrics, ready }
     }
 
     /// Whether the index has been rebuilt from the cluster.
@@ -81,6 +83,9 @@ impl Store {
     /// Claims every value of `plan` (or, on dry-run, only picks them) and
     /// returns what was assigned. On a denial nothing stays claimed.
     pub async fn reserve(&self, plan: &Plan, dry_run: bool) -> Result<Assigned, Denial> {
+        if plan.supersede && !dry_run {
+            self.release_superseded(plan).await;
+        }
         let mut txn = Txn::default();
         let result = self.reserve_in(plan, dry_run, &mut txn).await;
         if result.is_err() {
@@ -89,6 +94,12 @@ impl Store {
             self.metrics.dry_runs.inc();
         }
         let mut index = self.index();
+        if result.is_ok() {
+            let now = Instant::now();
+            for (value, uid) in &txn.created {
+                index.track_unconfirmed(*value, &plan.owner, uid.clone(), now);
+            }
+        }
         for value in txn.pending {
             index.release_pending(value);
         }
@@ -274,6 +285,47 @@ impl Store {
         }
     }
 
+    /// Releases what an earlier create of the same namespace/name claimed on
+    /// this replica and no Service holds, keeping the values this request
+    /// asks for (a reinvocation of the same request).
+    async fn release_superseded(&self, plan: &Plan) {
+        let mut keep: BTreeSet<Value> = plan.ips.iter().filter_map(|n| n.requested).map(Value::Ip).collect();
+        if let Some(needs) = &plan.ports {
+            keep.extend(
+                needs
+                    .ports
+                    .iter()
+                    .filter_map(|p| p.requested_node_port)
+                    .chain(needs.needs.health_check.flatten())
+                    .map(Value::Port),
+            );
+        }
+        let superseded = self.index().superseded_by(&plan.owner, &keep);
+        if superseded.is_empty() {
+            return;
+        }
+        // The watch may lag behind an earlier create that did persist: ask the
+        // apiserver (a quorum LIST, as RBAC grants list but not get).
+        let services: Api<Service> = Api::namespaced(self.client.clone(), &plan.owner.namespace);
+        let params = ListParams::default().fields(&format!("metadata.name={}", plan.owner.name));
+        let persisted: BTreeSet<Value> = match services.list(&params).await {
+            Ok(list) => list.items.iter().flat_map(service_values).collect(),
+            Err(error) => {
+                warn!(owner = %plan.owner, %error, "could not check for an earlier create; releasing nothing");
+                return;
+            }
+        };
+        for (value, uid) in superseded.into_iter().filter(|(value, _)| !persisted.contains(value)) {
+            match delete_claim(&self.claims, value, uid).await {
+                Ok(()) => {
+                    debug!(owner = %plan.owner, %value, "released a failed earlier create's claim");
+                    self.index().delete_claim(value);
+                }
+                Err(error) => warn!(owner = %plan.owner, %value, %error, "release failed; will retry"),
+            }
+        }
+    }
+
     async fn undo(&self, txn: &Txn) {
         for (value, uid) in &txn.created {
             if let Err(error) = delete_claim(&self.claims, *value, uid.clone()).await {
@@ -398,9 +450,25 @@ pub fn pools_from(cidrs: &BTreeMap<String, ServiceCIDR>, fallback: &PoolConfig) 
     }
 }
 
+/// What the watches release on their own, without waiting for repair.
+#[derive(Clone, Copy, Debug)]
+pub struct ReleasePolicy {
+    /// Delete a Service's claims when the watch sees it deleted, and the
+    /// claims of values an update dropped (a type change) when it sees the
+    /// update.
+    pub on_service_change: bool,
+    /// Age after which a claim this replica created, that no Service has been
+    /// seen holding, is released (its request failed after admission).
+    pub unconfirmed_grace: Duration,
+}
+
+/// How often the unconfirmed claims are checked against `unconfirmed_grace`.
+const UNCONFIRMED_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Keeps `index` in step with claims, Services and ServiceCIDRs until the
-/// streams end; sets `ready` once all three have listed. With
-/// `release_on_delete`, a deleted Service's claims are deleted at once.
+/// streams end; sets `ready` once all three have listed. Releases what
+/// `release` says at once, and re-keys a `prefix*` placeholder claim to
+/// the Service the apiserver named.
 /// A failed watch is retried with kube-runtime's default backoff (as the
 /// controllers' watches), so an apiserver outage does not spin.
 pub async fn run_watches(
@@ -408,7 +476,7 @@ pub async fn run_watches(
     index: Arc<Mutex<Index>>,
     fallback: PoolConfig,
     ready: watch::Sender<bool>,
-    release_on_delete: bool,
+    release: ReleasePolicy,
 ) {
     let listed = Arc::new(Mutex::new([false; 3]));
     let mark = {
@@ -422,9 +490,62 @@ pub async fn run_watches(
         }
     };
     let claims = watch_claims(Api::all(client.clone()), index.clone(), mark.clone());
-    let services = watch_services(client.clone(), index.clone(), mark.clone(), release_on_delete);
+    let services = watch_services(client.clone(), index.clone(), mark.clone(), release.on_service_change);
+    let unconfirmed = release_unconfirmed(Api::all(client.clone()), index.clone(), release.unconfirmed_grace);
     let cidrs = watch_cidrs(Api::all(client), index, fallback, mark);
-    tokio::join!(claims, services, cidrs);
+    tokio::join!(claims, services, cidrs, unconfirmed);
+}
+
+/// Releases the claims this replica created for requests that never
+/// persisted: no Service of their owner holds them after `grace`.
+async fn release_unconfirmed(claims: Api<AllocationClaim>, index: Arc<Mutex<Index>>, grace: Duration) {
+    let mut tick = tokio::time::interval(UNCONFIRMED_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let expired = lock(&index).expired_unconfirmed(Instant::now(), grace);
+        for (value, uid) in expired {
+            match delete_claim(&claims, value, uid).await {
+                Ok(()) => {
+                    debug!(%value, "released a claim no Service took up");
+                    lock(&index).delete_claim(value);
+                }
+                Err(error) => warn!(%value, %error, "release failed; will retry"),
+            }
+        }
+    }
+}
+
+/// Re-keys the placeholder claim of `value` (uid `uid`) to `owner`: delete
+/// it with a uid precondition, then create it under the real name. Only the
+/// replica whose delete succeeded creates, so replicas do not race.
+async fn rekey_claim(
+    claims: &Api<AllocationClaim>,
+    value: Value,
+    uid: Option<String>,
+    owner: &Owner,
+) -> bool {
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
+        ..DeleteParams::default()
+    };
+    match claims.delete(&value.claim_name(), &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => return false,
+        Err(error) => {
+            warn!(%owner, %value, %error, "could not re-key the placeholder claim");
+            return false;
+        }
+    }
+    match claims.create(&PostParams::default(), &build_claim(value, owner)).await {
+        Ok(_) => true,
+        Err(error) => {
+            // The Service still carries the value, so the index keeps it
+            // taken and repair re-adopts it.
+            warn!(%owner, %value, %error, "could not re-create the claim under the Service's name");
+            false
+        }
+    }
 }
 
 async fn watch_claims(api: Api<AllocationClaim>, index: Arc<Mutex<Index>>, mark: impl Fn(usize)) {
@@ -480,7 +601,46 @@ async fn watch_services(
                 mark(1);
             }
             Ok(Event::Apply(service)) => {
-                lock(&index).apply_service(owner_of(&service), service_values(&service))
+                let owner = owner_of(&service);
+                let values = service_values(&service);
+                let (dropped, placeholders) = {
+                    let mut index = lock(&index);
+                    let before = index.service_values(&owner);
+                    index.apply_service(owner.clone(), values.clone());
+                    let dropped: Vec<(Value, Option<String>)> = before
+                        .difference(&values)
+                        .filter(|v| !index.is_held(**v))
+                        .filter_map(|v| {
+                            index.claim(*v).filter(|c| c.owner.matches(&owner)).map(|c| (*v, c.uid.clone()))
+                        })
+                        .collect();
+                    let placeholders: Vec<(Value, Option<String>)> = values
+                        .iter()
+                        .filter_map(|v| {
+                            index
+                                .claim(*v)
+                                .filter(|c| c.owner.name.ends_with('*') && c.owner.matches(&owner))
+                                .map(|c| (*v, c.uid.clone()))
+                        })
+                        .collect();
+                    (dropped, placeholders)
+                };
+                if release_on_delete {
+                    // A type change (NodePort -> ClusterIP, -> ExternalName) or a
+                    // downgrade to single stack frees values at once, as in
+                    // kube-apiserver.
+                    for (value, uid) in dropped {
+                        match delete_claim(&claims, value, uid).await {
+                            Ok(()) => debug!(%owner, %value, "released on Service update"),
+                            Err(error) => warn!(%owner, %value, %error, "release failed; repair will retry"),
+                        }
+                    }
+                }
+                for (value, uid) in placeholders {
+                    if rekey_claim(&claims, value, uid, &owner).await {
+                        debug!(%owner, %value, "claim re-keyed from its generateName placeholder");
+                    }
+                }
             }
             Ok(Event::Delete(service)) => {
                 let owner = owner_of(&service);

@@ -147,39 +147,30 @@ pub fn start_watches(
                 .default_backoff()
                 .modify(trim::trim_service),
         );
-        tasks.push(tokio::spawn(route(stream, "services", synced, move |ev| match ev {
-            watcher::Event::Apply(svc) | watcher::Event::InitApply(svc) => {
-                let key = Key::of(&svc);
-                write(&indexes.selectors).upsert_service(
-                    &key.namespace,
-                    &key.name,
-                    svc.spec.as_ref().and_then(|s| s.selector.as_ref()),
-                );
-                queues.all(&key);
-            }
-            watcher::Event::Delete(svc) => {
-                let key = Key::of(&svc);
-                write(&indexes.selectors).remove_service(&key.namespace, &key.name);
-                queues.all(&key);
-            }
-            watcher::Event::InitDone => {
-                // A re-list may have missed deletions: drop Services the index still
-                // knows but the store does not (their keys are queued so the
-                // controllers clean up), and resync everything.
-                let gone: Vec<(String, String)> = read(&indexes.selectors)
-                    .services()
-                    .into_iter()
-                    .filter(|(ns, name)| stores.services.get(&ObjectRef::new(name).within(ns)).is_none())
-                    .collect();
-                for (namespace, name) in gone {
-                    write(&indexes.selectors).remove_service(&namespace, &name);
-                    queues.all(&Key { namespace, name });
+        tasks.push(tokio::spawn(route(stream, "services", stores.services.clone(), synced, move |change| {
+            match change {
+                Change::Applied(svc) => {
+                    let key = Key::of(svc.as_ref());
+                    write(&indexes.selectors).upsert_service(
+                        &key.namespace,
+                        &key.name,
+                        svc.spec.as_ref().and_then(|s| s.selector.as_ref()),
+                    );
+                    queues.all(&key);
                 }
-                for svc in stores.services.state() {
-                    queues.all(&Key::of(svc.as_ref()));
+                Change::Deleted(svc) => {
+                    let key = Key::of(svc.as_ref());
+                    write(&indexes.selectors).remove_service(&key.namespace, &key.name);
+                    queues.all(&key);
+                }
+                // The objects of a re-list were queued before the store held them:
+                // queue everything again now that it does.
+                Change::Listed => {
+                    for svc in stores.services.state() {
+                        queues.all(&Key::of(svc.as_ref()));
+                    }
                 }
             }
-            watcher::Event::Init => {}
         })));
     }
 
@@ -193,36 +184,21 @@ pub fn start_watches(
                 .default_backoff()
                 .modify(StoredPod::trim),
         );
-        tasks.push(tokio::spawn(route(stream, "pods", synced, move |ev| match ev {
-            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-                let ns = pod.namespace().unwrap_or_default();
-                let affected =
-                    write(&indexes.selectors).upsert_pod(&ns, &pod.name_any(), pod.metadata.labels.as_ref());
-                for svc in affected {
-                    queues.pod_changed(&Key { namespace: ns.clone(), name: svc });
-                }
+        tasks.push(tokio::spawn(route(stream, "pods", stores.pods.clone(), synced, move |change| {
+            let (pod, deleted) = match change {
+                Change::Applied(pod) => (pod, false),
+                Change::Deleted(pod) => (pod, true),
+                Change::Listed => return,
+            };
+            let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+            let affected = if deleted {
+                write(&indexes.selectors).remove_pod(&ns, &name)
+            } else {
+                write(&indexes.selectors).upsert_pod(&ns, &name, pod.metadata.labels.as_ref())
+            };
+            for svc in affected {
+                queues.pod_changed(&Key { namespace: ns.clone(), name: svc });
             }
-            watcher::Event::Delete(pod) => {
-                let ns = pod.namespace().unwrap_or_default();
-                let affected = write(&indexes.selectors).remove_pod(&ns, &pod.name_any());
-                for svc in affected {
-                    queues.pod_changed(&Key { namespace: ns.clone(), name: svc });
-                }
-            }
-            watcher::Event::InitDone => {
-                // Pods deleted while the watch was down.
-                let gone: Vec<(String, String)> = read(&indexes.selectors)
-                    .pods()
-                    .into_iter()
-                    .filter(|(ns, name)| stores.pods.get(&ObjectRef::new(name).within(ns)).is_none())
-                    .collect();
-                for (ns, name) in gone {
-                    for svc in write(&indexes.selectors).remove_pod(&ns, &name) {
-                        queues.pod_changed(&Key { namespace: ns.clone(), name: svc });
-                    }
-                }
-            }
-            watcher::Event::Init => {}
         })));
     }
 
@@ -234,23 +210,24 @@ pub fn start_watches(
             node_writer,
             watcher(Api::<Node>::all(client.clone()), all.clone()).default_backoff().modify(trim::trim_node),
         );
-        tasks.push(tokio::spawn(route(stream, "nodes", synced, |_| {})));
+        tasks.push(tokio::spawn(route(stream, "nodes", stores.nodes.clone(), synced, |_| {})));
     }
 
     // svcplane's slices: index by owner, trigger the owning controller.
     {
-        let (indexes, queues, synced) = (indexes.clone(), queues.clone(), synced.clone());
+        let (indexes, queues, synced, store) =
+            (indexes.clone(), queues.clone(), synced.clone(), stores.slices.clone());
         let stream = reflector::reflector(
             slice_writer,
             watcher(Api::<EndpointSlice>::all(client.clone()), managed)
                 .default_backoff()
                 .modify(trim::trim_slice),
         );
-        tasks.push(tokio::spawn(route(stream, "endpointslices", synced, move |ev| {
-            let (slice, deleted) = match ev {
-                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
-                watcher::Event::Delete(s) => (s, true),
-                watcher::Event::Init | watcher::Event::InitDone => return,
+        tasks.push(tokio::spawn(route(stream, "endpointslices", store, synced, move |change| {
+            let (slice, deleted) = match change {
+                Change::Applied(s) => (s, false),
+                Change::Deleted(s) => (s, true),
+                Change::Listed => return,
             };
             let Some(owner) = slice.labels().get(labels::SERVICE_NAME).cloned() else { return };
             let managed_by = slice.labels().get(labels::MANAGED_BY).cloned().unwrap_or_default();
@@ -286,23 +263,21 @@ pub fn start_watches(
 
     // Endpoints: mirroring (user-written) and the Endpoints controller (its own).
     {
-        let (queues, synced) = (queues.clone(), synced.clone());
+        let (queues, synced, store) = (queues.clone(), synced.clone(), stores.endpoints.clone());
         let stream = reflector::reflector(
             ep_writer,
             watcher(Api::<Endpoints>::all(client.clone()), all)
                 .default_backoff()
                 .modify(trim::trim_endpoints),
         );
-        tasks.push(tokio::spawn(route(stream, "endpoints", synced, move |ev| match ev {
+        tasks.push(tokio::spawn(route(stream, "endpoints", store, synced, move |change| match change {
             // Mirroring follows every change of a hand-written Endpoints. The
             // Endpoints controller, as upstream's, only follows deletions (to write
             // its own object again): syncing on an add would delete a user's
             // Endpoints that arrives before its selectorless Service.
-            watcher::Event::Apply(ep) | watcher::Event::InitApply(ep) => {
-                queues.mirroring.iter().for_each(|q| q.add(Key::of(&ep)));
-            }
-            watcher::Event::Delete(ep) => queues.endpoints_deleted(&Key::of(&ep)),
-            watcher::Event::Init | watcher::Event::InitDone => {}
+            Change::Applied(ep) => queues.mirroring.iter().for_each(|q| q.add(Key::of(ep.as_ref()))),
+            Change::Deleted(ep) => queues.endpoints_deleted(&Key::of(ep.as_ref())),
+            Change::Listed => {}
         })));
     }
 
@@ -347,24 +322,108 @@ impl SyncedCount {
     }
 }
 
-/// Drives one reflector stream, routing each event; signals `synced` after the
-/// first complete list. Watch errors are retried by the backoff; they are logged.
+/// One object's change, as every router handles it.
+#[derive(Debug)]
+pub(crate) enum Change<K> {
+    /// Created or changed: a watch event, or an object of a (re-)list.
+    Applied(Arc<K>),
+    /// Deleted: a watch event, or an object the store held before a re-list that
+    /// the re-list did not return (upstream's informer delivers a tombstone for it).
+    Deleted(Arc<K>),
+    /// A (re-)list is complete and the store holds what it returned; comes after
+    /// the deletions that list revealed.
+    Listed,
+}
+
+/// Turns watcher events into [`Change`]s, so that a re-list reaches the same
+/// bookkeeping as a Delete event: on `Init` it remembers what the store holds
+/// (the reflector swaps its store only at `InitDone`), each `InitApply` strikes an
+/// object off, and at `InitDone` whatever is left was deleted while the watch was
+/// down, and is reported as [`Change::Deleted`] with its last known state.
+pub(crate) struct Relist<K: Resource<DynamicType = ()>> {
+    /// During a (re-)list, the objects not returned by it yet that the routers know
+    /// of: those the store held before it, and those an interrupted list announced.
+    unseen: HashMap<ObjectRef<K>, Arc<K>>,
+    /// During a (re-)list, the objects it has returned (announced as applied but not
+    /// in the store until `InitDone`).
+    listed: HashMap<ObjectRef<K>, Arc<K>>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone> Default for Relist<K> {
+    fn default() -> Self {
+        Self { unseen: HashMap::new(), listed: HashMap::new() }
+    }
+}
+
+impl<K: Resource<DynamicType = ()> + Clone> Relist<K> {
+    /// The changes `event` makes; `store` gives what the store holds (read at
+    /// `Init` only).
+    pub(crate) fn changes(
+        &mut self,
+        event: watcher::Event<K>,
+        store: impl FnOnce() -> Vec<Arc<K>>,
+    ) -> Vec<Change<K>> {
+        match event {
+            watcher::Event::Apply(obj) => vec![Change::Applied(Arc::new(obj))],
+            watcher::Event::Delete(obj) => vec![Change::Deleted(Arc::new(obj))],
+            watcher::Event::Init => {
+                // A list interrupted by an error starts over without an InitDone: the
+                // objects it announced were routed but never reached the store.
+                let announced = std::mem::take(&mut self.listed);
+                self.unseen =
+                    store().into_iter().map(|obj| (ObjectRef::from_obj(obj.as_ref()), obj)).collect();
+                self.unseen.extend(announced);
+                Vec::new()
+            }
+            watcher::Event::InitApply(obj) => {
+                let obj = Arc::new(obj);
+                let key = ObjectRef::from_obj(obj.as_ref());
+                self.unseen.remove(&key);
+                self.listed.insert(key, obj.clone());
+                vec![Change::Applied(obj)]
+            }
+            watcher::Event::InitDone => {
+                self.listed.clear();
+                let mut gone: Vec<(ObjectRef<K>, Arc<K>)> =
+                    std::mem::take(&mut self.unseen).into_iter().collect();
+                gone.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                let mut changes: Vec<Change<K>> =
+                    gone.into_iter().map(|(_, obj)| Change::Deleted(obj)).collect();
+                changes.push(Change::Listed);
+                changes
+            }
+        }
+    }
+}
+
+/// Drives one reflector stream (whose store is `store`), routing each change
+/// through [`Relist`]; signals `synced` after the first complete list. Watch errors
+/// are retried by the backoff; they are logged.
 async fn route<K, S>(
     stream: S,
     what: &'static str,
+    store: Store<K>,
     synced: Arc<SyncedCount>,
-    mut on_event: impl FnMut(watcher::Event<K>) + Send,
+    mut on_change: impl FnMut(Change<K>) + Send,
 ) where
-    K: Resource + Clone + Send + 'static,
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
     S: futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send,
 {
     let mut first = true;
+    let mut relist = Relist::default();
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
         match item {
-            Ok(ev) => {
-                let done = matches!(ev, watcher::Event::InitDone);
-                on_event(ev);
+            Ok(event) => {
+                let done = matches!(event, watcher::Event::InitDone);
+                for change in relist.changes(event, || store.state()) {
+                    if let Change::Deleted(obj) = &change
+                        && done
+                    {
+                        tracing::debug!(watch = what, name = %obj.name_any(), "deleted while the watch was down");
+                    }
+                    on_change(change);
+                }
                 if done && first {
                     first = false;
                     synced.one_done();
@@ -431,4 +490,141 @@ pub(crate) fn lock_map<K, V>(
     m: &std::sync::Mutex<HashMap<K, V>>,
 ) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+    use super::*;
+
+    fn mk_service(name: &str, version: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Each change as "applied name@version", "deleted name@version" or "listed".
+    fn names(changes: &[Change<Service>]) -> Vec<String> {
+        let at = |s: &Service| format!("{}@{}", s.name_any(), s.resource_version().unwrap_or_default());
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Applied(s) => format!("applied {}", at(s)),
+                Change::Deleted(s) => format!("deleted {}", at(s)),
+                Change::Listed => "listed".to_string(),
+            })
+            .collect()
+    }
+
+    /// Feeds `events` to `relist`, the store holding `store` throughout (as the
+    /// reflector's does until InitDone).
+    fn feed(
+        relist: &mut Relist<Service>,
+        store: &[Service],
+        events: Vec<watcher::Event<Service>>,
+    ) -> Vec<String> {
+        let store: Vec<Arc<Service>> = store.iter().cloned().map(Arc::new).collect();
+        events.into_iter().flat_map(|ev| names(&relist.changes(ev, || store.clone()))).collect()
+    }
+
+    #[test]
+    fn the_first_list_applies_every_object_and_deletes_nothing() {
+        let mut relist = Relist::default();
+        let changes = feed(
+            &mut relist,
+            &[],
+            vec![
+                watcher::Event::Init,
+                watcher::Event::InitApply(mk_service("a", "1")),
+                watcher::Event::InitApply(mk_service("b", "2")),
+                watcher::Event::InitDone,
+            ],
+        );
+        assert_eq!(changes, ["applied a@1", "applied b@2", "listed"]);
+    }
+
+    #[test]
+    fn watch_events_pass_through_as_they_are() {
+        let mut relist = Relist::default();
+        let changes = feed(
+            &mut relist,
+            &[mk_service("a", "1")],
+            vec![watcher::Event::Apply(mk_service("a", "3")), watcher::Event::Delete(mk_service("a", "4"))],
+        );
+        assert_eq!(changes, ["applied a@3", "deleted a@4"]);
+    }
+
+    #[test]
+    fn an_object_the_relist_did_not_return_is_deleted_with_its_last_known_state() {
+        // Issue 18: "b" was deleted while the watch was down; the re-list simply
+        // does not return it. It must reach the routers as a deletion, carrying
+        // what the store last held (the slice router reads its owner labels).
+        let mut relist = Relist::default();
+        let changes = feed(
+            &mut relist,
+            &[mk_service("a", "1"), mk_service("b", "2"), mk_service("c", "3")],
+            vec![
+                watcher::Event::Init,
+                watcher::Event::InitApply(mk_service("a", "5")),
+                watcher::Event::InitApply(mk_service("c", "3")),
+                watcher::Event::InitDone,
+            ],
+        );
+        assert_eq!(changes, ["applied a@5", "applied c@3", "deleted b@2", "listed"]);
+    }
+
+    #[test]
+    fn a_relist_that_returns_nothing_deletes_everything_in_order() {
+        let mut relist = Relist::default();
+        let changes = feed(
+            &mut relist,
+            &[mk_service("b", "2"), mk_service("a", "1")],
+            vec![watcher::Event::Init, watcher::Event::InitDone],
+        );
+        assert_eq!(changes, ["deleted a@1", "deleted b@2", "listed"]);
+    }
+
+    #[test]
+    fn a_list_interrupted_and_started_again_still_deletes_what_it_announced() {
+        // The first attempt announced "new" (routed as applied, never in the store)
+        // and failed; by the second attempt "new" is gone again.
+        let mut relist = Relist::default();
+        let changes = feed(
+            &mut relist,
+            &[mk_service("a", "1")],
+            vec![
+                watcher::Event::Init,
+                watcher::Event::InitApply(mk_service("new", "7")),
+                watcher::Event::Init,
+                watcher::Event::InitApply(mk_service("a", "1")),
+                watcher::Event::InitDone,
+            ],
+        );
+        assert_eq!(changes, ["applied new@7", "applied a@1", "deleted new@7", "listed"]);
+    }
+
+    #[test]
+    fn a_second_relist_compares_with_the_store_again() {
+        let mut relist = Relist::default();
+        let first =
+            feed(&mut relist, &[mk_service("a", "1")], vec![watcher::Event::Init, watcher::Event::InitDone]);
+        assert_eq!(first, ["deleted a@1", "listed"]);
+        let second = feed(
+            &mut relist,
+            &[mk_service("b", "2")],
+            vec![
+                watcher::Event::Init,
+                watcher::Event::InitApply(mk_service("b", "2")),
+                watcher::Event::InitDone,
+            ],
+        );
+        assert_eq!(second, ["applied b@2", "listed"], "nothing left over from the first re-list");
+    }
 }
