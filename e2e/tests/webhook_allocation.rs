@@ -147,7 +147,7 @@ async fn dry_run_reserves_nothing_and_updates_allocate_only_transitions() {
         .expect("touch");
     assert_eq!(node_ports(&again), vec![port]);
 
-    // NodePort -> ClusterIP drops the port; repair releases its claim.
+    // NodePort -> ClusterIP drops the port; the Service watch releases its claim.
     let patch = serde_json::json!({"spec": {"type": "ClusterIP", "ports": [{"name": "p80", "port": 80, "nodePort": null}]}});
     let back = api.patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("to ClusterIP");
     assert!(node_ports(&back).is_empty());
@@ -155,7 +155,7 @@ async fn dry_run_reserves_nothing_and_updates_allocate_only_transitions() {
     repair_until(&client, &args, "port claim released", |names| !names.contains(&port_claim)).await;
     assert!(claim_names(&client).await.contains(&claim_of(&ip)), "the IP stays claimed");
 
-    // -> ExternalName releases the IP.
+    // -> ExternalName releases the IP (the watch again; repair finds nothing left).
     let patch = serde_json::json!({"spec": {"type": "ExternalName", "externalName": "example.com", "clusterIP": "", "clusterIPs": null, "ipFamilies": null, "ipFamilyPolicy": null}});
     api.patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("to ExternalName");
     let ip_claim = claim_of(&ip);
