@@ -126,6 +126,24 @@ async fn a_generate_name_service_is_named_in_its_claims_and_denials() {
         .await
         .expect_err("the nodePort is taken");
     assert!(err.to_string().contains(&format!("{port} is already allocated to {}/{name}", ns.name)), "{err}");
+
+    // A placeholder claim the Service watch never re-keys (as a replica that
+    // died after claiming would leave it) is re-keyed by the periodic sweep.
+    let port_claim = Value::Port(port as u16).claim_name();
+    claims.delete(&port_claim, &Default::default()).await.expect("delete claim");
+    let placeholder = svcplane_webhook::claim::build_claim(
+        Value::Port(port as u16),
+        &svcplane_webhook::Owner { namespace: ns.name.clone(), name: "gen-*".into() },
+    );
+    eventually("placeholder claim recreated", Duration::from_secs(10), || async {
+        claims.create(&PostParams::default(), &placeholder).await.map(|_| ())
+    })
+    .await;
+    eventually("the sweep re-keys the placeholder", Duration::from_secs(30), || async {
+        let claim = claims.get(&port_claim).await.map_err(|e| e.to_string())?;
+        if claim.spec.service == name { Ok(()) } else { Err(claim.spec.service) }
+    })
+    .await;
     server.kill();
 }
 

@@ -223,6 +223,26 @@ impl Index {
         self.unconfirmed.insert(value, Unconfirmed { owner: owner.clone(), uid, since: now });
     }
 
+    /// Claims still under a generateName placeholder (`prefix*`) whose value
+    /// exactly one Service matching the placeholder carries: the claim, its uid
+    /// and the Service to re-key it to. O(claims); for the periodic sweep
+    /// that catches what the Service watch's own re-key missed (a replica
+    /// restarted, or the claim was listed after the Service).
+    pub fn held_placeholders(&self) -> Vec<(Value, Option<String>, Owner)> {
+        self.claims
+            .iter()
+            .filter(|(_, claim)| claim.owner.name.ends_with('*'))
+            .filter_map(|(value, claim)| {
+                let holders = self.held.get(value)?;
+                let mut matching = holders.iter().filter(|o| claim.owner.matches(o));
+                match (matching.next(), matching.next()) {
+                    (Some(real), None) => Some((*value, claim.uid.clone(), real.clone())),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
     /// Whether any Service carries `value`.
     pub fn is_held(&self, value: Value) -> bool {
         self.held.contains_key(&value)
@@ -577,5 +597,18 @@ mod tests {
         );
         assert_eq!(index.superseded_by(&owner("web"), &[Value::Port(30001)].into()), vec![]);
         assert_eq!(index.superseded_by(&owner("gen-*"), &none), vec![], "placeholders are never superseded");
+    }
+
+    #[test]
+    fn a_placeholder_claim_held_by_its_named_service_is_found_for_re_keying() {
+        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        index.apply_claim(Value::Port(30001), ClaimRecord { owner: owner("gen-*"), uid: Some("u1".into()) });
+        index.apply_claim(Value::Port(30002), ClaimRecord { owner: owner("gen-*"), uid: Some("u2".into()) });
+        index.apply_service(owner("gen-abc"), [Value::Port(30001)].into());
+        index.apply_service(owner("other"), [Value::Port(30002)].into());
+        assert_eq!(
+            index.held_placeholders(),
+            vec![(Value::Port(30001), Some("u1".into()), owner("gen-abc"))]
+        );
     }
 }

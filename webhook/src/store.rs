@@ -465,6 +465,10 @@ pub struct ReleasePolicy {
 /// How often the unconfirmed claims are checked against `unconfirmed_grace`.
 const UNCONFIRMED_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Every how many checks the placeholder claims are swept (every 10 s): the
+/// Service watch re-keys at once, the sweep only catches what it missed.
+const PLACEHOLDER_SWEEP_EVERY: u32 = 20;
+
 /// Keeps `index` in step with claims, Services and ServiceCIDRs until the
 /// streams end; sets `ready` once all three have listed. Releases what
 /// `release` says at once, and re-keys a `prefix*` placeholder claim to
@@ -497,12 +501,23 @@ pub async fn run_watches(
 }
 
 /// Releases the claims this replica created for requests that never
-/// persisted: no Service of their owner holds them after `grace`.
+/// persisted: no Service of their owner holds them after `grace`. Also
+/// re-keys placeholder claims the Service watch's own re-key missed.
 async fn release_unconfirmed(claims: Api<AllocationClaim>, index: Arc<Mutex<Index>>, grace: Duration) {
     let mut tick = tokio::time::interval(UNCONFIRMED_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeps = 0_u32;
     loop {
         tick.tick().await;
+        sweeps = sweeps.wrapping_add(1);
+        if sweeps.is_multiple_of(PLACEHOLDER_SWEEP_EVERY) {
+            let placeholders = lock(&index).held_placeholders();
+            for (value, uid, owner) in placeholders {
+                if rekey_claim(&claims, value, uid, &owner).await {
+                    debug!(%owner, %value, "claim re-keyed from its generateName placeholder by the sweep");
+                }
+            }
+        }
         let expired = lock(&index).expired_unconfirmed(Instant::now(), grace);
         for (value, uid) in expired {
             match delete_claim(&claims, value, uid).await {
