@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 use kube::{
     Api,
     api::{DeleteParams, ListParams, WatchEvent, WatchParams},
@@ -28,6 +28,10 @@ use svcplane_e2e::{
     svcplane::Svcplane,
     wait::eventually,
 };
+
+/// Held by each test: one svcplane at a time (another, not cut off, would repair
+/// what the test checks).
+static ONE_SVCPLANE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn control_plane() -> &'static ControlPlane {
     shared_with(|| ControlPlaneOptions {
@@ -63,6 +67,26 @@ where
     Err(format!("a watch from {resource_version} is still served"))
 }
 
+/// Cuts svcplane off, deletes `name` with the admin client, waits until etcd has
+/// compacted past every revision svcplane has seen (so its watch must re-list),
+/// and restores the connection.
+async fn delete_while_cut_off<K>(proxy: &FaultProxy, api: &Api<K>, name: &str)
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let cut = proxy.cut().await;
+    assert!(cut >= 1, "svcplane's watches went through the proxy");
+    // Every revision svcplane has seen is at most this one.
+    let seen = api.list_metadata(&ListParams::default()).await.expect("list").metadata.resource_version;
+    let seen = seen.expect("list resourceVersion");
+    api.delete(name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+    eventually("etcd compacts past what svcplane has seen", Duration::from_secs(30), || {
+        watch_expired(api, &seen)
+    })
+    .await;
+    proxy.restore();
+}
+
 /// Waits until metric `name` (samples matching `filters`) has not changed for
 /// `quiet` (longer than svcplane's 500ms stale-cache retry), polling with a deadline.
 async fn stops_growing(sp: &Svcplane, what: &str, name: &str, filters: &[&str], quiet: Duration) -> f64 {
@@ -87,6 +111,7 @@ async fn stops_growing(sp: &Svcplane, what: &str, name: &str, filters: &[&str], 
 /// the Service stale and re-queued it every 500ms for ever.
 #[tokio::test]
 async fn a_slice_deleted_during_a_relist_is_recreated_and_the_service_settles() {
+    let _alone = ONE_SVCPLANE.lock().await;
     let cp = control_plane();
     let client = cp.client().await;
     ensure_node(&client, "node-a", "192.0.2.1", Some("zone-a")).await;
@@ -112,17 +137,7 @@ async fn a_slice_deleted_during_a_relist_is_recreated_and_the_service_settles() 
     let first_name = first.metadata.name.clone().expect("name");
     stops_growing(&sp, "endpointslice syncs", "svcplane_syncs_total", &[], Duration::from_secs(1)).await;
 
-    let cut = proxy.cut().await;
-    assert!(cut >= 1, "svcplane's watches went through the proxy");
-    // Every revision svcplane has seen is at most this one.
-    let seen = api.list_metadata(&ListParams::default()).await.expect("list").metadata.resource_version;
-    let seen = seen.expect("list resourceVersion");
-    api.delete(&first_name, &DeleteParams::default()).await.expect("delete the slice");
-    eventually("etcd compacts past what svcplane has seen", Duration::from_secs(30), || {
-        watch_expired(&api, &seen)
-    })
-    .await;
-    proxy.restore();
+    delete_while_cut_off(&proxy, &api, &first_name).await;
 
     let second = eventually("web's slice written again", Duration::from_secs(60), || {
         let api = api.clone();
@@ -152,6 +167,54 @@ async fn a_slice_deleted_during_a_relist_is_recreated_and_the_service_settles() 
         "endpointslice syncs",
         "svcplane_syncs_total",
         &[endpointslice],
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(sp.metric_sum("svcplane_queue_depth", &[]).await, 0.0, "nothing left queued");
+}
+
+/// Issue 18, the Endpoints router: svcplane's own Endpoints object deleted while
+/// svcplane was cut off. Before the fix the re-list's InitDone was ignored, so
+/// the Endpoints controller never heard of the deletion and never wrote the
+/// object again.
+#[tokio::test]
+async fn endpoints_deleted_during_a_relist_are_written_again() {
+    let _alone = ONE_SVCPLANE.lock().await;
+    let cp = control_plane();
+    let client = cp.client().await;
+    ensure_node(&client, "node-a", "192.0.2.1", Some("zone-a")).await;
+    let ns = TestNamespace::new(&client, "relist-endpoints").await;
+    let proxy = FaultProxy::start(&cp.server).expect("fault proxy");
+    let sp = cp.svcplane_through("relist-endpoints", &proxy, &[]).await;
+
+    ns.create(&mk_service("api", &[("app", "api")], vec![mk_port("http", 80, "http")])).await;
+    ns.running_pod(mk_pod("api-1", &[("app", "api")], "node-a", &[("http", 8080)]), &["10.40.1.1"], true)
+        .await;
+    let api: Api<Endpoints> = ns.api();
+    let addresses = || {
+        let api = api.clone();
+        async move {
+            let ep = api.get_opt("api").await.map_err(|e| e.to_string())?.ok_or("no Endpoints")?;
+            let ips: Vec<String> = ep
+                .subsets
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten().map(|a| a.ip.clone()))
+                .collect();
+            if ips == ["10.40.1.1"] { Ok(()) } else { Err(format!("addresses {ips:?}")) }
+        }
+    };
+    eventually("svcplane's Endpoints of api", Duration::from_secs(30), addresses).await;
+    stops_growing(&sp, "syncs", "svcplane_syncs_total", &[], Duration::from_secs(1)).await;
+
+    delete_while_cut_off(&proxy, &api, "api").await;
+
+    eventually("api's Endpoints written again", Duration::from_secs(60), addresses).await;
+    stops_growing(
+        &sp,
+        "endpoints syncs",
+        "svcplane_syncs_total",
+        &["controller=\"endpoints\""],
         Duration::from_secs(2),
     )
     .await;
