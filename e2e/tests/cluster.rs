@@ -379,8 +379,9 @@ async fn a_rolling_update_under_traffic_fails_no_request() {
     let ns = namespace(&client, "rollout").await;
     let clients = clients(&client, &ns).await;
     // What users configure so a rollout drops nothing: a preStop pause longer than
-    // the endpoint removal takes to reach kube-proxy, then SIGTERM.
-    let prestop = json!({ "lifecycle": { "preStop": { "sleep": { "seconds": 5 } } } });
+    // the endpoint removal takes to reach kube-proxy (one request in ~500 000 failed
+    // with 5 s on a loaded machine), then SIGTERM.
+    let prestop = json!({ "lifecycle": { "preStop": { "sleep": { "seconds": 10 } } } });
     let (target, _) = web_behind_cluster_ip(&client, &ns, 4, prestop).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     for c in &clients {
@@ -406,6 +407,39 @@ async fn a_rolling_update_under_traffic_fails_no_request() {
             })
         })
         .collect();
+    // Every slice event, as kube-proxy sees them: the fewest ready endpoints the
+    // Service ever had during the rollout.
+    let fewest_ready = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let slice_watch = {
+        use futures::StreamExt as _;
+        use kube::runtime::watcher::{Config, Event, watcher};
+        type Slice = k8s_openapi::api::discovery::v1::EndpointSlice;
+        let (api, fewest) = (Api::<Slice>::namespaced(client.clone(), &ns), fewest_ready.clone());
+        tokio::spawn(async move {
+            let ready = |s: &Slice| {
+                s.endpoints
+                    .iter()
+                    .flatten()
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .count()
+            };
+            let mut ready_by_slice = std::collections::BTreeMap::<String, usize>::new();
+            let mut events =
+                std::pin::pin!(watcher(api, Config::default().labels("kubernetes.io/service-name=web")));
+            while let Some(Ok(event)) = events.next().await {
+                match event {
+                    Event::Apply(s) | Event::InitApply(s) => {
+                        ready_by_slice.insert(s.metadata.name.clone().unwrap_or_default(), ready(&s));
+                    }
+                    Event::Delete(s) => {
+                        ready_by_slice.remove(&s.metadata.name.clone().unwrap_or_default());
+                    }
+                    _ => continue,
+                }
+                fewest.fetch_min(ready_by_slice.values().sum(), Ordering::Relaxed);
+            }
+        })
+    };
     let restarted = Instant::now();
     deployments
         .patch(
@@ -439,14 +473,18 @@ async fn a_rolling_update_under_traffic_fails_no_request() {
         total += results.len();
         failures.extend(results.into_iter().filter_map(|r| r.err()).map(|e| format!("{from}: {e}")));
     }
+    slice_watch.abort();
+    let fewest = fewest_ready.load(Ordering::Relaxed);
     eprintln!(
-        "rolling update of 4 in {:?}: {total} requests, {} failed",
+        "rolling update of 4 in {:?}: {total} requests, {} failed; fewest ready endpoints in any slice event: {fewest}",
         restarted.elapsed(),
         failures.len()
     );
     assert!(total > 100, "too little traffic to judge: {total}");
     assert!(failures.is_empty(), "{} of {total} requests failed: {failures:#?}", failures.len());
     assert!(saw_terminating_serving, "never saw a terminating endpoint published as serving");
+    // maxUnavailable 25 % of 4: at least 3 ready at every moment kube-proxy sees.
+    assert!(fewest >= 3, "the Service had {fewest} ready endpoints at one point of the rollout");
     // Once the rollout is over the old Pods' endpoints are gone.
     let now = ready_pods(&client, &ns, "app=web", 4).await;
     let ips: std::collections::BTreeSet<String> = now.iter().map(pod_ip).collect();
