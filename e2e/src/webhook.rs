@@ -204,6 +204,21 @@ pub async fn claim_names(client: &Client) -> Vec<String> {
         .collect()
 }
 
+/// The names of the claims whose holder is in `namespace`. Claims are cluster-scoped
+/// and the other tests of a binary make and release their own meanwhile: a test that
+/// counts claims counts its own namespace's.
+pub async fn claim_names_in(client: &Client, namespace: &str) -> Vec<String> {
+    Api::<AllocationClaim>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("list claims")
+        .items
+        .into_iter()
+        .filter(|c| c.spec.namespace == namespace)
+        .filter_map(|c| c.metadata.name)
+        .collect()
+}
+
 /// Starts a webhook replica as a real `svcplane run --roles=webhook` process (so a
 /// test can SIGKILL it) serving `args`' certificate on a free loopback port;
 /// returns the process and its webhook address.

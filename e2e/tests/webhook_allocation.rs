@@ -70,7 +70,7 @@ async fn node_port_service_gets_its_values_from_the_webhook_and_denials_name_the
     assert_eq!(got.len(), 3);
     assert_eq!(got[0], got[1], "same port number across protocols shares one nodePort");
     assert_ne!(got[0], got[2]);
-    let claims = claim_names(&client).await;
+    let claims = claim_names_in(&client, &ns.name).await;
     for value in [ip.clone(), got[0].to_string(), got[2].to_string()] {
         assert!(claims.contains(&claim_of(&value)), "claim for {value} in {claims:?}");
     }
@@ -85,7 +85,7 @@ async fn node_port_service_gets_its_values_from_the_webhook_and_denials_name_the
         "{text}"
     );
     // The denied request left nothing claimed behind.
-    let after = claim_names(&client).await;
+    let after = claim_names_in(&client, &ns.name).await;
     assert_eq!(after.iter().filter(|c| !claims.contains(c)).count(), 0, "{after:?}");
 
     // Deletion releases, from the watch.
