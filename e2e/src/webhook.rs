@@ -194,27 +194,24 @@ pub async fn replica_for_scope(
 
 /// The claim names that exist now.
 pub async fn claim_names(client: &Client) -> Vec<String> {
-    Api::<AllocationClaim>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .expect("list claims")
-        .items
-        .into_iter()
-        .filter_map(|c| c.metadata.name)
-        .collect()
+    claim_names_where(client, |_| true).await
 }
 
 /// The names of the claims whose holder is in `namespace`. Claims are cluster-scoped
 /// and the other tests of a binary make and release their own meanwhile: a test that
 /// counts claims counts its own namespace's.
 pub async fn claim_names_in(client: &Client, namespace: &str) -> Vec<String> {
+    claim_names_where(client, |c| c.spec.namespace == namespace).await
+}
+
+async fn claim_names_where(client: &Client, keep: impl Fn(&AllocationClaim) -> bool) -> Vec<String> {
     Api::<AllocationClaim>::all(client.clone())
         .list(&ListParams::default())
         .await
         .expect("list claims")
         .items
         .into_iter()
-        .filter(|c| c.spec.namespace == namespace)
+        .filter(|c| keep(c))
         .filter_map(|c| c.metadata.name)
         .collect()
 }
