@@ -1,83 +1,105 @@
-//! What svcplane last wrote, so a reconcile can tell whether its slice store has
-//! caught up with its own writes. Pure bookkeeping, no client.
+//! What svcplane last wrote, so a reconcile can tell whether its store has caught
+//! up with its own writes. One design for slices and Endpoints. Pure bookkeeping,
+//! no client.
 //!
 //! Without this, a second sync that runs before the watch delivers the slice the
 //! first sync created sees no slice and creates another: upstream's duplicate-slice
-//! problem (kubernetes#92928), which its EndpointSliceTracker guards against the same
-//! way, by generation.
+//! problem (kubernetes#92928), which its EndpointSliceTracker guards against by
+//! generation; its Endpoints controller keeps a second tracker, by the
+//! resourceVersion an update replaced. Endpoints carry no generation, so here both
+//! use resourceVersions, compared only for equality as the API asks: the store is
+//! behind while it lacks an object svcplane created, still shows the version
+//! svcplane replaced or deleted, or still has an object svcplane deleted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// Per owner (a Service or Endpoints key): slices written and their generation, and
-/// slices deleted.
+use crate::metrics::ControllerKind;
+use crate::plan::Key;
+
+/// Per owner (a controller and a Service or Endpoints key): the objects written
+/// whose result the store has not shown yet.
 #[derive(Debug, Default)]
 pub struct WriteTracker {
-    owners: Mutex<HashMap<String, Expected>>,
+    owners: Mutex<HashMap<(ControllerKind, Key), HashMap<String, Expected>>>,
 }
 
-#[derive(Debug, Default)]
-struct Expected {
-    /// Slice name → generation svcplane's write produced.
-    written: HashMap<String, i64>,
-    /// Slice names svcplane deleted.
-    deleted: HashSet<String>,
+/// What the store must show before it has caught up with one write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Expected {
+    /// Created or updated: the object exists and is not at `superseded` (the
+    /// version the update replaced; `None` for a create).
+    Written { superseded: Option<String> },
+    /// Deleted: the object is gone, or at least not at the version deleted
+    /// (`None`: any version).
+    Deleted { version: Option<String> },
 }
 
 impl WriteTracker {
-    /// Records a create or update that produced `generation`.
-    pub fn wrote(&self, owner: &str, slice: &str, generation: i64) {
-        let mut owners = self.lock();
-        let e = owners.entry(owner.to_string()).or_default();
-        e.deleted.remove(slice);
-        e.written.insert(slice.to_string(), generation);
+    /// Records a create (`replaced` is `None`) or an update of `name` that
+    /// replaced version `replaced` with `written`. An update the apiserver found
+    /// to change nothing (the same version back) expects nothing.
+    pub fn wrote(
+        &self,
+        owner: (ControllerKind, &Key),
+        name: &str,
+        replaced: Option<&str>,
+        written: Option<&str>,
+    ) {
+        if replaced.is_some() && replaced == written {
+            return;
+        }
+        let expected = Expected::Written { superseded: replaced.map(str::to_owned) };
+        self.lock().entry((owner.0, owner.1.clone())).or_default().insert(name.to_owned(), expected);
     }
 
-    /// Records a delete.
-    pub fn deleted(&self, owner: &str, slice: &str) {
-        let mut owners = self.lock();
-        let e = owners.entry(owner.to_string()).or_default();
-        e.written.remove(slice);
-        e.deleted.insert(slice.to_string());
+    /// Records a delete of `name` at `version` (`None` when not known).
+    pub fn deleted(&self, owner: (ControllerKind, &Key), name: &str, version: Option<&str>) {
+        let expected = Expected::Deleted { version: version.map(str::to_owned) };
+        self.lock().entry((owner.0, owner.1.clone())).or_default().insert(name.to_owned(), expected);
     }
 
-    /// Whether the store (`observed`: name → generation of each slice of this owner
-    /// in the store) lags svcplane's own writes. Expectations the store has met are
-    /// forgotten.
-    pub fn is_stale(&self, owner: &str, observed: &HashMap<String, i64>) -> bool {
+    /// Whether the store lags svcplane's own writes for `owner`; `observed` gives
+    /// the resourceVersion of each of the owner's objects in the store, by name.
+    /// Expectations the store has met are forgotten.
+    pub fn is_stale(
+        &self,
+        owner: (ControllerKind, &Key),
+        observed: &HashMap<String, Option<String>>,
+    ) -> bool {
         let mut owners = self.lock();
-        let Some(e) = owners.get_mut(owner) else { return false };
-        e.written.retain(|name, generation| observed.get(name).is_none_or(|seen| seen < generation));
-        e.deleted.retain(|name| observed.contains_key(name));
-        let stale = !e.written.is_empty() || !e.deleted.is_empty();
+        let id = (owner.0, owner.1.clone());
+        let Some(expected) = owners.get_mut(&id) else { return false };
+        expected.retain(|name, e| match (e, observed.get(name)) {
+            (Expected::Written { .. }, None) => true,
+            (Expected::Written { superseded }, Some(seen)) => superseded.is_some() && seen == superseded,
+            (Expected::Deleted { .. }, None) => false,
+            (Expected::Deleted { version }, Some(seen)) => version.is_none() || seen == version,
+        });
+        let stale = !expected.is_empty();
         if !stale {
-            owners.remove(owner);
+            owners.remove(&id);
         }
         stale
     }
 
-    /// The watch saw `slice` deleted (by svcplane or anyone else, e.g. the
-    /// garbage collector): no expectation about it can be met any more, so it is
-    /// dropped (upstream's EndpointSliceTracker.HandleDeletion). Without this a
-    /// slice deleted by another actor right after svcplane wrote it would keep its
-    /// owner "stale" forever.
-    pub fn observed_deletion(&self, owner: &str, slice: &str) {
+    /// The watch saw `name` deleted (by svcplane or anyone else, e.g. the garbage
+    /// collector): no expectation about it can be met any more, so it is dropped
+    /// (upstream's EndpointSliceTracker.HandleDeletion). Without this an object
+    /// deleted by another actor right after svcplane wrote it would keep its owner
+    /// stale forever; with it, an owner whose objects are all gone is forgotten.
+    pub fn observed_deletion(&self, owner: (ControllerKind, &Key), name: &str) {
         let mut owners = self.lock();
-        if let Some(e) = owners.get_mut(owner) {
-            e.written.remove(slice);
-            e.deleted.remove(slice);
-            if e.written.is_empty() && e.deleted.is_empty() {
-                owners.remove(owner);
+        let id = (owner.0, owner.1.clone());
+        if let Some(expected) = owners.get_mut(&id) {
+            expected.remove(name);
+            if expected.is_empty() {
+                owners.remove(&id);
             }
         }
     }
 
-    /// Forgets an owner (it was deleted).
-    pub fn forget(&self, owner: &str) {
-        self.lock().remove(owner);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Expected>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ControllerKind, Key), HashMap<String, Expected>>> {
         self.owners.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -86,32 +108,59 @@ impl WriteTracker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn created_slice_not_yet_seen_is_stale_until_observed() {
-        let t = WriteTracker::default();
-        t.wrote("ns/web", "web-abc", 1);
-        assert!(t.is_stale("ns/web", &HashMap::new()));
-        assert!(!t.is_stale("ns/web", &HashMap::from([("web-abc".to_string(), 1)])));
-        assert!(!t.is_stale("ns/web", &HashMap::new()), "met expectations are forgotten");
+    const SLICES: ControllerKind = ControllerKind::endpointslice;
+
+    fn key() -> Key {
+        Key { namespace: "ns".into(), name: "web".into() }
+    }
+
+    fn seen(objects: &[(&str, &str)]) -> HashMap<String, Option<String>> {
+        objects.iter().map(|(n, v)| (n.to_string(), Some(v.to_string()))).collect()
     }
 
     #[test]
-    fn a_written_slice_deleted_by_someone_else_stops_being_awaited() {
+    fn a_created_object_not_yet_seen_is_stale_until_observed() {
         let t = WriteTracker::default();
-        t.wrote("o", "s", 1);
-        assert!(t.is_stale("o", &HashMap::new()), "created, not seen yet");
-        t.observed_deletion("o", "s");
-        assert!(!t.is_stale("o", &HashMap::new()), "the watch saw it deleted: nothing left to wait for");
+        t.wrote((SLICES, &key()), "web-abc", None, Some("5"));
+        assert!(t.is_stale((SLICES, &key()), &seen(&[])));
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[("web-abc", "5")])));
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[])), "met expectations are forgotten");
     }
 
     #[test]
-    fn older_generation_is_stale_and_deleted_slice_still_present_is_stale() {
+    fn an_update_is_stale_while_the_store_shows_the_version_it_replaced() {
         let t = WriteTracker::default();
-        t.wrote("o", "s", 3);
-        assert!(t.is_stale("o", &HashMap::from([("s".to_string(), 2)])));
-        assert!(!t.is_stale("o", &HashMap::from([("s".to_string(), 4)])));
-        t.deleted("o", "s");
-        assert!(t.is_stale("o", &HashMap::from([("s".to_string(), 4)])));
-        assert!(!t.is_stale("o", &HashMap::new()));
+        t.wrote((SLICES, &key()), "s", Some("3"), Some("4"));
+        assert!(t.is_stale((SLICES, &key()), &seen(&[("s", "3")])));
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[("s", "9")])), "a later write by anyone counts");
+        t.wrote((SLICES, &key()), "s", Some("4"), Some("4"));
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[("s", "4")])), "a no-op update expects nothing");
+    }
+
+    #[test]
+    fn a_delete_is_stale_while_the_store_still_has_the_version_deleted() {
+        let t = WriteTracker::default();
+        t.deleted((SLICES, &key()), "s", Some("4"));
+        assert!(t.is_stale((SLICES, &key()), &seen(&[("s", "4")])));
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[("s", "8")])), "recreated by someone else");
+        t.deleted((SLICES, &key()), "s", None);
+        assert!(t.is_stale((SLICES, &key()), &seen(&[("s", "8")])));
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[])));
+    }
+
+    #[test]
+    fn a_written_object_deleted_by_someone_else_stops_being_awaited() {
+        let t = WriteTracker::default();
+        t.wrote((SLICES, &key()), "s", None, Some("1"));
+        t.observed_deletion((SLICES, &key()), "s");
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[])));
+    }
+
+    #[test]
+    fn owners_are_told_apart_by_controller() {
+        let t = WriteTracker::default();
+        t.wrote((SLICES, &key()), "s", None, Some("1"));
+        assert!(!t.is_stale((ControllerKind::mirroring, &key()), &seen(&[])));
+        assert!(t.is_stale((SLICES, &key()), &seen(&[])));
     }
 }

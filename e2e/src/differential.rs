@@ -14,8 +14,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, api::ListParams};
-use svcplane_controller::endpoints::{EndpointsPlan, desired_endpoints};
 use svcplane_controller::stored_pod::StoredPod;
+use svcplane_controller::{endpoints::desired_endpoints, plan::Key};
 
 use crate::{
     TestNamespace,
@@ -118,10 +118,9 @@ pub async fn converge_endpoints(
                         Arc::new(pod)
                     })
                     .collect();
-                let planned = match desired_endpoints(service.as_ref(), &pods, None, None) {
-                    EndpointsPlan::Create(e) | EndpointsPlan::Update(e) => Some(e),
-                    EndpointsPlan::Nothing | EndpointsPlan::Delete => None,
-                };
+                let key = Key { namespace: ns.name.clone(), name: svc.to_owned() };
+                let plan = desired_endpoints(&key, service.as_ref(), &pods, None, None);
+                let planned = plan.create.into_iter().chain(plan.update).next();
                 // For a selectorless Service the controller leaves user Endpoints alone.
                 let selectorless = service
                     .as_ref()

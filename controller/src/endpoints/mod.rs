@@ -3,8 +3,8 @@
 //!
 //! Input: one Service (or `None` once it is gone), the Pods of its namespace, the
 //! trigger time the shell's tracker computed, and the Endpoints object of the same
-//! name if the store has one. Output: an [`EndpointsPlan`] (create, update, delete
-//! or nothing). No client, no I/O.
+//! name if the store has one. Output: a [`Plan`] of at most one write (create,
+//! update or delete). No client, no I/O.
 //!
 //! Rules follow kube-controller-manager v1.37.2 `pkg/controller/endpoint`
 //! (`syncService`, `podToEndpointAddressForService`, `addEndpointSubset`,
@@ -28,6 +28,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::labels;
+use crate::plan::{Key, Plan};
 use crate::pod::{
     DEFAULT_PROTOCOL, find_port, is_pod_ready, pod_reference, publishes_not_ready, selector_matches,
     should_pod_be_in_endpoints, should_set_hostname,
@@ -46,46 +47,41 @@ pub const REASON_FAILED_TO_CREATE: &str = "FailedToCreateEndpoint";
 /// Event reason when updating the Endpoints failed (Warning, on the Endpoints).
 pub const REASON_FAILED_TO_UPDATE: &str = "FailedToUpdateEndpoint";
 
-/// What the Endpoints controller wants done with the Endpoints of one Service.
-#[derive(Clone, Debug, PartialEq)]
-pub enum EndpointsPlan {
-    /// Nothing to write: the stored object is already right, or the Service is
-    /// selectorless or ExternalName (its Endpoints is never touched).
-    Nothing,
-    /// POST this object (the store has none, or one without resourceVersion).
-    Create(Endpoints),
-    /// PUT this object: a copy of the stored one (resourceVersion kept) with new
-    /// subsets, labels and annotations.
-    Update(Endpoints),
-    /// The Service is gone: DELETE the Endpoints of that name, ignoring NotFound,
-    /// whatever wrote it and whether or not the store has it (upstream does).
-    Delete,
-}
-
 /// Plans the Endpoints of one Service (upstream `syncService`).
 ///
 /// `pods` may be the whole namespace or already selected: Pods of another
 /// namespace or not matched by the selector are ignored. `trigger_time` is the
 /// `endpoints.kubernetes.io/last-change-trigger-time` value (`None` removes the
 /// annotation when the object is written; it never causes a write by itself).
+///
+/// Nothing is written for a selectorless or ExternalName Service (its Endpoints
+/// is the user's, and the mirroring controller's). Once the Service is gone
+/// (`svc` is `None`), the Endpoints named `key` is deleted whatever wrote it and
+/// whether or not the store has it, as upstream does; a delete that finds
+/// nothing is not an error.
 pub fn desired_endpoints(
+    key: &Key,
     svc: Option<&Service>,
     pods: &[Arc<StoredPod>],
     trigger_time: Option<Time>,
     existing: Option<&Endpoints>,
-) -> EndpointsPlan {
+) -> Plan<Endpoints> {
     let Some(svc) = svc else {
-        return EndpointsPlan::Delete;
+        let meta = ObjectMeta {
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            ..ObjectMeta::default()
+        };
+        return Plan::delete_all([Endpoints { metadata: meta, subsets: None }]);
     };
     let Some(spec) = svc.spec.as_ref() else {
-        return EndpointsPlan::Nothing;
+        return Plan::default();
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        return EndpointsPlan::Nothing;
+        return Plan::default();
     }
     let Some(selector) = spec.selector.as_ref() else {
-        // Selectorless: the Endpoints is the user's (and the mirroring controller's).
-        return EndpointsPlan::Nothing;
+        return Plan::default();
     };
 
     let subsets = desired_subsets(svc, selector, pods);
@@ -106,7 +102,7 @@ pub fn desired_endpoints(
         && labels_correct(current.metadata.labels.as_ref(), &svc_labels)
         && capacity_annotation_correct(&current)
     {
-        return EndpointsPlan::Nothing;
+        return Plan::default();
     }
 
     let mut updated = current;
@@ -128,7 +124,11 @@ pub fn desired_endpoints(
     updated.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
     updated.metadata.labels = Some(endpoints_labels(svc, svc_labels));
     updated.subsets = (!subsets.is_empty()).then_some(subsets);
-    if create { EndpointsPlan::Create(updated) } else { EndpointsPlan::Update(updated) }
+    if create {
+        Plan { create: vec![updated], ..Plan::default() }
+    } else {
+        Plan { update: vec![updated], ..Plan::default() }
+    }
 }
 
 /// The repacked subsets the Service's Pods call for (upstream `syncService`'s loop).

@@ -4,7 +4,7 @@
 //! Upstream: `podToEndpoint`, `getEndpointPorts`, `getAddressTypesForService` in
 //! `k8s.io/endpointslice/utils.go` and the Pod loop of `reconcileByAddressType`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -196,11 +196,16 @@ fn node_of(pod: &StoredPod, nodes: &impl NodeLookup) -> Option<super::NodeInfo> 
 /// Desired endpoints of one family, by port set. A group exists as soon as a
 /// candidate Pod resolves its ports, even if the Pod then yields no endpoint (no
 /// address of this family, or its Node is missing), as upstream.
+///
+/// Pods left out because their Node is unknown are added to `missing_nodes` as
+/// `(pod, spec.nodeName)`: upstream still writes the other endpoints, then fails
+/// the sync so the Service is retried with backoff (kubernetes#107927).
 pub(super) fn desired_groups(
     svc: &Service,
     pods: &[&StoredPod],
     nodes: &impl NodeLookup,
     family: IpFamily,
+    missing_nodes: &mut BTreeSet<(String, String)>,
 ) -> BTreeMap<PortKey, DesiredGroup> {
     let mut groups: BTreeMap<PortKey, DesiredGroup> = BTreeMap::new();
     for pod in pods {
@@ -213,6 +218,8 @@ pub(super) fn desired_groups(
             .or_insert_with(|| DesiredGroup { ports, endpoints: BTreeMap::new() });
         let node = node_of(pod, nodes);
         if node.is_none() && !publishes_not_ready(svc) {
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            missing_nodes.insert((pod.metadata.name.clone().unwrap_or_default(), node));
             continue;
         }
         let endpoint = build_endpoint(svc, pod, node.and_then(|n| n.zone), family);
@@ -221,32 +228,4 @@ pub(super) fn desired_groups(
         }
     }
     groups
-}
-
-/// A Pod left out because its Node is unknown.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MissingNode {
-    /// The Pod's name.
-    pub pod: String,
-    /// Its `spec.nodeName` (empty when unscheduled).
-    pub node: String,
-}
-
-/// Pods [`super::plan_slices`] left out because their Node is unknown. Upstream
-/// still writes the other endpoints, then fails the sync so the Service is
-/// retried with backoff (kubernetes#107927); the shell should do the same when
-/// this is non-empty. Always empty with `publishNotReadyAddresses`, for
-/// selectorless and ExternalName Services.
-pub fn missing_nodes(svc: &Service, pods: &[Arc<StoredPod>], nodes: &impl NodeLookup) -> Vec<MissingNode> {
-    if !is_selected(svc) || publishes_not_ready(svc) {
-        return Vec::new();
-    }
-    selected_pods(svc, pods)
-        .into_iter()
-        .filter(|pod| should_pod_be_in_endpoints(pod, true) && node_of(pod, nodes).is_none())
-        .map(|pod| MissingNode {
-            pod: pod.metadata.name.clone().unwrap_or_default(),
-            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        })
-        .collect()
 }

@@ -28,9 +28,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::labels::SVCPLANE_SLICE_CONTROLLER;
-use crate::plan::SlicePlan;
+use crate::plan::Plan;
 
-pub use desired::{MissingNode, missing_nodes, service_address_families};
+pub use desired::service_address_families;
 
 /// Upstream `--max-endpoints-per-slice` default.
 pub const DEFAULT_MAX_ENDPOINTS_PER_SLICE: usize = 100;
@@ -88,16 +88,29 @@ impl NodeLookup for BTreeMap<String, NodeInfo> {
 /// - `trigger_time`: the `endpoints.kubernetes.io/last-change-trigger-time` to set
 ///   on every slice written; `None` removes the annotation from written slices.
 ///
-/// Pods whose Node is missing are left out unless `publishNotReadyAddresses`;
-/// upstream then fails the sync to retry: ask [`missing_nodes`].
+/// `svc` is `None` when the Service is gone: every slice in `existing` with this
+/// managed-by value is deleted. The garbage collector would remove them through
+/// their ownerReference; deleting them here leaves none orphaned where no
+/// collector runs, and costs the same writes.
+///
+/// Pods whose Node is missing are left out unless `publishNotReadyAddresses`, and
+/// the plan asks for a retry ([`Plan::retry`]) after its writes, as upstream
+/// fails such a sync so that it is retried with backoff until the Node appears.
 pub fn plan_slices(
-    svc: &Service,
+    svc: Option<&Service>,
     pods: &[Arc<StoredPod>],
     nodes: &impl NodeLookup,
     existing: &[Arc<EndpointSlice>],
     trigger_time: Option<Time>,
     config: &SliceConfig,
-) -> SlicePlan {
+) -> Plan<EndpointSlice> {
+    let Some(svc) = svc else {
+        let managed = |slice: &&Arc<EndpointSlice>| {
+            slice.metadata.labels.as_ref().and_then(|l| l.get(crate::labels::MANAGED_BY))
+                == Some(&config.managed_by)
+        };
+        return Plan::delete_all(existing.iter().filter(managed).map(|slice| EndpointSlice::clone(slice)));
+    };
     let mut managed: Vec<&EndpointSlice> = existing
         .iter()
         .map(Arc::as_ref)
@@ -109,7 +122,7 @@ pub fn plan_slices(
     if !desired::is_selected(svc) {
         let delete =
             if config.delete_when_unselected { managed.into_iter().cloned().collect() } else { Vec::new() };
-        return SlicePlan { delete, ..SlicePlan::default() };
+        return Plan::delete_all(delete);
     }
     reconcile::reconcile(svc, pods, nodes, &managed, trigger_time, config)
 }
@@ -117,7 +130,7 @@ pub fn plan_slices(
 /// Applies a plan to `existing` the way the apiserver would, for tests and
 /// dry runs: deletes by name, replaces updates by name, and names each created
 /// slice `generateName` + a counter not yet used. Sorted by name.
-pub fn apply_plan(existing: &[Arc<EndpointSlice>], plan: &SlicePlan) -> Vec<EndpointSlice> {
+pub fn apply_plan(existing: &[Arc<EndpointSlice>], plan: &Plan<EndpointSlice>) -> Vec<EndpointSlice> {
     let mut by_name: BTreeMap<String, EndpointSlice> = existing
         .iter()
         .map(|slice| {

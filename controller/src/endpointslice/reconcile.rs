@@ -24,18 +24,8 @@ use super::meta::{
     build_slice, endpoints_equal_beyond_hash, owned_by, placeholder_equal, set_trigger_time, slice_labels,
 };
 use super::{NodeLookup, SliceConfig, hints};
-use crate::plan::SlicePlan;
+use crate::plan::{Plan, endpoint_count, recycle_deletes};
 use crate::pod::IpFamily;
-
-/// Writes for one address type or one port set, before recycling.
-#[derive(Default)]
-struct Writes {
-    create: Vec<EndpointSlice>,
-    update: Vec<EndpointSlice>,
-    delete: Vec<EndpointSlice>,
-    added: usize,
-    removed: usize,
-}
 
 /// The whole plan for a selected Service; `managed` is sorted by name.
 pub(super) fn reconcile(
@@ -45,7 +35,7 @@ pub(super) fn reconcile(
     managed: &[&EndpointSlice],
     trigger_time: Option<Time>,
     config: &SliceConfig,
-) -> SlicePlan {
+) -> Plan<EndpointSlice> {
     let families = service_address_families(svc);
     let pods = selected_pods(svc, pods);
     let mut by_family: BTreeMap<IpFamily, Vec<&EndpointSlice>> = BTreeMap::new();
@@ -58,33 +48,33 @@ pub(super) fn reconcile(
         }
     }
 
-    let mut plan = SlicePlan::default();
+    let mut plan = Plan::default();
+    let mut missing_nodes = BTreeSet::new();
     for family in families {
         let existing = by_family.remove(&family).unwrap_or_default();
-        let (writes, desired) = reconcile_family(svc, &pods, nodes, &existing, family, config);
-        let Writes { mut create, mut update, mut delete, added, removed } = writes;
-        recycle_deletes(svc, &mut create, &mut update, &mut delete);
-        // Upstream never creates slices for a Service pending deletion, to avoid
-        // racing the garbage collector; updates and deletes still go out.
-        if svc.metadata.deletion_timestamp.is_some() {
-            create.clear();
-        }
-        for slice in create.iter_mut().chain(update.iter_mut()) {
+        let mut writes = reconcile_family(svc, &pods, nodes, &existing, family, config, &mut missing_nodes);
+        recycle_deletes(&mut writes, |slice| owned_by(slice, svc));
+        let mut writes = writes.without_creates_if_deleting(&svc.metadata);
+        for slice in writes.create.iter_mut().chain(writes.update.iter_mut()) {
             set_trigger_time(slice, trigger_time.as_ref());
         }
-        plan.create.extend(create);
-        plan.update.extend(update);
-        plan.delete.extend(delete);
-        plan.endpoints_added += added;
-        plan.endpoints_removed += removed;
-        plan.endpoints_desired += desired;
+        plan.create.append(&mut writes.create);
+        plan.update.append(&mut writes.update);
+        plan.delete.append(&mut writes.delete);
+        plan.endpoints.added += writes.endpoints.added;
+        plan.endpoints.removed += writes.endpoints.removed;
+        plan.endpoints.desired += writes.endpoints.desired;
     }
     plan.delete.extend(unsupported);
+    if !missing_nodes.is_empty() {
+        let list: Vec<String> =
+            missing_nodes.iter().map(|(pod, node)| format!("{pod} (node {node})")).collect();
+        plan.retry = Some(format!("skipped Pods on Nodes that do not exist: {}", list.join(", ")));
+    }
     plan
 }
 
-/// Upstream `reconcileByAddressType` minus the writes. Returns the writes and the
-/// number of desired endpoints.
+/// Upstream `reconcileByAddressType` minus the writes.
 fn reconcile_family(
     svc: &Service,
     pods: &[&StoredPod],
@@ -92,8 +82,9 @@ fn reconcile_family(
     existing: &[&EndpointSlice],
     family: IpFamily,
     config: &SliceConfig,
-) -> (Writes, usize) {
-    let mut writes = Writes::default();
+    missing_nodes: &mut BTreeSet<(String, String)>,
+) -> Plan<EndpointSlice> {
+    let mut writes = Plan::default();
     let mut existing_by_key: BTreeMap<PortKey, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in existing {
         if owned_by(slice, svc) {
@@ -105,18 +96,17 @@ fn reconcile_family(
         }
     }
 
-    let groups = desired_groups(svc, pods, nodes, family);
+    let groups = desired_groups(svc, pods, nodes, family, missing_nodes);
     let desired_keys: BTreeSet<PortKey> = groups.keys().cloned().collect();
-    let mut desired = 0;
     for (key, group) in groups {
-        desired += group.endpoints.len();
+        writes.endpoints.desired += group.endpoints.len();
         let slices = existing_by_key.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let port_writes = reconcile_by_port_mapping(svc, slices, group, family, config);
-        writes.create.extend(port_writes.create);
-        writes.update.extend(port_writes.update);
-        writes.delete.extend(port_writes.delete);
-        writes.added += port_writes.added;
-        writes.removed += port_writes.removed;
+        let mut port_writes = reconcile_by_port_mapping(svc, slices, group, family, config);
+        writes.create.append(&mut port_writes.create);
+        writes.update.append(&mut port_writes.update);
+        writes.delete.append(&mut port_writes.delete);
+        writes.endpoints.added += port_writes.endpoints.added;
+        writes.endpoints.removed += port_writes.endpoints.removed;
     }
     // Port sets no Pod resolves to any more: all their slices go.
     for (key, slices) in &existing_by_key {
@@ -145,7 +135,7 @@ fn reconcile_family(
         .filter(|s| !changed.contains(s.metadata.name.as_deref().unwrap_or_default()))
         .collect();
     hints::reconcile_hints(svc, &mut writes.create, &mut writes.update, &unchanged);
-    (writes, desired)
+    writes
 }
 
 /// Upstream `reconcileByPortMapping` for one port set; `existing` is sorted by name.
@@ -155,11 +145,11 @@ fn reconcile_by_port_mapping(
     group: DesiredGroup,
     family: IpFamily,
     config: &SliceConfig,
-) -> Writes {
+) -> Plan<EndpointSlice> {
     // A limit of 0 would never place anything; upstream validates 1..=1000.
     let max = config.max_endpoints_per_slice.max(1);
     let DesiredGroup { ports, endpoints: mut desired } = group;
-    let mut writes = Writes::default();
+    let mut writes = Plan::default();
     let mut to_update: BTreeMap<String, EndpointSlice> = BTreeMap::new();
     let mut unchanged: BTreeMap<String, &EndpointSlice> = BTreeMap::new();
 
@@ -178,7 +168,7 @@ fn reconcile_by_port_mapping(
         }
         let (labels, labels_changed) = slice_labels(svc, slice.metadata.labels.as_ref(), &config.managed_by);
         if endpoint_changed || kept.len() != current.len() {
-            writes.removed += current.len() - kept.len();
+            writes.endpoints.removed += current.len() - kept.len();
             if kept.is_empty() {
                 writes.delete.push((*slice).clone());
             } else {
@@ -195,7 +185,7 @@ fn reconcile_by_port_mapping(
             unchanged.insert(name, slice);
         }
     }
-    writes.added = desired.len();
+    writes.endpoints.added = desired.len();
 
     // 2. Fill slices already being written, fullest first.
     if !desired.is_empty() && !to_update.is_empty() {
@@ -232,11 +222,6 @@ fn reconcile_by_port_mapping(
     writes
 }
 
-/// Number of endpoints in a slice.
-fn endpoint_count(slice: &EndpointSlice) -> usize {
-    slice.endpoints.as_ref().map_or(0, Vec::len)
-}
-
 /// Moves desired endpoints into `slice` (smallest identity first) until it is full.
 fn fill(slice: &mut EndpointSlice, desired: &mut BTreeMap<EndpointKey, Endpoint>, max: usize) {
     let endpoints = slice.endpoints.get_or_insert_with(Vec::new);
@@ -266,31 +251,4 @@ fn slice_to_fill(unchanged: &BTreeMap<String, &EndpointSlice>, count: usize, max
     // Upstream starts from `closestDiff = max`, so a slice with exactly `max`
     // room (an empty slice, `count` 0) is never picked; `count` is never 0 here.
     closest.filter(|(room, _)| *room < max).map(|(_, name)| name.clone())
-}
-
-/// Upstream `finalize` recycling: while both exist, the last create takes the
-/// name of the next delete of the same address type owned by this Service and
-/// becomes an update (no resourceVersion: an unconditional replace).
-fn recycle_deletes(
-    svc: &Service,
-    create: &mut Vec<EndpointSlice>,
-    update: &mut Vec<EndpointSlice>,
-    delete: &mut Vec<EndpointSlice>,
-) {
-    let mut i = 0;
-    while i < delete.len() {
-        let Some(last) = create.last() else {
-            break;
-        };
-        let target = &delete[i];
-        if target.address_type == last.address_type && owned_by(target, svc) {
-            let target = delete.remove(i);
-            if let Some(mut recycled) = create.pop() {
-                recycled.metadata.name = target.metadata.name;
-                update.push(recycled);
-            }
-        } else {
-            i += 1;
-        }
-    }
 }

@@ -79,12 +79,12 @@ fn arcs(slices: Vec<EndpointSlice>) -> Vec<Arc<EndpointSlice>> {
     slices.into_iter().map(Arc::new).collect()
 }
 
-fn plan(svc: &Service, pods: &[Arc<StoredPod>], existing: &[Arc<EndpointSlice>]) -> SlicePlan {
-    plan_slices(svc, pods, &mk_nodes(), existing, None, &SliceConfig::default())
+fn plan(svc: &Service, pods: &[Arc<StoredPod>], existing: &[Arc<EndpointSlice>]) -> Plan<EndpointSlice> {
+    plan_slices(Some(svc), pods, &mk_nodes(), existing, None, &SliceConfig::default())
 }
 
 /// (creates, updates, deletes), as upstream tests count client actions.
-fn writes(plan: &SlicePlan) -> (usize, usize, usize) {
+fn writes(plan: &Plan<EndpointSlice>) -> (usize, usize, usize) {
     (plan.create.len(), plan.update.len(), plan.delete.len())
 }
 
@@ -100,7 +100,7 @@ fn mk_slice(name: &str, svc: &Service, pods: &[Arc<StoredPod>]) -> Arc<EndpointS
     slice.metadata.name = Some(name.into());
     let nodes = mk_nodes();
     let refs: Vec<&StoredPod> = pods.iter().map(Arc::as_ref).collect();
-    let groups = super::desired::desired_groups(svc, &refs, &nodes, IpFamily::V4);
+    let groups = super::desired::desired_groups(svc, &refs, &nodes, IpFamily::V4, &mut Default::default());
     slice.endpoints = Some(groups.into_values().flat_map(|g| g.endpoints.into_values()).collect());
     Arc::new(slice)
 }
@@ -178,7 +178,7 @@ fn one_ready_pod_gets_a_full_endpoint() {
         (target.kind.as_deref(), target.name.as_deref(), target.uid.as_deref()),
         (Some("Pod"), Some("pod1"), Some("uid-1"))
     );
-    assert_eq!(plan.endpoints_added, 1);
+    assert_eq!(plan.endpoints.added, 1);
 }
 
 #[test]
@@ -234,16 +234,13 @@ fn pod_on_a_missing_node_is_skipped_unless_publish_not_ready() {
     let pods = vec![Arc::new(lost), Arc::new(mk_pod(2, true))];
     let skipped = plan(&svc, &pods, &[]);
     assert_eq!(endpoints_of(&skipped.create).len(), 1);
-    assert_eq!(
-        missing_nodes(&svc, &pods, &mk_nodes()),
-        [MissingNode { pod: "pod1".into(), node: "gone".into() }]
-    );
+    assert_eq!(skipped.retry.as_deref(), Some("skipped Pods on Nodes that do not exist: pod1 (node gone)"));
     svc.spec.as_mut().unwrap().publish_not_ready_addresses = Some(true);
     let kept = plan(&svc, &pods, &[]);
     let endpoints = endpoints_of(&kept.create);
     assert_eq!(endpoints.len(), 2);
     assert!(endpoints.iter().any(|e| e.node_name.as_deref() == Some("gone") && e.zone.is_none()));
-    assert!(missing_nodes(&svc, &pods, &mk_nodes()).is_empty());
+    assert_eq!(kept.retry, None);
 }
 
 #[test]
@@ -291,7 +288,7 @@ fn many_pods_fill_three_slices() {
     let plan = plan(&svc, &mk_pods(250), &[]);
     assert_eq!(writes(&plan), (3, 0, 0));
     assert_eq!(sorted_lengths(&plan.create), [50, 100, 100]);
-    assert_eq!((plan.endpoints_added, plan.endpoints_desired), (250, 250));
+    assert_eq!((plan.endpoints.added, plan.endpoints.desired), (250, 250));
 }
 
 #[test]
@@ -307,7 +304,7 @@ fn some_preexisting_slices_get_one_filled_and_one_created() {
     assert_eq!(plan.update[0].metadata.name.as_deref(), Some("foo-1"));
     let state = apply_plan(&existing, &plan);
     assert_eq!(sorted_lengths(&state), [61, 89, 100]);
-    assert_eq!((plan.endpoints_added, plan.endpoints_removed), (127, 0));
+    assert_eq!((plan.endpoints.added, plan.endpoints.removed), (127, 0));
 }
 
 #[test]
@@ -342,7 +339,7 @@ fn removed_and_added_pod_update_the_same_slice() {
     let plan = plan(&svc, &pods[1..], &existing);
     assert_eq!(writes(&plan), (0, 1, 0));
     assert_eq!(sorted_lengths(&plan.update), [100]);
-    assert_eq!((plan.endpoints_added, plan.endpoints_removed), (1, 1));
+    assert_eq!((plan.endpoints.added, plan.endpoints.removed), (1, 1));
 }
 
 #[test]
@@ -468,7 +465,7 @@ fn max_endpoints_per_slice_is_respected() {
     let pods = mk_pods(250);
     for (max, expected) in [(50, vec![50; 5]), (80, vec![10, 80, 80, 80]), (1000, vec![250])] {
         let config = SliceConfig { max_endpoints_per_slice: max, ..SliceConfig::default() };
-        let plan = plan_slices(&svc, &pods, &mk_nodes(), &[], None, &config);
+        let plan = plan_slices(Some(&svc), &pods, &mk_nodes(), &[], None, &config);
         assert_eq!(sorted_lengths(&plan.create), expected, "max {max}");
     }
 }
@@ -537,7 +534,7 @@ fn selectorless_and_external_name_services_are_left_alone_by_default() {
     for svc in [&selectorless, &external] {
         assert!(plan(svc, &pods, &state).is_empty());
         let config = SliceConfig { delete_when_unselected: true, ..SliceConfig::default() };
-        let plan = plan_slices(svc, &pods, &mk_nodes(), &state, None, &config);
+        let plan = plan_slices(Some(svc), &pods, &mk_nodes(), &state, None, &config);
         assert_eq!(writes(&plan), (0, 0, 1));
     }
 }
@@ -569,7 +566,7 @@ fn trigger_time_is_set_on_written_slices_and_removed_when_absent() {
     let pods = mk_pods(3);
     let at = Time(Timestamp::new(1_700_000_000, 120_000_000).unwrap());
     let config = SliceConfig::default();
-    let plan1 = plan_slices(&svc, &pods, &mk_nodes(), &[], Some(at), &config);
+    let plan1 = plan_slices(Some(&svc), &pods, &mk_nodes(), &[], Some(at), &config);
     let annotations = plan1.create[0].metadata.annotations.as_ref().unwrap();
     assert_eq!(
         annotations.get(LAST_CHANGE_TRIGGER_TIME).map(String::as_str),
@@ -590,9 +587,9 @@ fn zone_change_updates_the_endpoint_in_place() {
     let pods = mk_pods(3);
     let state = synced(&svc, &pods);
     let nodes = BTreeMap::from([("node-1".to_owned(), NodeInfo { zone: Some("zone-b".into()) })]);
-    let plan = plan_slices(&svc, &pods, &nodes, &state, None, &SliceConfig::default());
+    let plan = plan_slices(Some(&svc), &pods, &nodes, &state, None, &SliceConfig::default());
     assert_eq!(writes(&plan), (0, 1, 0));
-    assert_eq!((plan.endpoints_added, plan.endpoints_removed), (0, 0));
+    assert_eq!((plan.endpoints.added, plan.endpoints.removed), (0, 0));
 }
 
 #[test]
@@ -850,14 +847,14 @@ proptest! {
         svc_before.spec.as_mut().unwrap().traffic_distribution = s.traffic_before.clone();
         svc_before.metadata.labels =
             s.team_label.clone().map(|team| BTreeMap::from([("team".to_owned(), team)]));
-        let mut state0 = apply_plan(&[], &plan_slices(&svc_before, &before, &nodes, &[], None, &config));
+        let mut state0 = apply_plan(&[], &plan_slices(Some(&svc_before), &before, &nodes, &[], None, &config));
         // A slice of another controller for the same Service is never planned on.
         let mut foreign = build_slice(&svc, &[], IpFamily::V4, crate::labels::UPSTREAM_SLICE_CONTROLLER);
         foreign.metadata.name = Some("foo-kcm".into());
         state0.push(foreign.clone());
         let state0 = arcs(state0);
 
-        let plan1 = plan_slices(&svc, &after, &nodes, &state0, None, &config);
+        let plan1 = plan_slices(Some(&svc), &after, &nodes, &state0, None, &config);
         let touched = plan1.create.iter().chain(&plan1.update).chain(&plan1.delete);
         prop_assert!(touched.clone().all(|sl| sl.metadata.name.as_deref() != Some("foo-kcm")));
         let mut state1 = apply_plan(&state0, &plan1);
@@ -908,12 +905,12 @@ proptest! {
 
         // Idempotence: planning on the applied state writes nothing.
         let state1 = arcs(state1);
-        let plan2 = plan_slices(&svc, &after, &nodes, &state1, None, &config);
+        let plan2 = plan_slices(Some(&svc), &after, &nodes, &state1, None, &config);
         prop_assert!(plan2.is_empty(), "second plan not empty: {:?}", (plan2.create.len(), plan2.update.len(), plan2.delete.len()));
 
         // Shuffled inputs give the same plan.
         let plan1_shuffled = plan_slices(
-            &svc,
+            Some(&svc),
             &shuffled(&after, s.seed),
             &nodes,
             &shuffled(&state0, s.seed.rotate_left(7)),

@@ -82,7 +82,7 @@ pub(super) struct DesiredState {
     /// (upstream `initPorts`), which makes their stale slices deleted and counted.
     pub(super) groups: BTreeMap<SliceKey, DesiredGroup>,
     /// Addresses that did not parse as IPs.
-    pub(super) invalid_addresses: Vec<String>,
+    pub(super) invalid_addresses: usize,
     /// Addresses not mirrored: invalid ones plus those over the per-subset cap.
     pub(super) addresses_skipped: usize,
 }
@@ -115,7 +115,7 @@ impl DesiredState {
                         }
                         added += 1;
                     }
-                    None => state.invalid_addresses.push(address.ip.clone()),
+                    None => state.invalid_addresses += 1,
                 }
             }
             state.addresses_skipped += listed.len() - added;

@@ -1,68 +1,183 @@
-//! The only writer of EndpointSlices: applies a planner's [`SlicePlan`].
+//! The only writer: applies a planner's [`Plan`] for one owner, whatever the
+//! object: rate limit, write, record in the tracker, count, report.
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use k8s_openapi::{NamespaceResourceScope, api::core::v1::ObjectReference};
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{DeleteParams, PostParams},
+    runtime::events::{Event, EventType},
 };
+use serde::{Serialize, de::DeserializeOwned};
 
-use super::{Context, Error, FIELD_MANAGER};
-use crate::{metrics::ControllerKind, plan::SlicePlan};
+use super::{Context, Error, FIELD_MANAGER, Key};
+use crate::{metrics::ControllerKind, plan::Plan};
 
-/// Writes `plan` in upstream's order: creates, then updates, then deletes, so an
-/// endpoint moving between slices is never absent from all of them. Each write's
-/// result is recorded in the tracker under `owner` so the next reconcile can tell
-/// whether the store has caught up.
-pub async fn apply_slices(
+/// resourceVersion of each object of one owner in the store, by name: what the
+/// plan was made on, and what the tracker compares the store with.
+pub type Observed = HashMap<String, Option<String>>;
+
+/// [`Observed`] of `objects`.
+pub fn observed<K: Resource>(objects: &[Arc<K>]) -> Observed {
+    objects.iter().map(|o| (o.name_any(), o.resource_version())).collect()
+}
+
+/// Writes `plan` for `key` in upstream's order: creates, then updates, then
+/// deletes. Each write is recorded in the tracker so the next sync can tell
+/// whether the store has caught up. `events_on` is the object this controller's
+/// Events go on (upstream's choice per controller); `None` records none.
+///
+/// Fails after the writes when the plan asks for a retry.
+pub async fn apply<K>(
     ctx: &Context,
-    owner: &str,
-    namespace: &str,
-    plan: SlicePlan,
     kind: ControllerKind,
-) -> Result<(), Error> {
-    let SlicePlan { create, update, delete, endpoints_added, endpoints_removed, endpoints_desired: _ } = plan;
-    let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), namespace);
+    key: &Key,
+    observed: &Observed,
+    plan: Plan<K>,
+    events_on: Option<ObjectReference>,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let Plan { create, update, delete, endpoints, warnings, retry } = plan;
+    if let Some(on) = &events_on {
+        for warning in warnings {
+            publish(ctx, on, warning.reason, warning.message).await;
+        }
+    }
+    let result = write(ctx, kind.clone(), key, observed, create, update, delete).await;
+    if let Err(error) = &result
+        && let (Some(on), Some((reason, note))) = (&events_on, failure_event(&kind, key, error))
+    {
+        publish(ctx, on, reason, note).await;
+    }
+    result?;
+    ctx.metrics.churn(kind, endpoints.added, endpoints.removed);
+    match retry {
+        Some(why) => Err(Error::Retry(why)),
+        None => Ok(()),
+    }
+}
+
+async fn write<K>(
+    ctx: &Context,
+    kind: ControllerKind,
+    key: &Key,
+    observed: &Observed,
+    create: Vec<K>,
+    update: Vec<K>,
+    delete: Vec<K>,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    let owner = (kind.clone(), key);
     let failed = |verb: &'static str, name: String, source: kube::Error| Error::Write {
         verb,
-        kind: "EndpointSlice",
-        namespace: namespace.to_string(),
+        kind: <K as k8s_openapi::Resource>::KIND,
+        namespace: key.namespace.clone(),
         name,
         source,
     };
-
-    for slice in create {
+    for object in create {
         ctx.limits.until_ready(&kind).await;
-        let created = api
-            .create(&pp, &slice)
-            .await
-            .map_err(|e| failed("create", slice.metadata.generate_name.clone().unwrap_or_default(), e))?;
-        ctx.tracker.wrote(owner, &created.name_any(), created.metadata.generation.unwrap_or(1));
-        ctx.metrics.changed(kind.clone(), "create", 1);
+        match api.create(&pp, &object).await {
+            Ok(created) => {
+                ctx.tracker.wrote(
+                    owner.clone(),
+                    &created.name_any(),
+                    None,
+                    created.resource_version().as_deref(),
+                );
+                ctx.metrics.changed(kind.clone(), "create", 1);
+            }
+            // Creates keep failing while the namespace is deleted: upstream drops
+            // the whole sync, without an Event.
+            Err(kube::Error::Api(s)) if namespace_terminating(&s) => return Ok(()),
+            Err(e) => return Err(failed("create", object.name_any(), e)),
+        }
     }
-    for slice in update {
-        let name = slice.name_any();
+    for object in update {
+        let name = object.name_any();
         ctx.limits.until_ready(&kind).await;
-        let updated = api.replace(&name, &pp, &slice).await.map_err(|e| failed("update", name.clone(), e))?;
-        ctx.tracker.wrote(owner, &name, updated.metadata.generation.unwrap_or(1));
+        let updated =
+            api.replace(&name, &pp, &object).await.map_err(|e| failed("update", name.clone(), e))?;
+        let replaced = observed.get(&name).cloned().flatten();
+        ctx.tracker.wrote(owner.clone(), &name, replaced.as_deref(), updated.resource_version().as_deref());
         ctx.metrics.changed(kind.clone(), "update", 1);
     }
-    for slice in delete {
-        let name = slice.name_any();
+    for object in delete {
+        let name = object.name_any();
         ctx.limits.until_ready(&kind).await;
         match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => ctx.metrics.changed(kind.clone(), "delete", 1),
+            Ok(_) => {
+                let version = observed.get(&name).cloned().flatten();
+                ctx.tracker.deleted(owner.clone(), &name, version.as_deref());
+                ctx.metrics.changed(kind.clone(), "delete", 1);
+            }
             // Already gone (e.g. the garbage collector followed the ownerReference).
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(failed("delete", name, e)),
         }
-        ctx.tracker.deleted(owner, &name);
     }
-    ctx.metrics.churn(kind, endpoints_added, endpoints_removed);
     Ok(())
 }
 
-/// Name → generation of `slices`, for the tracker's stale check.
-pub fn observed(slices: &[std::sync::Arc<EndpointSlice>]) -> std::collections::HashMap<String, i64> {
-    slices.iter().map(|s| (s.name_any(), s.metadata.generation.unwrap_or(0))).collect()
+/// Upstream `errors.HasStatusCause(err, NamespaceTerminatingCause)`.
+fn namespace_terminating(status: &kube::core::Status) -> bool {
+    status.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+}
+
+/// The Warning Event upstream records when a sync's write fails, per controller:
+/// the EndpointSlice controller on the Service for any write, the Endpoints
+/// controller on the Endpoints for a create or an update; mirroring none.
+fn failure_event(kind: &ControllerKind, key: &Key, error: &Error) -> Option<(&'static str, String)> {
+    let Error::Write { verb, source, .. } = error else { return None };
+    match (kind, *verb) {
+        (ControllerKind::endpointslice, _) => Some((
+            "FailedToUpdateEndpointSlices",
+            format!("Error updating Endpoint Slices for Service {key}: {error}"),
+        )),
+        (ControllerKind::endpoints, "create") => Some((
+            crate::endpoints::REASON_FAILED_TO_CREATE,
+            format!("Failed to create endpoint for service {key}: {source}"),
+        )),
+        (ControllerKind::endpoints, "update") => Some((
+            crate::endpoints::REASON_FAILED_TO_UPDATE,
+            format!("Failed to update endpoint {key}: {source}"),
+        )),
+        _ => None,
+    }
+}
+
+/// A Warning Event on `on`; failures to publish are logged, never fatal.
+async fn publish(ctx: &Context, on: &ObjectReference, reason: &str, note: String) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Sync".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, on).await {
+        tracing::warn!(error = %e, reason, "failed to publish event");
+    }
 }

@@ -7,17 +7,15 @@
 //! - `mirroring`: selectorless Service + hand-written Endpoints → mirrored slices.
 
 mod apply;
-mod endpoints;
-mod mirroring;
 pub mod queue;
-mod slices;
 pub mod state;
+mod sync;
 
-use std::{fmt, future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Service;
 use kube::{
-    Client, Resource, ResourceExt,
+    Client,
     runtime::events::{Recorder, Reporter},
 };
 use tokio::sync::watch;
@@ -79,27 +77,7 @@ impl Default for ControllerArgs {
     }
 }
 
-/// A queue key: namespace and name of a Service (and of its Endpoints).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-impl Key {
-    /// The key of an object.
-    pub fn of<K: Resource>(obj: &K) -> Self {
-        Key { namespace: obj.meta().namespace.clone().unwrap_or_default(), name: obj.name_any() }
-    }
-}
-
-impl fmt::Display for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+pub use crate::plan::Key;
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,22 +95,10 @@ pub enum Error {
     /// The store has not caught up with svcplane's own writes yet.
     #[error("cache for {0} is behind svcplane's own writes")]
     Stale(Key),
-    /// Pods reference Nodes that do not exist (upstream retries such syncs).
+    /// The writes went out but the plan is incomplete (Pods on Nodes that do not
+    /// exist yet): upstream fails such a sync so it is retried with backoff.
     #[error("{0}")]
-    NodesMissing(String),
-}
-
-impl Error {
-    /// Fixed name for metrics labels and Event reasons.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Write { verb: "create", .. } => "FailedToCreate",
-            Error::Write { verb: "delete", .. } => "FailedToDelete",
-            Error::Write { .. } => "FailedToUpdate",
-            Error::Stale(_) => "StaleCache",
-            Error::NodesMissing(_) => "NodeNotFound",
-        }
-    }
+    Retry(String),
 }
 
 /// Everything a reconcile needs: built once.
@@ -151,11 +117,9 @@ pub struct Context {
     pub slice_config: SliceConfig,
     /// Mirroring planner settings.
     pub mirroring_config: MirroringConfig,
-    /// svcplane's own slice writes not yet seen in the store (shared with the
-    /// router, which reports observed deletions).
+    /// svcplane's own writes not yet seen in the store (shared with the router,
+    /// which reports observed deletions).
     pub tracker: Arc<WriteTracker>,
-    /// Endpoints objects written and their resourceVersion, for the stale check.
-    pub endpoints_tracker: std::sync::Mutex<std::collections::HashMap<Key, String>>,
     /// Trigger times (last-change-trigger-time annotation), per controller.
     pub slice_trigger_times: state::TriggerTimes,
     /// Same, for the Endpoints controller (upstream keeps one per controller).
@@ -258,7 +222,6 @@ pub async fn run(
             ..MirroringConfig::default()
         },
         tracker,
-        endpoints_tracker: Default::default(),
         slice_trigger_times: Default::default(),
         endpoints_trigger_times: Default::default(),
         limits: WriteLimits::new(args.kube_api_qps, args.kube_api_burst),
@@ -357,9 +320,9 @@ async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: Cont
     while let Some(key) = queue.next().await {
         ctx.metrics.set_queue_depth(kind.clone(), queue.len());
         let result = match kind {
-            ControllerKind::endpointslice => slices::reconcile(&key, &ctx).await,
-            ControllerKind::endpoints => endpoints::reconcile(&key, &ctx).await,
-            ControllerKind::mirroring => mirroring::reconcile(&key, &ctx).await,
+            ControllerKind::endpointslice => sync::slices(&key, &ctx).await,
+            ControllerKind::endpoints => sync::endpoints(&key, &ctx).await,
+            ControllerKind::mirroring => sync::mirrored_slices(&key, &ctx).await,
         };
         queue.done(&key);
         match result {
@@ -375,11 +338,6 @@ async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: Cont
             }
         }
     }
-}
-
-/// The tracker's name for the slices `controller` writes for `key`.
-pub(crate) fn tracker_owner(controller: &ControllerKind, key: &Key) -> String {
-    format!("{controller:?}/{key}")
 }
 
 /// The Service of `key` from the store.

@@ -215,8 +215,8 @@ pub fn start_watches(
 
     // svcplane's slices: index by owner, trigger the owning controller.
     {
-        let (indexes, queues, synced, store) =
-            (indexes.clone(), queues.clone(), synced.clone(), stores.slices.clone());
+        let (indexes, queues, synced, store, tracker) =
+            (indexes.clone(), queues.clone(), synced.clone(), stores.slices.clone(), tracker.clone());
         let stream = reflector::reflector(
             slice_writer,
             watcher(Api::<EndpointSlice>::all(client.clone()), managed)
@@ -238,7 +238,7 @@ pub fn start_watches(
                 _ => None,
             };
             if deleted && let Some(controller) = &controller {
-                tracker.observed_deletion(&super::tracker_owner(controller, &key), &slice.name_any());
+                tracker.observed_deletion((controller.clone(), &key), &slice.name_any());
             }
             {
                 let mut by_owner = write(&indexes.slices_by_owner);
@@ -263,7 +263,8 @@ pub fn start_watches(
 
     // Endpoints: mirroring (user-written) and the Endpoints controller (its own).
     {
-        let (queues, synced, store) = (queues.clone(), synced.clone(), stores.endpoints.clone());
+        let (queues, synced, store, tracker) =
+            (queues.clone(), synced.clone(), stores.endpoints.clone(), tracker.clone());
         let stream = reflector::reflector(
             ep_writer,
             watcher(Api::<Endpoints>::all(client.clone()), all)
@@ -276,7 +277,11 @@ pub fn start_watches(
             // its own object again): syncing on an add would delete a user's
             // Endpoints that arrives before its selectorless Service.
             Change::Applied(ep) => queues.mirroring.iter().for_each(|q| q.add(Key::of(ep.as_ref()))),
-            Change::Deleted(ep) => queues.endpoints_deleted(&Key::of(ep.as_ref())),
+            Change::Deleted(ep) => {
+                let key = Key::of(ep.as_ref());
+                tracker.observed_deletion((ControllerKind::endpoints, &key), &key.name);
+                queues.endpoints_deleted(&key);
+            }
             Change::Listed => {}
         })));
     }
@@ -484,12 +489,6 @@ impl TriggerTimes {
     pub fn forget(&self, key: &Key) {
         self.services.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
-}
-
-pub(crate) fn lock_map<K, V>(
-    m: &std::sync::Mutex<HashMap<K, V>>,
-) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

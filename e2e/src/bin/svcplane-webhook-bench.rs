@@ -114,9 +114,9 @@ async fn main() {
     let (_certs, webhook_args) = serving_cert(&cp);
     let (server, served) = replica_for_scope(&cp, &client, &webhook_args, "bench").await;
     let (cold, _) = creates_at_rate(&served, "warm-up", rate, WARM_UP).await;
-    let before = buckets(&server.metrics.encode(None));
+    let before = buckets(&server.metrics.encode());
     let (with, slow_with) = creates_at_rate(&served, "served", rate, count).await;
-    let metrics = server.metrics.encode(None);
+    let metrics = server.metrics.encode();
     let after = buckets(&metrics);
 
     let (p50_without, p99_without) = (quantile(&without, 0.5), quantile(&without, 0.99));
