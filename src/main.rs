@@ -212,7 +212,9 @@ async fn run(args: RunArgs, kubeconfig: Option<&PathBuf>) -> anyhow::Result<()> 
         });
     }
     if has("repair") {
-        // Only the leader repairs; it stops when the lease is lost.
+        // With --leader-elect only the Lease holder repairs, and losing the Lease
+        // ends the process, as for the controllers; without it every replica
+        // repairs (the claims' create-if-absent keeps that safe, only wasteful).
         let (client, mut leader, metrics) = (client.clone(), leader.clone(), webhook_metrics.clone());
         let (before_leading, stop) = (stopped(), stopped());
         let webhook_args = args.webhook.clone();

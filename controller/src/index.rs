@@ -158,27 +158,6 @@ impl SelectorIndex {
             .map(|m| m.iter().cloned().collect())
             .unwrap_or_default()
     }
-
-    /// Every indexed Service as (namespace, name).
-    pub fn services(&self) -> Vec<(String, String)> {
-        self.namespaces
-            .iter()
-            .flat_map(|(ns, idx)| idx.services.keys().map(move |name| (ns.clone(), name.clone())))
-            .collect()
-    }
-
-    /// Every indexed Pod as (namespace, name).
-    pub fn pods(&self) -> Vec<(String, String)> {
-        self.namespaces
-            .iter()
-            .flat_map(|(ns, idx)| idx.pods.keys().map(move |name| (ns.clone(), name.clone())))
-            .collect()
-    }
-
-    /// Number of Services indexed (for metrics and tests).
-    pub fn service_count(&self) -> usize {
-        self.namespaces.values().map(|ns| ns.services.len()).sum()
-    }
 }
 
 impl NamespaceIndex {

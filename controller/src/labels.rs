@@ -34,3 +34,42 @@ pub const ENDPOINTS_MANAGED_BY: &str = "endpoints.kubernetes.io/managed-by";
 /// purpose: an Endpoints is named after its Service, so both controllers would write
 /// the same object, and a different value would make them overwrite each other forever.
 pub const UPSTREAM_ENDPOINTS_CONTROLLER: &str = "endpoint-controller";
+
+/// Sets `endpoints.kubernetes.io/last-change-trigger-time` to `time`, or removes
+/// it when there is none (upstream `addTriggerTimeAnnotation`, and the same in the
+/// Endpoints controller). The value is Go's `time.RFC3339Nano` in UTC: fractional
+/// seconds only when non-zero, trailing zeros trimmed, a `Z` suffix.
+pub fn set_trigger_time(
+    annotations: &mut std::collections::BTreeMap<String, String>,
+    time: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+) {
+    match time {
+        Some(time) => {
+            let value = time.0.strftime("%Y-%m-%dT%H:%M:%S%.fZ").to_string();
+            annotations.insert(LAST_CHANGE_TRIGGER_TIME.to_owned(), value);
+        }
+        None => {
+            annotations.remove(LAST_CHANGE_TRIGGER_TIME);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    #[test]
+    fn the_trigger_time_is_written_in_go_rfc3339_nano() {
+        let value = |seconds, nanos| {
+            let mut annotations = std::collections::BTreeMap::new();
+            let time = Time(Timestamp::new(seconds, nanos).expect("valid"));
+            super::set_trigger_time(&mut annotations, Some(&time));
+            annotations.remove(super::LAST_CHANGE_TRIGGER_TIME).expect("set")
+        };
+        assert_eq!(value(0, 0), "1970-01-01T00:00:00Z");
+        assert_eq!(value(1_700_000_000, 0), "2023-11-14T22:13:20Z");
+        assert_eq!(value(1_700_000_000, 120_000_000), "2023-11-14T22:13:20.12Z");
+        assert_eq!(value(1_700_000_000, 1), "2023-11-14T22:13:20.000000001Z");
+    }
+}

@@ -146,6 +146,54 @@ pub fn endpoint_count(slice: &EndpointSlice) -> usize {
     slice.endpoints.as_ref().map_or(0, Vec::len)
 }
 
+/// No slices, for [`applied`].
+#[cfg(test)]
+pub(crate) const NO_SLICES: &[EndpointSlice] = &[];
+
+/// What the apiserver would hold after `plan` is applied to `existing`, for the
+/// planners' tests: deletes and updates by name (an update of a missing slice
+/// panics), creates named `generateName` + a counter not used yet. Every write
+/// gets a new resourceVersion. Sorted by name.
+#[cfg(test)]
+pub(crate) fn applied<S: std::borrow::Borrow<EndpointSlice>>(
+    existing: &[S],
+    plan: &Plan<EndpointSlice>,
+) -> Vec<EndpointSlice> {
+    use std::collections::BTreeMap;
+    let name_of = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
+    let mut state: BTreeMap<String, EndpointSlice> =
+        existing.iter().map(|s| (name_of(s.borrow()), s.borrow().clone())).collect();
+    let mut version = state.len();
+    let mut written = |mut slice: EndpointSlice| {
+        version += 1;
+        slice.metadata.resource_version = Some(format!("w{version}"));
+        slice
+    };
+    for slice in &plan.delete {
+        state.remove(&name_of(slice));
+    }
+    for slice in &plan.update {
+        assert!(state.contains_key(&name_of(slice)), "update of missing slice {}", name_of(slice));
+        state.insert(name_of(slice), written(slice.clone()));
+    }
+    let mut counter = 0usize;
+    for slice in &plan.create {
+        assert!(slice.metadata.name.is_none(), "creates use generateName");
+        let prefix = slice.metadata.generate_name.clone().unwrap_or_default();
+        let name = loop {
+            counter += 1;
+            let candidate = format!("{prefix}{counter:05}");
+            if !state.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        let mut created = written(slice.clone());
+        created.metadata.name = Some(name.clone());
+        state.insert(name, created);
+    }
+    state.into_values().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

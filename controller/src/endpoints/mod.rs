@@ -107,14 +107,7 @@ pub fn desired_endpoints(
 
     let mut updated = current;
     let mut annotations = updated.metadata.annotations.take().unwrap_or_default();
-    match trigger_time {
-        Some(time) => {
-            annotations.insert(labels::LAST_CHANGE_TRIGGER_TIME.to_owned(), format_rfc3339_nano(&time));
-        }
-        None => {
-            annotations.remove(labels::LAST_CHANGE_TRIGGER_TIME);
-        }
-    }
+    labels::set_trigger_time(&mut annotations, trigger_time.as_ref());
     let mut subsets = subsets;
     if truncate::truncate_subsets(&mut subsets, MAX_CAPACITY) {
         annotations.insert(labels::OVER_CAPACITY.to_owned(), TRUNCATED.to_owned());
@@ -331,10 +324,4 @@ fn normalize(subsets: Vec<EndpointSubset>) -> Vec<EndpointSubset> {
             }),
         })
         .collect()
-}
-
-/// Go's `time.RFC3339Nano` in UTC: fractional seconds only when non-zero, without
-/// trailing zeros.
-fn format_rfc3339_nano(time: &Time) -> String {
-    time.0.strftime("%Y-%m-%dT%H:%M:%S%.fZ").to_string()
 }

@@ -28,7 +28,7 @@ type MemberKey = Vec<(usize, bool)>;
 /// even with identical values. `occurrence` reproduces that (see
 /// [`PortIdentity`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct PortKey {
+struct SubsetPortKey {
     name: String,
     port: i32,
     protocol: String,
@@ -58,13 +58,14 @@ pub(crate) fn repack_subsets(subsets: &[EndpointSubset], identity: PortIdentity)
     let mut addresses: Vec<EndpointAddress> = Vec::new();
     let mut address_index: HashMap<AddressKey, usize> = HashMap::new();
     // Port (None = the sentinel for a subset without ports) -> address -> ready.
-    let mut ports: Vec<(Option<PortKey>, Option<EndpointPort>)> = Vec::new();
-    let mut port_index: HashMap<Option<PortKey>, usize> = HashMap::new();
+    let mut ports: Vec<(Option<SubsetPortKey>, Option<EndpointPort>)> = Vec::new();
+    let mut port_index: HashMap<Option<SubsetPortKey>, usize> = HashMap::new();
     let mut members: Vec<BTreeMap<usize, bool>> = Vec::new();
 
     for (subset_no, subset) in subsets.iter().enumerate() {
         let listed = listed_addresses(subset);
-        let subset_ports: Vec<(Option<PortKey>, Option<&EndpointPort>)> = match subset.ports.as_deref() {
+        let subset_ports: Vec<(Option<SubsetPortKey>, Option<&EndpointPort>)> = match subset.ports.as_deref()
+        {
             None | Some([]) => vec![(None, None)],
             Some(list) => list
                 .iter()
@@ -156,8 +157,8 @@ fn uid_of(address: &EndpointAddress) -> &str {
     address.target_ref.as_ref().and_then(|r| r.uid.as_deref()).unwrap_or("")
 }
 
-fn port_key(port: &EndpointPort, identity: PortIdentity, at: (usize, usize)) -> PortKey {
-    PortKey {
+fn port_key(port: &EndpointPort, identity: PortIdentity, at: (usize, usize)) -> SubsetPortKey {
+    SubsetPortKey {
         name: port.name.clone().unwrap_or_default(),
         port: port.port,
         protocol: port.protocol.clone().unwrap_or_default(),

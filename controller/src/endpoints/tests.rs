@@ -569,13 +569,6 @@ fn at(seconds: i64, nanos: i32) -> Time {
     Time(Timestamp::new(seconds, nanos).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
-#[test]
-fn trigger_time_is_written_in_rfc3339_nano() {
-    assert_eq!(format_rfc3339_nano(&at(1_700_000_000, 0)), "2023-11-14T22:13:20Z");
-    assert_eq!(format_rfc3339_nano(&at(1_700_000_000, 120_000_000)), "2023-11-14T22:13:20.12Z");
-    assert_eq!(format_rfc3339_nano(&at(1_700_000_000, 1)), "2023-11-14T22:13:20.000000001Z");
-}
-
 /// Upstream `TestLastTriggerChangeTimeAnnotation`, `_AnnotationOverridden`, `_AnnotationCleared`.
 #[test]
 fn trigger_time_annotation_is_set_overridden_and_cleared() {

@@ -17,58 +17,7 @@ use crate::pod::{
     DEFAULT_PROTOCOL, IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family, pod_reference,
     publishes_not_ready, selector_matches, should_pod_be_in_endpoints, should_set_hostname,
 };
-
-/// One port of a port set, with every field the grouping compares. Upstream
-/// hashes the whole `EndpointPort`; comparing the fields is equivalent.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct PortKeyEntry {
-    name: Option<String>,
-    port: Option<i32>,
-    protocol: Option<String>,
-    app_protocol: Option<String>,
-}
-
-/// An order-insensitive port set (upstream `PortMapKey`); nil and empty are equal.
-pub(super) type PortKey = Vec<PortKeyEntry>;
-
-/// The group key of a port list.
-pub(super) fn port_key(ports: &[EndpointPort]) -> PortKey {
-    let mut key: PortKey = ports
-        .iter()
-        .map(|p| PortKeyEntry {
-            name: p.name.clone(),
-            port: p.port,
-            protocol: p.protocol.clone(),
-            app_protocol: p.app_protocol.clone(),
-        })
-        .collect();
-    key.sort();
-    key
-}
-
-/// Endpoint identity (upstream `hashEndpoint`): sorted addresses, hostname and the
-/// target's namespace and name. UID, node, zone and conditions are not part of it,
-/// so a recreated Pod with the same name and IP is an in-place change.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct EndpointKey {
-    addresses: Vec<String>,
-    hostname: String,
-    namespace: String,
-    name: String,
-}
-
-/// The identity of an endpoint.
-pub(super) fn endpoint_key(endpoint: &Endpoint) -> EndpointKey {
-    let mut addresses = endpoint.addresses.clone();
-    addresses.sort();
-    let target = endpoint.target_ref.as_ref();
-    EndpointKey {
-        addresses,
-        hostname: endpoint.hostname.clone().unwrap_or_default(),
-        namespace: target.and_then(|t| t.namespace.clone()).unwrap_or_default(),
-        name: target.and_then(|t| t.name.clone()).unwrap_or_default(),
-    }
-}
+use crate::slice_keys::{EndpointIdentity, PortSet};
 
 /// The desired endpoints of one (address type, port set) group.
 #[derive(Clone, Debug, Default)]
@@ -76,7 +25,7 @@ pub(super) struct DesiredGroup {
     /// The ports every slice of the group carries, in key order.
     pub ports: Vec<EndpointPort>,
     /// Endpoints by identity; the sorted map stands in for upstream's hash set.
-    pub endpoints: BTreeMap<EndpointKey, Endpoint>,
+    pub endpoints: BTreeMap<EndpointIdentity, Endpoint>,
 }
 
 /// True when the Service gets Pod-derived slices: it has a selector and is not
@@ -135,9 +84,7 @@ pub(super) fn endpoint_ports(svc: &Service, pod: &StoredPod) -> Vec<EndpointPort
             })
         })
         .collect();
-    // Upstream stores ports in hash order; any fixed order will do (order is
-    // not compared), key order keeps new slices deterministic.
-    ports.sort_by_key(|p| port_key(std::slice::from_ref(p)));
+    PortSet::sort(&mut ports);
     ports
 }
 
@@ -206,15 +153,15 @@ pub(super) fn desired_groups(
     nodes: &impl NodeLookup,
     family: IpFamily,
     missing_nodes: &mut BTreeSet<(String, String)>,
-) -> BTreeMap<PortKey, DesiredGroup> {
-    let mut groups: BTreeMap<PortKey, DesiredGroup> = BTreeMap::new();
+) -> BTreeMap<PortSet, DesiredGroup> {
+    let mut groups: BTreeMap<PortSet, DesiredGroup> = BTreeMap::new();
     for pod in pods {
         if !should_pod_be_in_endpoints(pod, true) {
             continue;
         }
         let ports = endpoint_ports(svc, pod);
         let group = groups
-            .entry(port_key(&ports))
+            .entry(PortSet::of(&ports))
             .or_insert_with(|| DesiredGroup { ports, endpoints: BTreeMap::new() });
         let node = node_of(pod, nodes);
         if node.is_none() && !publishes_not_ready(svc) {
@@ -224,7 +171,7 @@ pub(super) fn desired_groups(
         }
         let endpoint = build_endpoint(svc, pod, node.and_then(|n| n.zone), family);
         if !endpoint.addresses.is_empty() {
-            group.endpoints.insert(endpoint_key(&endpoint), endpoint);
+            group.endpoints.insert(EndpointIdentity::of(&endpoint), endpoint);
         }
     }
     groups

@@ -7,12 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::desired::is_service_ip_set;
-use crate::labels::{HEADLESS, LAST_CHANGE_TRIGGER_TIME, MANAGED_BY, SERVICE_NAME};
+use crate::labels::{HEADLESS, MANAGED_BY, SERVICE_NAME};
 use crate::pod::IpFamily;
 
 /// Labels the controller owns; a Service's own values for them are ignored.
@@ -123,51 +123,4 @@ pub(super) fn placeholder_equal(existing: &EndpointSlice, placeholder: &Endpoint
         && existing.address_type == placeholder.address_type
         && existing.ports.clone().unwrap_or_default() == placeholder.ports.clone().unwrap_or_default()
         && existing.endpoints.clone().unwrap_or_default() == placeholder.endpoints.clone().unwrap_or_default()
-}
-
-/// Sets the trigger-time annotation, or removes it when there is none (upstream
-/// `addTriggerTimeAnnotation`); the format is Go's RFC3339Nano in UTC.
-pub(super) fn set_trigger_time(slice: &mut EndpointSlice, trigger_time: Option<&Time>) {
-    let annotations = slice.metadata.annotations.get_or_insert_with(BTreeMap::new);
-    match trigger_time {
-        Some(time) => {
-            annotations.insert(LAST_CHANGE_TRIGGER_TIME.to_owned(), rfc3339_nano(time));
-        }
-        None => {
-            annotations.remove(LAST_CHANGE_TRIGGER_TIME);
-        }
-    }
-}
-
-/// Go's `time.RFC3339Nano` in UTC: fractional seconds only when non-zero, with
-/// trailing zeros trimmed, and a `Z` suffix.
-pub(super) fn rfc3339_nano(time: &Time) -> String {
-    let seconds = time.0.strftime("%Y-%m-%dT%H:%M:%S").to_string();
-    let nanos = time.0.subsec_nanosecond();
-    if nanos == 0 {
-        return format!("{seconds}Z");
-    }
-    let fraction = format!("{:09}", nanos.unsigned_abs());
-    format!("{seconds}.{}Z", fraction.trim_end_matches('0'))
-}
-
-/// Upstream `EndpointsEqualBeyondHash`: same node, zone, conditions (an unset
-/// condition differs from a set one) and targetRef ignoring resourceVersion.
-/// Addresses and hostname are the identity; hints are handled separately.
-pub(super) fn endpoints_equal_beyond_hash(a: &Endpoint, b: &Endpoint) -> bool {
-    let conditions = |e: &Endpoint| e.conditions.clone().unwrap_or_default();
-    // Go compares the struct by value: an empty string equals an absent field.
-    let target = |e: &Endpoint| {
-        let present = |s: Option<String>| s.filter(|s| !s.is_empty());
-        e.target_ref.clone().map(|t| ObjectReference {
-            api_version: present(t.api_version),
-            field_path: present(t.field_path),
-            kind: present(t.kind),
-            name: present(t.name),
-            namespace: present(t.namespace),
-            resource_version: None,
-            uid: present(t.uid),
-        })
-    };
-    a.node_name == b.node_name && a.zone == b.zone && conditions(a) == conditions(b) && target(a) == target(b)
 }

@@ -126,38 +126,3 @@ pub fn plan_slices(
     }
     reconcile::reconcile(svc, pods, nodes, &managed, trigger_time, config)
 }
-
-/// Applies a plan to `existing` the way the apiserver would, for tests and
-/// dry runs: deletes by name, replaces updates by name, and names each created
-/// slice `generateName` + a counter not yet used. Sorted by name.
-pub fn apply_plan(existing: &[Arc<EndpointSlice>], plan: &Plan<EndpointSlice>) -> Vec<EndpointSlice> {
-    let mut by_name: BTreeMap<String, EndpointSlice> = existing
-        .iter()
-        .map(|slice| {
-            let name = slice.metadata.name.clone().unwrap_or_default();
-            (name, EndpointSlice::clone(slice))
-        })
-        .collect();
-    for slice in &plan.delete {
-        by_name.remove(slice.metadata.name.as_deref().unwrap_or_default());
-    }
-    for slice in &plan.update {
-        let name = slice.metadata.name.clone().unwrap_or_default();
-        by_name.insert(name, slice.clone());
-    }
-    let mut counter = 0usize;
-    for slice in &plan.create {
-        let prefix = slice.metadata.generate_name.clone().unwrap_or_default();
-        let name = loop {
-            counter += 1;
-            let candidate = format!("{prefix}{counter:05}");
-            if !by_name.contains_key(&candidate) {
-                break candidate;
-            }
-        };
-        let mut created = slice.clone();
-        created.metadata.name = Some(name.clone());
-        by_name.insert(name, created);
-    }
-    by_name.into_values().collect()
-}

@@ -16,16 +16,12 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::desired::{
-    DesiredGroup, EndpointKey, PortKey, desired_groups, endpoint_key, port_key, selected_pods,
-    service_address_families,
-};
-use super::meta::{
-    build_slice, endpoints_equal_beyond_hash, owned_by, placeholder_equal, set_trigger_time, slice_labels,
-};
+use super::desired::{DesiredGroup, desired_groups, selected_pods, service_address_families};
+use super::meta::{build_slice, owned_by, placeholder_equal, slice_labels};
 use super::{NodeLookup, SliceConfig, hints};
 use crate::plan::{Plan, endpoint_count, recycle_deletes};
 use crate::pod::IpFamily;
+use crate::slice_keys::{EndpointIdentity, PortSet, equal_beyond_identity};
 
 /// The whole plan for a selected Service; `managed` is sorted by name.
 pub(super) fn reconcile(
@@ -56,7 +52,8 @@ pub(super) fn reconcile(
         recycle_deletes(&mut writes, |slice| owned_by(slice, svc));
         let mut writes = writes.without_creates_if_deleting(&svc.metadata);
         for slice in writes.create.iter_mut().chain(writes.update.iter_mut()) {
-            set_trigger_time(slice, trigger_time.as_ref());
+            let annotations = slice.metadata.annotations.get_or_insert_with(BTreeMap::new);
+            crate::labels::set_trigger_time(annotations, trigger_time.as_ref());
         }
         plan.create.append(&mut writes.create);
         plan.update.append(&mut writes.update);
@@ -85,11 +82,11 @@ fn reconcile_family(
     missing_nodes: &mut BTreeSet<(String, String)>,
 ) -> Plan<EndpointSlice> {
     let mut writes = Plan::default();
-    let mut existing_by_key: BTreeMap<PortKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut existing_by_key: BTreeMap<PortSet, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in existing {
         if owned_by(slice, svc) {
             let ports = slice.ports.as_deref().unwrap_or_default();
-            existing_by_key.entry(port_key(ports)).or_default().push(slice);
+            existing_by_key.entry(PortSet::of(ports)).or_default().push(slice);
         } else {
             // Left over from a deleted Service of the same name (kubernetes#94720).
             writes.delete.push((*slice).clone());
@@ -97,7 +94,7 @@ fn reconcile_family(
     }
 
     let groups = desired_groups(svc, pods, nodes, family, missing_nodes);
-    let desired_keys: BTreeSet<PortKey> = groups.keys().cloned().collect();
+    let desired_keys: BTreeSet<PortSet> = groups.keys().cloned().collect();
     for (key, group) in groups {
         writes.endpoints.desired += group.endpoints.len();
         let slices = existing_by_key.get(&key).map(Vec::as_slice).unwrap_or_default();
@@ -161,8 +158,8 @@ fn reconcile_by_port_mapping(
         let mut endpoint_changed = false;
         for endpoint in current {
             // `remove`: an endpoint found once is placed; a duplicate is dropped.
-            if let Some(fresh) = desired.remove(&endpoint_key(endpoint)) {
-                endpoint_changed |= !endpoints_equal_beyond_hash(&fresh, endpoint);
+            if let Some(fresh) = desired.remove(&EndpointIdentity::of(endpoint)) {
+                endpoint_changed |= !equal_beyond_identity(&fresh, endpoint);
                 kept.push(fresh);
             }
         }
@@ -223,7 +220,7 @@ fn reconcile_by_port_mapping(
 }
 
 /// Moves desired endpoints into `slice` (smallest identity first) until it is full.
-fn fill(slice: &mut EndpointSlice, desired: &mut BTreeMap<EndpointKey, Endpoint>, max: usize) {
+fn fill(slice: &mut EndpointSlice, desired: &mut BTreeMap<EndpointIdentity, Endpoint>, max: usize) {
     let endpoints = slice.endpoints.get_or_insert_with(Vec::new);
     while endpoints.len() < max {
         let Some((_, endpoint)) = desired.pop_first() else {

@@ -8,56 +8,32 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort as CorePort, Endpoints, ObjectReference};
+use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort as CorePort, Endpoints};
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
 };
 
 use crate::endpoints::ip;
 use crate::endpoints::repack::{PortIdentity, repack_subsets};
+use crate::pod::DEFAULT_PROTOCOL;
+use crate::slice_keys::{EndpointIdentity, PortSet, equal_beyond_identity};
 
 /// `addressType` of IPv4 slices.
 pub(super) const IPV4: &str = "IPv4";
 /// `addressType` of IPv6 slices.
 pub(super) const IPV6: &str = "IPv6";
 
-/// The protocol the apiserver defaults a missing port protocol to.
-const DEFAULT_PROTOCOL: &str = "TCP";
-
-/// One port as a grouping key, with the apiserver's defaults applied so that a
-/// stored slice and a freshly computed port set compare equal.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct PortKey {
-    name: String,
-    port: Option<i32>,
-    protocol: String,
-    app_protocol: Option<String>,
-}
-
-impl PortKey {
-    fn of(port: &SlicePort) -> PortKey {
-        PortKey {
-            name: port.name.clone().unwrap_or_default(),
-            port: port.port,
-            protocol: port.protocol.clone().unwrap_or_else(|| DEFAULT_PROTOCOL.to_owned()),
-            app_protocol: port.app_protocol.clone(),
-        }
-    }
-}
-
 /// Upstream's `addrTypePortMapKey`: address type plus the port set, order-insensitive
 /// (a sorted multiset, as upstream hashes the sorted list).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct SliceKey {
     pub(super) address_type: String,
-    ports: Vec<PortKey>,
+    ports: PortSet,
 }
 
 impl SliceKey {
     fn new(address_type: &str, ports: &[SlicePort]) -> SliceKey {
-        let mut keys: Vec<PortKey> = ports.iter().map(PortKey::of).collect();
-        keys.sort();
-        SliceKey { address_type: address_type.to_owned(), ports: keys }
+        SliceKey { address_type: address_type.to_owned(), ports: PortSet::of(ports) }
     }
 
     /// The key of an existing slice.
@@ -146,7 +122,7 @@ fn address_to_endpoint(address: &EndpointAddress, ready: bool) -> Option<(&'stat
 
 /// Upstream `epPortsToEpsPorts`, field for field. A missing name becomes `""` and
 /// a missing protocol `TCP`, as the apiserver's defaulting of the Endpoints would
-/// have made them.
+/// have made them (Go copies the strings, so never a nil pointer).
 fn slice_ports(ports: &[CorePort]) -> Vec<SlicePort> {
     let mut converted: Vec<SlicePort> = ports
         .iter()
@@ -157,32 +133,8 @@ fn slice_ports(ports: &[CorePort]) -> Vec<SlicePort> {
             app_protocol: p.app_protocol.clone(),
         })
         .collect();
-    converted.sort_by_key(PortKey::of);
+    PortSet::sort(&mut converted);
     converted
-}
-
-/// Upstream's endpoint identity (`hashEndpoint`): sorted addresses, hostname and
-/// targetRef namespace/name. UID, node and conditions are not part of it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct EndpointIdentity {
-    addresses: Vec<String>,
-    hostname: String,
-    namespace: String,
-    name: String,
-}
-
-impl EndpointIdentity {
-    fn of(endpoint: &Endpoint) -> EndpointIdentity {
-        let mut addresses = endpoint.addresses.clone();
-        addresses.sort();
-        let target = endpoint.target_ref.as_ref();
-        EndpointIdentity {
-            addresses,
-            hostname: endpoint.hostname.clone().unwrap_or_default(),
-            namespace: target.and_then(|r| r.namespace.clone()).unwrap_or_default(),
-            name: target.and_then(|r| r.name.clone()).unwrap_or_default(),
-        }
-    }
 }
 
 /// Upstream's `EndpointSet` with a stable order: a later endpoint with the same
@@ -255,34 +207,4 @@ pub(super) fn total_changes(slice: &EndpointSlice, desired: &EndpointSet) -> Tot
     }
     totals.added = isize::try_from(desired.len()).unwrap_or(isize::MAX) - matches;
     totals
-}
-
-/// Upstream `EndpointsEqualBeyondHash`: nodeName, zone, the three conditions (unset
-/// differs from set) and targetRef ignoring its resourceVersion.
-fn equal_beyond_identity(a: &Endpoint, b: &Endpoint) -> bool {
-    let conditions = |e: &Endpoint| {
-        let c = e.conditions.clone().unwrap_or_default();
-        (c.ready, c.serving, c.terminating)
-    };
-    a.node_name == b.node_name
-        && a.zone == b.zone
-        && conditions(a) == conditions(b)
-        && target_ref_key(a.target_ref.as_ref()) == target_ref_key(b.target_ref.as_ref())
-}
-
-type TargetRefKey = [String; 6];
-
-/// A targetRef as Go compares it: every field, a missing string equal to "",
-/// resourceVersion ignored.
-fn target_ref_key(target: Option<&ObjectReference>) -> Option<TargetRefKey> {
-    target.map(|r| {
-        [
-            r.api_version.clone().unwrap_or_default(),
-            r.field_path.clone().unwrap_or_default(),
-            r.kind.clone().unwrap_or_default(),
-            r.name.clone().unwrap_or_default(),
-            r.namespace.clone().unwrap_or_default(),
-            r.uid.clone().unwrap_or_default(),
-        ]
-    })
 }

@@ -160,31 +160,7 @@ fn plan(endpoints: &Endpoints, existing: &[EndpointSlice], max: usize) -> Plan<E
     plan_mirrored_slices(Some(&mk_service(None)), Some(endpoints), &existing, &config)
 }
 
-/// What the apiserver would hold after applying `plan` to `existing`.
-fn apply(existing: &[EndpointSlice], plan: &Plan<EndpointSlice>) -> Vec<EndpointSlice> {
-    let mut state: BTreeMap<String, EndpointSlice> =
-        existing.iter().map(|s| (s.metadata.name.clone().unwrap_or_default(), s.clone())).collect();
-    for slice in &plan.delete {
-        state.remove(slice.metadata.name.as_deref().unwrap_or_default());
-    }
-    for slice in &plan.update {
-        let name = slice.metadata.name.clone().unwrap_or_default();
-        assert!(state.contains_key(&name), "update of missing slice {name}");
-        let mut stored = slice.clone();
-        stored.metadata.resource_version = Some("2".to_owned());
-        state.insert(name, stored);
-    }
-    for (n, slice) in plan.create.iter().enumerate() {
-        assert!(slice.metadata.name.is_none(), "creates use generateName");
-        let name =
-            format!("{}gen{n}-{}", slice.metadata.generate_name.clone().unwrap_or_default(), state.len());
-        let mut stored = slice.clone();
-        stored.metadata.name = Some(name.clone());
-        stored.metadata.resource_version = Some("1".to_owned());
-        state.insert(name, stored);
-    }
-    state.into_values().collect()
-}
+use crate::plan::{NO_SLICES, applied as apply};
 
 struct Case {
     name: &'static str,
@@ -650,7 +626,7 @@ fn last_applied_is_removed_from_an_existing_slice() {
 #[test]
 fn a_trigger_time_change_alone_writes_nothing() {
     let endpoints = annotated(&[(labels::LAST_CHANGE_TRIGGER_TIME, "2020-01-01T00:00:00Z")]);
-    let after = apply(&[], &plan(&endpoints, &[], 1000));
+    let after = apply(NO_SLICES, &plan(&endpoints, &[], 1000));
     let changed = annotated(&[(labels::LAST_CHANGE_TRIGGER_TIME, "2021-01-01T00:00:00Z")]);
     assert!(plan(&changed, &after, 1000).is_empty());
 }
@@ -662,7 +638,7 @@ fn labels_are_copied_and_a_label_change_updates_the_slice() {
     let created = plan(&endpoints, &[], 1000);
     let slice_labels = created.create[0].metadata.labels.clone().unwrap_or_default();
     assert_eq!(slice_labels.get("foo").map(String::as_str), Some("bar"));
-    let after = apply(&[], &created);
+    let after = apply(NO_SLICES, &created);
 
     endpoints.metadata.labels = Some(BTreeMap::from([("foo".to_owned(), "baz".to_owned())]));
     let relabelled = plan(&endpoints, &after, 1000);
@@ -675,7 +651,7 @@ fn endpoints_carrying_a_reserved_label_rewrite_their_slice_every_sync() {
     // Upstream quirk: the slice's managed-by always differs from the Endpoints' one.
     let mut endpoints = one_address();
     endpoints.metadata.labels = Some(BTreeMap::from([(labels::SERVICE_NAME.to_owned(), "other".to_owned())]));
-    let after = apply(&[], &plan(&endpoints, &[], 1000));
+    let after = apply(NO_SLICES, &plan(&endpoints, &[], 1000));
     let slice_labels = after[0].metadata.labels.clone().unwrap_or_default();
     assert_eq!(slice_labels.get(labels::SERVICE_NAME).map(String::as_str), Some(NAME));
     assert_eq!(plan(&endpoints, &after, 1000).update.len(), 1);
@@ -1043,19 +1019,19 @@ proptest! {
     #[test]
     fn planning_again_on_the_applied_state_writes_nothing(endpoints in arb_endpoints(), max in 1usize..8) {
         let first = plan(&endpoints, &[], max);
-        let after = apply(&[], &first);
+        let after = apply(NO_SLICES, &first);
         let second = plan(&endpoints, &after, max);
         prop_assert!(second.is_empty(), "{:#?}", second);
     }
 
     #[test]
     fn converges_from_an_arbitrary_earlier_mirror(before in arb_endpoints(), now in arb_endpoints(), max in 1usize..8) {
-        let old = apply(&[], &plan(&before, &[], max));
+        let old = apply(NO_SLICES, &plan(&before, &[], max));
         let step = plan(&now, &old, max);
         let after = apply(&old, &step);
         prop_assert_eq!(
             mirrored_triples(&after),
-            mirrored_triples(&apply(&[], &plan(&now, &[], max)))
+            mirrored_triples(&apply(NO_SLICES, &plan(&now, &[], max)))
         );
         prop_assert!(plan(&now, &after, max).is_empty());
     }

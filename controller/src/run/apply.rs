@@ -20,6 +20,33 @@ use crate::{metrics::ControllerKind, plan::Plan};
 /// plan was made on, and what the tracker compares the store with.
 pub type Observed = HashMap<String, Option<String>>;
 
+/// What the one writer writes: a namespaced API object (slices, Endpoints).
+pub trait Written:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + k8s_openapi::Resource
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Written for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// [`Observed`] of `objects`.
 pub fn observed<K: Resource>(objects: &[Arc<K>]) -> Observed {
     objects.iter().map(|o| (o.name_any(), o.resource_version())).collect()
@@ -31,25 +58,14 @@ pub fn observed<K: Resource>(objects: &[Arc<K>]) -> Observed {
 /// Events go on (upstream's choice per controller); `None` records none.
 ///
 /// Fails after the writes when the plan asks for a retry.
-pub async fn apply<K>(
+pub async fn apply<K: Written>(
     ctx: &Context,
     kind: ControllerKind,
     key: &Key,
     observed: &Observed,
     plan: Plan<K>,
     events_on: Option<ObjectReference>,
-) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + k8s_openapi::Resource
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
-{
+) -> Result<(), Error> {
     let Plan { create, update, delete, endpoints, warnings, retry } = plan;
     if let Some(on) = &events_on {
         for warning in warnings {
@@ -70,7 +86,7 @@ where
     }
 }
 
-async fn write<K>(
+async fn write<K: Written>(
     ctx: &Context,
     kind: ControllerKind,
     key: &Key,
@@ -78,15 +94,7 @@ async fn write<K>(
     create: Vec<K>,
     update: Vec<K>,
     delete: Vec<K>,
-) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + k8s_openapi::Resource
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + Debug,
-{
+) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let owner = (kind.clone(), key);

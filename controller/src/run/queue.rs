@@ -90,7 +90,8 @@ impl<K: Eq + Hash> State<K> {
     }
 }
 
-/// First retry delay after a failure; it doubles per consecutive failure.
+/// First retry delay after a failure; it doubles per further consecutive
+/// failure, as client-go's item exponential failure rate limiter.
 const RETRY_BASE: Duration = Duration::from_millis(5);
 /// Most doublings: the delay stops growing at 5 ms × 2^12 ≈ 20 s.
 const RETRY_MAX_DOUBLINGS: u32 = 12;
@@ -201,7 +202,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             *n += 1;
             *n
         };
-        let delay = RETRY_BASE * 2u32.pow(failures.min(RETRY_MAX_DOUBLINGS));
+        let delay = RETRY_BASE * 2u32.pow((failures - 1).min(RETRY_MAX_DOUBLINGS));
         self.add_after(key, delay);
         delay
     }
@@ -286,12 +287,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn retry_delay_doubles_per_failure_and_resets_on_forget() {
+    async fn the_first_retry_waits_the_base_delay_which_doubles_per_failure_and_resets_on_forget() {
         let q = WorkQueue::new();
+        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(5));
         assert_eq!(q.retry_after_failure("k"), Duration::from_millis(10));
-        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(20));
         q.forget(&"k");
-        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(10));
+        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(5));
         q.shutdown();
     }
 
