@@ -164,7 +164,7 @@ async fn run(args: RunArgs, kubeconfig: Option<&PathBuf>) -> anyhow::Result<()> 
     };
     let readiness = Arc::new(admin::Readiness::new(
         has("controller").then(|| controller_synced.clone()),
-        webhook.as_ref().map(|server| server.store.ready_signal()),
+        webhook.as_ref().map(|server| server.allocator.ready_signal()),
     ));
     // The admin endpoints serve until the process exits: /readyz says 503
     // throughout the shutdown.

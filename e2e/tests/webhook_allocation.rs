@@ -122,7 +122,7 @@ async fn dry_run_reserves_nothing_and_updates_allocate_only_transitions() {
     let dry_ports = node_ports(&dry);
     assert_eq!(dry_ports.len(), 1);
     assert!(!claim_names(&client).await.contains(&claim_of(&dry_ports[0].to_string())));
-    assert_eq!(server.store.index().claim(Value::Port(dry_ports[0] as u16)), None);
+    assert_eq!(server.allocator.index().claim(Value::Port(dry_ports[0] as u16)), None);
 
     let created = ns.create(&mk_service("svc", "ClusterIP", &[(80, None)])).await;
     let ip = created.spec.clone().and_then(|s| s.cluster_ip).expect("ip");
@@ -202,7 +202,7 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     // Claims are cluster-scoped and other tests of this binary make and release
     // their own meanwhile: compare only this namespace's.
     let mine_before: BTreeSet<String> = server
-        .store
+        .allocator
         .index()
         .claims()
         .filter(|(_, record)| record.owner.namespace == ns.name)
@@ -217,7 +217,7 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     register(&client, cp, "svcplane-restart", restarted.addr, "restart").await;
     wait_webhook_active(&ns, &restarted).await;
     let mine_after: BTreeSet<String> = restarted
-        .store
+        .allocator
         .index()
         .claims()
         .filter(|(_, record)| record.owner.namespace == ns.name)

@@ -74,7 +74,7 @@ async fn a_value_freed_by_a_type_change_is_reusable_at_once_as_without_the_webho
     let webhook = type_change_then_reuse(&ns, 31902, "10.96.201.2").await;
     println!("reuse after a type change: apiserver alone {oracle:?}, with the webhook {webhook:?}");
     assert_eq!(
-        server.store.index().claim(Value::Port(31902)).map(|c| c.owner.name.clone()),
+        server.allocator.index().claim(Value::Port(31902)).map(|c| c.owner.name.clone()),
         Some("np-again".into())
     );
     server.kill();

@@ -62,7 +62,7 @@ async fn a_retry_loop_of_rejected_creates_does_not_drain_a_small_pool() {
         plain.api::<Service>().delete(name, &DeleteParams::default()).await.expect("delete");
     }
     eventually("the index sees the oracle's Services gone", Duration::from_secs(10), || async {
-        let used = server.store.index().usage().last().map(|u| u.used).unwrap_or_default();
+        let used = server.allocator.index().usage().last().map(|u| u.used).unwrap_or_default();
         if used == 0 { Ok(()) } else { Err(used) }
     })
     .await;

@@ -4,7 +4,7 @@
 //! Input: the operation, the new and old Service, the cluster's IP families.
 //! Output: a [`Plan`] (values to claim, static or dynamic) or a [`Denial`]
 //! naming the field; then [`build_patch`]. No I/O, no allocator: the handler
-//! runs the plan against the claim store (`store.rs`).
+//! runs the plan against the allocator (`allocator.rs`).
 //!
 //! Rules follow kube-apiserver's `alloc.go` (v1.37): ExternalName and
 //! headless Services get no IPs; NodePort and LoadBalancer ports get
@@ -19,6 +19,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use kube::ResourceExt;
 use serde_json::{Value as Json, json};
 use svcplane_ipam::{
     IpFamily, IpFamilyPolicy, NodePortAssignment, NodePortNeeds, Protocol, ServiceIpFields, ServicePort,
@@ -54,7 +55,7 @@ pub struct Denial {
     /// What is wrong, e.g. `30080 is already allocated to default/web`.
     pub message: String,
     /// HTTP code reported to the user: 422 for invalid or taken values, 500
-    /// when the claim store failed.
+    /// when recording the claim failed.
     pub code: u16,
 }
 
@@ -148,7 +149,7 @@ impl Plan {
     }
 }
 
-/// What the store assigned for a [`Plan`].
+/// What the allocator assigned for a [`Plan`].
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Assigned {
     /// One IP per [`Plan::ips`] entry.
@@ -248,11 +249,8 @@ fn plan_ips(
         ip_family_policy: spec.ip_family_policy.clone(),
         has_selector: spec.selector.as_ref().is_some_and(|s| !s.is_empty()),
     };
-    let family_plan = plan_ip_families(&fields, request.families).map_err(|invalid| Denial {
-        field: String::new(),
-        message: invalid.to_string(),
-        code: 422,
-    })?;
+    let family_plan = plan_ip_families(&fields, request.families)
+        .map_err(|invalid| Denial::invalid("", invalid.to_string()))?;
     if family_plan.headless {
         return Ok(());
     }
@@ -367,20 +365,14 @@ pub fn build_patch(plan: &Plan, assigned: &Assigned) -> json_patch::Patch {
 /// Every value a Service carries: its ClusterIPs, nodePorts and
 /// healthCheckNodePort.
 pub fn service_values(service: &Service) -> BTreeSet<Value> {
-    let mut values = BTreeSet::new();
-    let Some(spec) = &service.spec else { return values };
-    if service_type(spec) != "ExternalName" {
-        values.extend(cluster_ips(spec).iter().filter_map(|ip| ip.parse().ok()).map(Value::Ip));
-    }
-    for port in spec.ports.iter().flatten() {
-        if let Some(node_port) = port.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0) {
-            values.insert(Value::Port(node_port));
-        }
-    }
-    if let Some(port) = spec.health_check_node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0) {
-        values.insert(Value::Port(port));
-    }
-    values
+    let external_name = service.spec.as_ref().is_some_and(|spec| service_type(spec) == "ExternalName");
+    let values = value_fields(service).into_iter().map(|(value, _)| value);
+    values.filter(|value| !(external_name && matches!(value, Value::Ip(_)))).collect()
+}
+
+/// The Service a value of `service` belongs to.
+pub fn service_owner(service: &Service) -> Owner {
+    Owner { namespace: service.namespace().unwrap_or_default(), name: service.name_any() }
 }
 
 /// Where each value sits in the Service (`spec.clusterIPs[0]`,

@@ -1,8 +1,8 @@
-//! The claim store's object: one cluster-scoped `AllocationClaim` per
+//! The claim object: one cluster-scoped `AllocationClaim` per
 //! allocated value, named after the value.
 //!
 //! Input: a [`Value`] (an IP or a NodePort). Output: the claim's object name
-//! and spec. No API calls here; `store.rs` creates and deletes claims.
+//! and spec. No API calls here; `allocator.rs` creates and deletes claims.
 //!
 //! Because the name is a function of the value, two replicas that pick the
 //! same value race on the *same* object name and the apiserver lets exactly
@@ -14,7 +14,6 @@ use std::net::IpAddr;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use svcplane_ipam::IpFamily;
 
 /// API group of svcplane's own objects.
 pub const GROUP: &str = "svcplane.dev";
@@ -75,14 +74,6 @@ impl Value {
         match self {
             Value::Ip(_) => "ClusterIP",
             Value::Port(_) => "NodePort",
-        }
-    }
-
-    /// The IP family of a ClusterIP.
-    pub fn family(&self) -> Option<IpFamily> {
-        match self {
-            Value::Ip(ip) => Some(IpFamily::of(*ip)),
-            Value::Port(_) => None,
         }
     }
 

@@ -1,8 +1,8 @@
 //! Thin axum handlers: parse the AdmissionReview, run the pure plan, let the
-//! store claim, answer with a patch or a denial. A body that is not an
+//! allocator claim, answer with a patch or a denial. A body that is not an
 //! AdmissionReview gets a 400.
 //!
-//! Calls the API only through [`Store::reserve`].
+//! Calls the API only through [`Allocator::reserve`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,14 +19,14 @@ use kube::core::admission::{
 use tracing::{debug, info};
 
 use crate::admit::{Denial, Mode, Operation, Request, build_patch, plan_admission};
-use crate::metrics::{AdmissionLabels, Metrics};
-use crate::store::Store;
+use crate::allocator::Allocator;
+use crate::metrics::Metrics;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    /// The claim store and index.
-    pub store: Store,
+    /// The allocator and its index.
+    pub allocator: Allocator,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -44,17 +44,7 @@ pub async fn validate(State(state): State<AppState>, body: Bytes) -> Response {
 async fn review(state: &AppState, mode: Mode, body: &[u8]) -> Response {
     let started = Instant::now();
     let webhook = if mode == Mode::Mutate { "mutate" } else { "validate" };
-    let count = |result: &str, reason: &str| {
-        state
-            .metrics
-            .admissions
-            .get_or_create(&AdmissionLabels {
-                webhook: webhook.to_owned(),
-                result: result.to_owned(),
-                reason: reason.to_owned(),
-            })
-            .inc();
-    };
+    let count = |result: &str, reason: &str| state.metrics.admission(webhook, result, reason);
     let request: AdmissionRequest<Service> = match serde_json::from_slice::<AdmissionReview<Service>>(body)
         .map_err(|e| e.to_string())
         .and_then(|review| {
@@ -86,12 +76,13 @@ async fn answer(state: &AppState, mode: Mode, request: &AdmissionRequest<Service
         _ => return response,
     };
     let Some(service) = request.object.as_ref() else { return response };
-    if !state.store.is_ready() {
-        let denial =
-            Denial { field: String::new(), message: "allocation index not built yet".into(), code: 503 };
-        return deny(response, &denial);
+    if !state.allocator.is_ready() {
+        return deny(
+            response,
+            &Denial { code: 503, ..Denial::invalid("", "allocation index not built yet") },
+        );
     }
-    let families = state.store.index().config().families();
+    let families = state.allocator.index().config().families();
     let namespace = request.namespace.as_deref().unwrap_or_default();
     let input = Request {
         operation,
@@ -106,19 +97,13 @@ async fn answer(state: &AppState, mode: Mode, request: &AdmissionRequest<Service
         Ok(plan) => plan,
         Err(denial) => return deny(response, &denial),
     };
-    match state.store.reserve(&plan, request.dry_run).await {
+    match state.allocator.reserve(&plan, request.dry_run).await {
         Ok(assigned) if mode == Mode::Mutate => {
             debug!(owner = %plan.owner, ?assigned, dry_run = request.dry_run, "assigned");
-            match response.with_patch(build_patch(&plan, &assigned)) {
-                Ok(patched) => patched,
-                Err(error) => {
-                    let message = format!("could not encode the patch: {error}");
-                    deny(
-                        AdmissionResponse::from(request),
-                        &Denial { field: String::new(), message, code: 500 },
-                    )
-                }
-            }
+            response.with_patch(build_patch(&plan, &assigned)).unwrap_or_else(|error| {
+                let message = format!("could not encode the patch: {error}");
+                deny(AdmissionResponse::from(request), &Denial { field: String::new(), message, code: 500 })
+            })
         }
         Ok(_) => response,
         Err(denial) => {

@@ -1,10 +1,10 @@
 //! The in-memory allocation index of one replica: ipam bitmaps over the
 //! current pools, plus who holds each value.
 //!
-//! Input: claims (from the claim store), the values of Services (from the
+//! Input: claims (from the claim watch), the values of Services (from the
 //! Service watch), pool changes (ServiceCIDRs or flags), and this replica's
 //! in-flight picks. Output: candidate values and holder look-ups. No I/O:
-//! `store.rs` feeds it and turns picks into claims.
+//! `watches.rs` feeds it and `allocator.rs` turns picks into claims.
 //!
 //! A bit is set exactly when its value is claimed, held by a Service, or
 //! pending in a request of this replica. The bitmap is only an index for
@@ -13,38 +13,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ipnetwork::IpNetwork;
 use svcplane_ipam::{
     ClusterIpAllocator, IpFamily, IpamError, NodePortAllocator, NodePortAssignment, NodePortError,
-    NodePortNeeds, PortRange, ServicePort, assign_node_ports,
+    NodePortNeeds, ServicePort, assign_node_ports,
 };
 
 use crate::claim::{Owner, Value};
-
-/// The pools values come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolConfig {
-    /// Service CIDRs; the family of the first is the cluster's default family.
-    pub cidrs: Vec<IpNetwork>,
-    /// The NodePort range (also used for health-check NodePorts).
-    pub node_ports: PortRange,
-}
-
-impl PoolConfig {
-    /// The cluster's IP families in order, the default first.
-    pub fn families(&self) -> Vec<IpFamily> {
-        let mut families = Vec::new();
-        for cidr in &self.cidrs {
-            let family = if cidr.is_ipv4() { IpFamily::IPv4 } else { IpFamily::IPv6 };
-            if !families.contains(&family) {
-                families.push(family);
-            }
-        }
-        families
-    }
-}
+use crate::pools::PoolConfig;
 
 /// What the index knows about a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,16 +94,8 @@ impl Index {
     /// An empty index over `config`'s pools.
     pub fn new(config: PoolConfig) -> Result<Self, IpamError> {
         let (ips, ports) = build_allocators(&config)?;
-        Ok(Self {
-            config,
-            ips,
-            ports,
-            claims: HashMap::new(),
-            held: HashMap::new(),
-            services: HashMap::new(),
-            pending: HashMap::new(),
-            unconfirmed: HashMap::new(),
-        })
+        let (claims, held, services, pending, unconfirmed) = Default::default();
+        Ok(Self { config, ips, ports, claims, held, services, pending, unconfirmed })
     }
 
     /// The current pools.
@@ -160,7 +130,7 @@ impl Index {
         }
     }
 
-    /// Records a claim seen in the store or just created.
+    /// Records a claim the watch saw or this replica just created.
     pub fn apply_claim(&mut self, value: Value, record: ClaimRecord) {
         self.claims.insert(value, record);
         self.sync(value);
@@ -178,7 +148,7 @@ impl Index {
         self.claims.get(&value)
     }
 
-    /// Every claim, for the Service-delete release.
+    /// Every claim (for tests).
     pub fn claims(&self) -> impl Iterator<Item = (&Value, &ClaimRecord)> {
         self.claims.iter()
     }
@@ -293,12 +263,10 @@ impl Index {
             .collect()
     }
 
-    /// Forgets a deleted Service; returns the values it carried.
-    pub fn delete_service(&mut self, owner: &Owner) -> BTreeSet<Value> {
-        let old = self.services.get(owner).cloned().unwrap_or_default();
+    /// Forgets a deleted Service.
+    pub fn delete_service(&mut self, owner: &Owner) {
         self.apply_service(owner.clone(), BTreeSet::new());
         self.services.remove(owner);
-        old
     }
 
     /// Who holds `value`, other than `me`; `None` when it is free or only
@@ -317,29 +285,20 @@ impl Index {
 
     /// Whether `value` lies in a current pool, or the pool it is outside of.
     pub fn check_in_range(&self, value: Value) -> Result<(), IpamError> {
-        match value {
-            Value::Ip(ip) => {
-                if self.ips.iter().any(|pool| pool.contains(ip)) {
-                    Ok(())
-                } else {
-                    // Every range of the pool set, both families on a dual-stack
-                    // cluster, so the user sees all valid choices.
-                    let range =
-                        self.ips.iter().map(|pool| pool.cidr().to_string()).collect::<Vec<_>>().join(",");
-                    Err(IpamError::NotInRange { value: ip.to_string(), range })
-                }
-            }
-            Value::Port(port) => {
-                if self.ports.contains(port) {
-                    Ok(())
-                } else {
-                    Err(IpamError::NotInRange {
-                        value: port.to_string(),
-                        range: self.ports.range().to_string(),
-                    })
-                }
-            }
+        let inside = match value {
+            Value::Ip(ip) => self.ips.iter().any(|pool| pool.contains(ip)),
+            Value::Port(port) => self.ports.contains(port),
+        };
+        if inside {
+            return Ok(());
         }
+        // Every range of the pool set, both families on a dual-stack cluster,
+        // so the user sees all valid choices.
+        let range = match value {
+            Value::Ip(_) => self.ips.iter().map(|pool| pool.cidr().to_string()).collect::<Vec<_>>().join(","),
+            Value::Port(_) => self.ports.range().to_string(),
+        };
+        Err(IpamError::NotInRange { value: value.to_string(), range })
     }
 
     /// Marks `value` as pending for a request (a static value being claimed).
@@ -390,12 +349,7 @@ impl Index {
     ) -> Result<NodePortAssignment, NodePortError> {
         // Unmark this owner's own requested ports for the duration of the
         // (synchronous) assignment, then restore the bits.
-        let requested: Vec<u16> = ports
-            .iter()
-            .filter_map(|port| port.requested_node_port)
-            .chain(needs.health_check.flatten())
-            .collect();
-        let mine: Vec<u16> = requested
+        let mine: Vec<u16> = requested_ports(ports, needs)
             .into_iter()
             .filter(|port| {
                 let value = Value::Port(*port);
@@ -409,14 +363,7 @@ impl Index {
         }
         let result = assign_node_ports(&mut self.ports, ports, needs);
         if let Ok(assignment) = &result {
-            let taken: BTreeSet<u16> = assignment
-                .node_ports
-                .iter()
-                .flatten()
-                .chain(&assignment.health_check_node_port)
-                .copied()
-                .collect();
-            for port in taken {
+            for port in assigned_ports(assignment) {
                 *self.pending.entry(Value::Port(port)).or_default() += 1;
             }
         }
@@ -436,17 +383,10 @@ impl Index {
 
     /// Pool usage for metrics.
     pub fn usage(&self) -> Vec<PoolUsage> {
-        let mut usage: Vec<PoolUsage> = self
-            .ips
-            .iter()
-            .map(|pool| PoolUsage { pool: pool.cidr().to_string(), used: pool.used(), free: pool.free() })
-            .collect();
-        usage.push(PoolUsage {
-            pool: self.ports.range().to_string(),
-            used: self.ports.used(),
-            free: self.ports.free(),
-        });
-        usage
+        let ips =
+            self.ips.iter().map(|p| PoolUsage { pool: p.cidr().to_string(), used: p.used(), free: p.free() });
+        let p = &self.ports;
+        ips.chain([PoolUsage { pool: p.range().to_string(), used: p.used(), free: p.free() }]).collect()
     }
 
     /// Makes the bit of `value` match whether anyone holds it.
@@ -476,6 +416,24 @@ impl Index {
     }
 }
 
+/// The nodePorts and healthCheckNodePort the request names itself.
+pub(crate) fn requested_ports(ports: &[ServicePort], needs: NodePortNeeds) -> BTreeSet<u16> {
+    ports.iter().filter_map(|port| port.requested_node_port).chain(needs.health_check.flatten()).collect()
+}
+
+/// Every distinct port of an assignment (two ports may share a nodePort).
+pub(crate) fn assigned_ports(assignment: &NodePortAssignment) -> BTreeSet<u16> {
+    assignment.node_ports.iter().flatten().chain(&assignment.health_check_node_port).copied().collect()
+}
+
+/// Locks the index of one replica, shared by the allocator, the watches and
+/// the metrics collector.
+pub(crate) fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
+    // A panic while holding the lock leaves a consistent-enough index (each
+    // method keeps its own invariant), so poisoning is ignored.
+    index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn build_allocators(config: &PoolConfig) -> Result<(Vec<ClusterIpAllocator>, NodePortAllocator), IpamError> {
     let ips =
         config.cidrs.iter().map(|cidr| ClusterIpAllocator::new(*cidr)).collect::<Result<Vec<_>, _>>()?;
@@ -483,26 +441,25 @@ fn build_allocators(config: &PoolConfig) -> Result<(Vec<ClusterIpAllocator>, Nod
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use svcplane_ipam::Protocol;
 
     use super::*;
 
-    fn mk_index(cidrs: &[&str], ports: &str) -> Index {
-        Index::new(PoolConfig {
-            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            node_ports: ports.parse().unwrap(),
-        })
-        .unwrap()
+    /// An index over `cidrs` (comma-separated) and the NodePort range `ports`.
+    pub(crate) fn mk_index(cidrs: &str, ports: &str) -> Index {
+        let cidrs = crate::pools::parse_cidrs(cidrs).unwrap();
+        Index::new(PoolConfig { cidrs, node_ports: ports.parse().unwrap() }).unwrap()
     }
 
-    fn owner(name: &str) -> Owner {
+    /// The Service `ns/name`.
+    pub(crate) fn owner(name: &str) -> Owner {
         Owner { namespace: "ns".into(), name: name.into() }
     }
 
     #[test]
     fn claims_services_and_pending_each_keep_a_value_taken() {
-        let mut index = mk_index(&["10.0.0.0/29"], "30000-30001");
+        let mut index = mk_index("10.0.0.0/29", "30000-30001");
         let ip: IpAddr = "10.0.0.3".parse().unwrap();
         index.apply_claim(Value::Ip(ip), ClaimRecord { owner: owner("a"), uid: None });
         index.apply_service(owner("b"), [Value::Ip(ip)].into());
@@ -515,16 +472,14 @@ mod tests {
 
     #[test]
     fn a_full_pool_names_its_cidr() {
-        let mut index = mk_index(&["10.0.0.0/30"], "30000-30001");
-        index.pick_ip(IpFamily::IPv4).unwrap();
-        index.pick_ip(IpFamily::IPv4).unwrap();
-        let err = index.pick_ip(IpFamily::IPv4).unwrap_err();
-        assert_eq!(err.to_string(), "range 10.0.0.0/30 is full");
+        let mut index = mk_index("10.0.0.0/30", "30000-30001");
+        let picks = [(); 3].map(|()| index.pick_ip(IpFamily::IPv4).map_err(|e| e.to_string()));
+        assert_eq!(picks[2], Err("range 10.0.0.0/30 is full".into()));
     }
 
     #[test]
     fn own_claimed_node_port_is_free_for_its_owner_only() {
-        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        let mut index = mk_index("10.0.0.0/24", "30000-30010");
         index.apply_claim(Value::Port(30005), ClaimRecord { owner: owner("web"), uid: None });
         let ports = [ServicePort { port: 80, protocol: Protocol::Tcp, requested_node_port: Some(30005) }];
         let needs = NodePortNeeds { allocate_node_ports: true, health_check: None };
@@ -538,28 +493,23 @@ mod tests {
 
     #[test]
     fn pool_change_keeps_known_values() {
-        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        let mut index = mk_index("10.0.0.0/24", "30000-30010");
         index.apply_claim(Value::Port(30003), ClaimRecord { owner: owner("web"), uid: None });
-        index
-            .set_pools(PoolConfig {
-                cidrs: vec!["10.1.0.0/24".parse().unwrap()],
-                node_ports: "30000-30020".parse().unwrap(),
-            })
-            .unwrap();
+        index.set_pools(mk_index("10.1.0.0/24", "30000-30020").config().clone()).unwrap();
         assert_eq!(index.usage()[1].used, 1);
         assert!(index.check_in_range(Value::Ip("10.0.0.5".parse().unwrap())).is_err());
     }
 
     #[test]
     fn out_of_range_ip_names_every_range_of_a_dual_stack_pool() {
-        let index = mk_index(&["10.0.0.0/24", "fd00::/120"], "30000-30010");
+        let index = mk_index("10.0.0.0/24,fd00::/120", "30000-30010");
         let err = index.check_in_range(Value::Ip("10.9.0.1".parse().unwrap())).unwrap_err();
         assert!(err.to_string().contains("10.0.0.0/24,fd00::/120"), "{err}");
     }
 
     #[test]
     fn an_unconfirmed_claim_is_released_after_the_bound_unless_its_service_holds_it() {
-        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        let mut index = mk_index("10.0.0.0/24", "30000-30010");
         let start = Instant::now();
         let bound = Duration::from_secs(30);
         let (kept, failed) = (Value::Port(30001), Value::Port(30002));
@@ -579,7 +529,7 @@ mod tests {
 
     #[test]
     fn a_new_create_supersedes_only_unheld_claims_of_the_same_name() {
-        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        let mut index = mk_index("10.0.0.0/24", "30000-30010");
         let now = Instant::now();
         let track = |index: &mut Index, value: Value, name: &str| {
             index.apply_claim(value, ClaimRecord { owner: owner(name), uid: Some(format!("u{value}")) });
@@ -591,24 +541,18 @@ mod tests {
         track(&mut index, Value::Port(30004), "gen-*");
         index.apply_service(owner("web"), [Value::Port(30002)].into());
         let none = BTreeSet::new();
-        assert_eq!(
-            index.superseded_by(&owner("web"), &none),
-            vec![(Value::Port(30001), Some("u30001".into()))]
-        );
+        assert_eq!(index.superseded_by(&owner("web"), &none), [(Value::Port(30001), Some("u30001".into()))]);
         assert_eq!(index.superseded_by(&owner("web"), &[Value::Port(30001)].into()), vec![]);
         assert_eq!(index.superseded_by(&owner("gen-*"), &none), vec![], "placeholders are never superseded");
     }
 
     #[test]
     fn a_placeholder_claim_held_by_its_named_service_is_found_for_re_keying() {
-        let mut index = mk_index(&["10.0.0.0/24"], "30000-30010");
+        let mut index = mk_index("10.0.0.0/24", "30000-30010");
         index.apply_claim(Value::Port(30001), ClaimRecord { owner: owner("gen-*"), uid: Some("u1".into()) });
         index.apply_claim(Value::Port(30002), ClaimRecord { owner: owner("gen-*"), uid: Some("u2".into()) });
         index.apply_service(owner("gen-abc"), [Value::Port(30001)].into());
         index.apply_service(owner("other"), [Value::Port(30002)].into());
-        assert_eq!(
-            index.held_placeholders(),
-            vec![(Value::Port(30001), Some("u1".into()), owner("gen-abc"))]
-        );
+        assert_eq!(index.held_placeholders(), [(Value::Port(30001), Some("u1".into()), owner("gen-abc"))]);
     }
 }

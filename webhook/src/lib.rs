@@ -4,7 +4,9 @@
 //! - [`admit`]: pure plan of what a Service needs, and the JSON patch.
 //! - [`index`]: the in-memory bitmap index of one replica (no I/O).
 //! - [`claim`]: the claim object and value naming (no I/O).
-//! - [`store`]: claims create/delete (409 is the lock) and the watches.
+//! - [`pools`]: the pools from flags and ServiceCIDRs (no I/O).
+//! - [`allocator`]: a request's claims, create/delete (409 is the lock).
+//! - [`watches`]: keep the index in step with the cluster; early releases.
 //! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
 //! - [`repair`]: the leader's reconcile of claims against Services.
 //! - [`metrics`]: Prometheus metrics.
@@ -18,17 +20,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod admit;
+pub mod allocator;
 pub mod claim;
 pub mod handler;
 pub mod index;
 pub mod metrics;
+pub mod pools;
 pub mod repair;
 pub mod server;
-pub mod store;
 pub mod tls;
+pub mod watches;
 
 pub use claim::{AllocationClaim, AllocationClaimSpec, Owner, Value};
-pub use index::PoolConfig;
+pub use pools::PoolConfig;
 pub use server::WebhookServer;
 
 use svcplane_ipam::{IpamError, PortRange};
@@ -117,26 +121,16 @@ pub struct WebhookArgs {
 }
 
 impl Default for WebhookArgs {
+    /// The flags' own defaults (as parsed from no flags), without POD_NAMESPACE.
     fn default() -> Self {
-        Self {
-            bind_address: SocketAddr::from(([0, 0, 0, 0], 9443)),
-            tls_cert_file: None,
-            tls_key_file: None,
-            cert_reload_interval: Duration::from_secs(60),
-            self_signed: false,
-            self_signed_names: vec!["svcplane-webhook.svcplane-system.svc".to_owned()],
-            ca_secret: DEFAULT_CA_SECRET.to_owned(),
-            ca_secret_namespace: None,
-            mutating_configuration: None,
-            validating_configuration: None,
-            service_cidrs: "10.96.0.0/16".to_owned(),
-            node_port_range: "30000-32767".to_owned(),
-            max_body_bytes: 1 << 20,
-            release_on_delete: true,
-            repair_interval: Duration::from_secs(30),
-            repair_grace: Duration::from_secs(90),
-            unconfirmed_grace: Duration::from_secs(30),
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            args: WebhookArgs,
         }
+        let mut args = <Flags as clap::Parser>::parse_from(["svcplane"]).args;
+        args.ca_secret_namespace = None;
+        args
     }
 }
 
@@ -155,7 +149,7 @@ impl WebhookArgs {
 
     /// The fallback pools from the flags.
     pub fn pool_config(&self) -> Result<PoolConfig, Error> {
-        let cidrs = store::parse_cidrs(&self.service_cidrs).map_err(Error::Flag)?;
+        let cidrs = pools::parse_cidrs(&self.service_cidrs).map_err(Error::Flag)?;
         let node_ports: PortRange = self.node_port_range.parse().map_err(Error::Pools)?;
         Ok(PoolConfig { cidrs, node_ports })
     }
@@ -218,16 +212,8 @@ impl Error {
 }
 
 /// Runs the repair loop until `shutdown` resolves; run it on the leader only.
-pub async fn run_repair(
-    args: WebhookArgs,
-    client: kube::Client,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    run_repair_with_metrics(args, client, Arc::new(metrics::Metrics::new()), shutdown).await
-}
-
-/// Like [`run_repair`], counting findings in `metrics` (share the webhook
-/// server's, registered in the process's registry, so one `/metrics` shows both).
+/// It counts findings in `metrics` (share the webhook server's, registered in
+/// the process's registry, so one `/metrics` shows both).
 pub async fn run_repair_with_metrics(
     args: WebhookArgs,
     client: kube::Client,

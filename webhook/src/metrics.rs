@@ -16,8 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::index::Index;
-use crate::store::lock;
+use crate::index::{Index, lock};
 
 /// Prefix of every webhook metric.
 pub const PREFIX: &str = "svcplane_webhook";
@@ -88,26 +87,30 @@ impl Metrics {
             repairs: Family::default(),
             pools: Arc::default(),
         };
+        let m = &metrics;
         registry.register(
             "admission_requests",
             "Admission calls by webhook and result",
-            metrics.admissions.clone(),
+            m.admissions.clone(),
         );
         registry.register(
             "admission_duration_seconds",
             "Server-side admission latency",
-            metrics.admission_seconds.clone(),
+            m.admission_seconds.clone(),
         );
-        registry.register("allocations", "Claims created", metrics.allocations.clone());
-        registry.register("claim_conflicts", "Picks that lost a claim race", metrics.claim_conflicts.clone());
-        registry.register(
-            "dry_runs",
-            "Dry-run requests answered without reserving",
-            metrics.dry_runs.clone(),
-        );
-        registry.register("repair_findings", "Repair findings by type", metrics.repairs.clone());
-        registry.register_collector(Box::new(metrics.pools.clone()));
+        registry.register("allocations", "Claims created", m.allocations.clone());
+        registry.register("claim_conflicts", "Picks that lost a claim race", m.claim_conflicts.clone());
+        registry.register("dry_runs", "Dry-run requests answered without reserving", m.dry_runs.clone());
+        registry.register("repair_findings", "Repair findings by type", m.repairs.clone());
+        registry.register_collector(Box::new(m.pools.clone()));
         metrics
+    }
+
+    /// Counts an admission call of `webhook` (`mutate`, `validate`) by outcome.
+    pub fn admission(&self, webhook: &str, result: &str, reason: &str) {
+        let labels =
+            AdmissionLabels { webhook: webhook.into(), result: result.into(), reason: reason.into() };
+        self.admissions.get_or_create(&labels).inc();
     }
 
     /// Counts a repair finding.
@@ -126,12 +129,8 @@ impl Metrics {
     }
 
     /// The text exposition of the own registry (empty for metrics registered
-    /// elsewhere: that registry's owner serves them). With `index`, pool usage
-    /// is read from it, now and at later scrapes.
-    pub fn encode(&self, index: Option<&Arc<Mutex<Index>>>) -> String {
-        if let Some(index) = index {
-            self.observe_pools(index.clone());
-        }
+    /// elsewhere: that registry's owner serves them).
+    pub fn encode(&self) -> String {
         let mut text = String::new();
         if let Some(registry) = &self.registry {
             let registry = registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,14 +185,9 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::PoolConfig;
 
     fn mk_index() -> Arc<Mutex<Index>> {
-        let pools = PoolConfig {
-            cidrs: vec!["10.96.0.0/28".parse().unwrap()],
-            node_ports: "30000-30009".parse().unwrap(),
-        };
-        Arc::new(Mutex::new(Index::new(pools).unwrap()))
+        Arc::new(Mutex::new(crate::index::tests::mk_index("10.96.0.0/28", "30000-30009")))
     }
 
     #[test]
@@ -215,14 +209,15 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(!metrics.has_own_registry());
-        assert_eq!(metrics.encode(None), "", "the shared registry's owner serves them");
+        assert_eq!(metrics.encode(), "", "the shared registry's owner serves them");
     }
 
     #[test]
     fn standalone_metrics_encode_their_own_registry() {
         let metrics = Metrics::new();
         metrics.dry_runs.inc();
-        let text = metrics.encode(Some(&mk_index()));
+        metrics.observe_pools(mk_index());
+        let text = metrics.encode();
         assert!(text.contains("svcplane_webhook_dry_runs_total 1"), "{text}");
         assert!(text.contains("svcplane_webhook_pool_available{pool=\"30000-30009\"} 10"), "{text}");
     }

@@ -23,14 +23,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::Error;
-use crate::admit::value_fields;
+use crate::admit::{service_owner, value_fields};
+use crate::allocator::delete_claim;
 use crate::claim::{AllocationClaim, Owner, Value, build_claim};
-use crate::index::{Index, PoolConfig};
+use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::store::{delete_claim, pools_from};
+use crate::pools::{PoolConfig, pools_from};
 
 /// What one pass should do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,7 +58,7 @@ pub fn plan_repair(
 ) -> RepairPlan {
     let mut held: BTreeMap<Value, Vec<(Owner, String)>> = BTreeMap::new();
     for service in services {
-        let owner = Owner { namespace: service.namespace().unwrap_or_default(), name: service.name_any() };
+        let owner = service_owner(service);
         let mut seen = BTreeSet::new();
         for (value, field) in value_fields(service) {
             // Two ports of one Service sharing a nodePort is one holder.
@@ -104,26 +106,10 @@ pub async fn repair_once(
     metrics: &Metrics,
     recorder: &Recorder,
 ) -> Result<RepairPlan, Error> {
-    let list_err = |what: &str| {
-        let what = what.to_owned();
-        move |source| Error::Kube { what, source }
-    };
     let claims_api: Api<AllocationClaim> = Api::all(client.clone());
-    let claims =
-        claims_api.list(&ListParams::default()).await.map_err(list_err("list AllocationClaims"))?.items;
-    let services = Api::<Service>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(list_err("list Services"))?
-        .items;
-    let cidrs: BTreeMap<String, ServiceCIDR> = Api::<ServiceCIDR>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(list_err("list ServiceCIDRs"))?
-        .items
-        .into_iter()
-        .map(|c| (c.name_any(), c))
-        .collect();
+    let claims = list_all::<AllocationClaim>(client).await?;
+    let services = list_all::<Service>(client).await?;
+    let cidrs = list_all::<ServiceCIDR>(client).await?;
     let pools = Index::new(pools_from(&cidrs, fallback)).map_err(Error::Pools)?;
     let plan = plan_repair(
         &claims,
@@ -135,7 +121,7 @@ pub async fn repair_once(
 
     for (value, uid) in &plan.release {
         match delete_claim(&claims_api, *value, uid.clone()).await {
-            Ok(()) => {
+            Ok(_) => {
                 metrics.repair("leak");
                 info!(%value, "released a claim no Service holds");
             }
@@ -159,10 +145,7 @@ pub async fn repair_once(
             }
         }
     }
-    let by_owner: BTreeMap<Owner, &Service> = services
-        .iter()
-        .map(|s| (Owner { namespace: s.namespace().unwrap_or_default(), name: s.name_any() }, s))
-        .collect();
+    let by_owner: BTreeMap<Owner, &Service> = services.iter().map(|s| (service_owner(s), s)).collect();
     for (value, owner, field) in &plan.out_of_range {
         metrics.repair("outOfRange");
         let reason = if matches!(value, Value::Ip(_)) { "ClusterIPOutOfRange" } else { "PortOutOfRange" };
@@ -183,6 +166,16 @@ pub async fn repair_once(
         }
     }
     Ok(plan)
+}
+
+/// Every `K` in the cluster; the error names the kind ("list Services").
+async fn list_all<K>(client: &Client) -> Result<Vec<K>, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let list = Api::<K>::all(client.clone()).list(&ListParams::default()).await;
+    list.map(|list| list.items)
+        .map_err(|source| Error::Kube { what: format!("list {}s", K::kind(&())), source })
 }
 
 async fn publish(recorder: &Recorder, service: Option<&Service>, reason: &str, note: String) {
@@ -230,27 +223,20 @@ pub async fn repair_loop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::core::ObjectMeta;
 
     use super::*;
 
-    fn mk_service(name: &str, ip: &str, node_port: Option<i32>) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("ns".into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ips: Some(vec![ip.into()]),
-                ports: Some(vec![ServicePort { port: 80, node_port, ..Default::default() }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+    /// The Service `ns/name` with `ips` and one port per nodePort.
+    pub(crate) fn mk_service(name: &str, ips: &[&str], node_ports: &[i32]) -> Service {
+        let ports = node_ports.iter().map(|n| ServicePort { node_port: Some(*n), ..Default::default() });
+        let ips = ips.iter().map(|ip| (*ip).to_owned()).collect();
+        let meta = ObjectMeta { name: Some(name.into()), namespace: Some("ns".into()), ..Default::default() };
+        let spec = ServiceSpec { cluster_ips: Some(ips), ports: Some(ports.collect()), ..Default::default() };
+        Service { metadata: meta, spec: Some(spec), ..Default::default() }
     }
 
     fn mk_claim(value: Value, owner: &str, created_ms: i64) -> AllocationClaim {
@@ -270,7 +256,7 @@ mod tests {
 
     #[test]
     fn held_values_without_claims_are_adopted_and_duplicates_reported() {
-        let services = [mk_service("a", "10.96.0.7", Some(30005)), mk_service("b", "10.96.0.7", None)];
+        let services = [mk_service("a", &["10.96.0.7"], &[30005]), mk_service("b", &["10.96.0.7"], &[])];
         let plan = plan_repair(&[], &services, |v| v != Value::Port(30005), 0, Duration::ZERO);
         assert_eq!(plan.adopt.len(), 1, "{plan:?}");
         assert_eq!(plan.duplicates.len(), 1);

@@ -22,18 +22,19 @@ use tokio::task::JoinHandle;
 use tower_http::{limit::RequestBodyLimitLayer, trace::TraceLayer};
 use tracing::info;
 
+use crate::allocator::Allocator;
 use crate::handler::{AppState, mutate, validate};
 use crate::index::Index;
-use crate::metrics::{AdmissionLabels, Metrics};
-use crate::store::{ReleasePolicy, Store, run_watches};
+use crate::metrics::Metrics;
+use crate::watches::run_watches;
 use crate::{Error, WebhookArgs, tls};
 
 /// A running webhook replica: the server and its watch tasks.
 pub struct WebhookServer {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
-    /// The claim store, for tests that inspect the index.
-    pub store: Store,
+    /// The allocator, for tests that inspect the index.
+    pub allocator: Allocator,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     handle: Handle<SocketAddr>,
@@ -108,23 +109,15 @@ impl WebhookServer {
         let index = Arc::new(Mutex::new(Index::new(pools.clone()).map_err(Error::Pools)?));
         metrics.observe_pools(index.clone());
         let (ready_tx, ready_rx) = watch::channel(false);
-        let store = Store::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
+        let allocator = Allocator::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(run_watches(
-            client.clone(),
-            index.clone(),
-            pools,
-            ready_tx,
-            ReleasePolicy {
-                on_service_change: args.release_on_delete,
-                unconfirmed_grace: args.unconfirmed_grace,
-            },
-        )));
+        let (release, grace) = (args.release_on_delete, args.unconfirmed_grace);
+        tasks.push(tokio::spawn(run_watches(client.clone(), index.clone(), pools, ready_tx, release, grace)));
         if let Some(reload) = reload {
             tasks.push(tokio::spawn(reload));
         }
 
-        let state = AppState { store: store.clone(), metrics: metrics.clone() };
+        let state = AppState { allocator: allocator.clone(), metrics: metrics.clone() };
         let app = router(state, args.max_body_bytes);
         tasks.push(tokio::spawn(async move {
             if let Err(error) = server.serve(app.into_make_service()).await {
@@ -132,19 +125,16 @@ impl WebhookServer {
             }
         }));
         info!(%addr, "webhook serving");
-        Ok(Self { addr, store, metrics, handle, tasks })
+        Ok(Self { addr, allocator, metrics, handle, tasks })
     }
 
     /// Waits until the index has been rebuilt from the cluster.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), Error> {
-        let started = tokio::time::Instant::now();
-        while !self.store.is_ready() {
-            if started.elapsed() > timeout {
-                return Err(Error::NotReady);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut ready = self.allocator.ready_signal();
+        match tokio::time::timeout(timeout, ready.wait_for(|ready| *ready)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::NotReady),
         }
-        Ok(())
     }
 
     /// Stops hard, as a crash would: open connections are cut and the
@@ -203,16 +193,7 @@ async fn explain_too_large(
     if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
         return response;
     }
-    let webhook = uri.path().trim_start_matches('/');
-    state
-        .metrics
-        .admissions
-        .get_or_create(&AdmissionLabels {
-            webhook: webhook.to_owned(),
-            result: "invalid".to_owned(),
-            reason: "RequestEntityTooLarge".to_owned(),
-        })
-        .inc();
+    state.metrics.admission(uri.path().trim_start_matches('/'), "invalid", "RequestEntityTooLarge");
     let message = format!(
         "svcplane webhook: the AdmissionReview is larger than --webhook-max-body-bytes={max_body}; \
          raise the flag if Services this large are expected"
@@ -233,14 +214,14 @@ async fn explain_too_large(
 /// process's registry, on its metrics address.
 fn own_metrics(metrics: &Metrics) -> (StatusCode, String) {
     if metrics.has_own_registry() {
-        (StatusCode::OK, metrics.encode(None))
+        (StatusCode::OK, metrics.encode())
     } else {
         (StatusCode::NOT_FOUND, "the webhook's metrics are served on --metrics-bind-address\n".to_owned())
     }
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.store.is_ready() {
+    if state.allocator.is_ready() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "index not built")

@@ -1,0 +1,446 @@
+//! The allocator of one replica: turns a [`Plan`] into `AllocationClaim`s,
+//! one claim transaction per admission call.
+//!
+//! Calls the API: creates and deletes claims (and LISTs the Service of a
+//! superseded create). A create that fails with 409 AlreadyExists means
+//! another replica (or request) holds the value: a dynamic pick then tries
+//! another value, a static request is denied naming the holder. A denied
+//! request deletes the claims it created. Named `Allocator`, not `Store`: it
+//! caches no objects, and kube's `reflector::Store` (used by `watches.rs`) does.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::{Client, ResourceExt};
+use svcplane_ipam::{IpamError, NodePortAssignment, NodePortError};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::admit::{Assigned, Denial, Plan, service_values};
+use crate::claim::{AllocationClaim, Owner, Value, build_claim, claim_owner};
+use crate::index::{ClaimRecord, Index, assigned_ports, lock, requested_ports};
+use crate::metrics::Metrics;
+
+/// How many claim conflicts one dynamic pick tolerates before giving up.
+const MAX_PICK_ATTEMPTS: usize = 32;
+
+/// The allocator of one replica: its index and the claims API.
+#[derive(Clone)]
+pub struct Allocator {
+    index: Arc<Mutex<Index>>,
+    claims: Api<AllocationClaim>,
+    client: Client,
+    metrics: Arc<Metrics>,
+    ready: watch::Receiver<bool>,
+}
+
+/// One admission call's claims: what it created, so a denial can undo it,
+/// and what it holds pending in the index until it ends.
+struct Txn<'a> {
+    owner: &'a Owner,
+    dry_run: bool,
+    created: Vec<(Value, Option<String>)>,
+    pending: Vec<Value>,
+}
+
+/// What a claim create found: the owner holds the value (with the uid of
+/// the claim when this create made it), or `Err(holder)`, another Service.
+type ClaimOutcome = Result<Option<String>, Owner>;
+
+impl Txn<'_> {
+    /// Records `outcome` for `value`; `Err(holder)` when another Service holds it.
+    fn note(&mut self, value: Value, outcome: ClaimOutcome) -> Result<(), Owner> {
+        if let Some(uid) = outcome? {
+            self.created.push((value, Some(uid)));
+        }
+        Ok(())
+    }
+}
+
+impl Allocator {
+    /// An allocator over `index`; `ready` turns true once every watch has listed.
+    pub fn new(
+        client: Client,
+        index: Arc<Mutex<Index>>,
+        metrics: Arc<Metrics>,
+        ready: watch::Receiver<bool>,
+    ) -> Self {
+        Self { index, claims: Api::all(client.clone()), client, metrics, ready }
+    }
+
+    /// Whether the index has been rebuilt from the cluster.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Turns true once the index has been rebuilt from the cluster (for a
+    /// readiness probe outside the webhook server).
+    pub fn ready_signal(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
+    /// The index (for the handler's IP families, and for tests).
+    pub fn index(&self) -> MutexGuard<'_, Index> {
+        lock(&self.index)
+    }
+
+    /// Claims every value of `plan` (or, on dry-run, only picks them) and
+    /// returns what was assigned. On a denial nothing stays claimed.
+    pub async fn reserve(&self, plan: &Plan, dry_run: bool) -> Result<Assigned, Denial> {
+        if plan.supersede && !dry_run {
+            self.release_superseded(plan).await;
+        }
+        let mut txn = Txn { owner: &plan.owner, dry_run, created: Vec::new(), pending: Vec::new() };
+        let result = self.reserve_in(plan, &mut txn).await;
+        if result.is_err() {
+            self.undo(&txn).await;
+        } else if dry_run {
+            self.metrics.dry_runs.inc();
+        }
+        let mut index = self.index();
+        if result.is_ok() {
+            let now = Instant::now();
+            for (value, uid) in &txn.created {
+                index.track_unconfirmed(*value, &plan.owner, uid.clone(), now);
+            }
+        }
+        for value in txn.pending {
+            index.release_pending(value);
+        }
+        result
+    }
+
+    async fn reserve_in(&self, plan: &Plan, txn: &mut Txn<'_>) -> Result<Assigned, Denial> {
+        let mut assigned = Assigned::default();
+        for need in &plan.ips {
+            let ip = match need.requested {
+                Some(ip) => self.claim_static(Value::Ip(ip), &need.field, txn).await.map(|()| ip)?,
+                None => {
+                    let pick = |index: &mut Index| index.pick_ip(need.family);
+                    self.claim_dynamic(pick, Value::Ip, &need.field, txn).await?
+                }
+            };
+            assigned.ips.push(ip);
+        }
+        if let Some(needs) = &plan.ports {
+            let picked = self.index().pick_node_ports(&needs.ports, needs.needs, &plan.owner);
+            let mut assignment = picked.map_err(|error| {
+                port_denial(&self.index(), &error, &plan.owner, needs.spec_index.as_slice())
+            })?;
+            let requested = requested_ports(&needs.ports, needs.needs);
+            let distinct = assigned_ports(&assignment);
+            txn.pending.extend(distinct.iter().map(|p| Value::Port(*p)));
+            if !txn.dry_run {
+                let creates = distinct.iter().map(|port| self.create_claim(Value::Port(*port), &plan.owner));
+                for (port, outcome) in distinct.iter().zip(join_all(creates).await) {
+                    let field = port_field(&assignment, &needs.spec_index, *port);
+                    match outcome.map(|outcome| txn.note(Value::Port(*port), outcome)) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(holder)) if requested.contains(port) => {
+                            return Err(taken_denial(field, port, holder));
+                        }
+                        Ok(Err(_)) => {
+                            // Lost a race with another replica: pick again.
+                            self.metrics.claim_conflicts.inc();
+                            let pick = |index: &mut Index| index.pick_port();
+                            let new = self.claim_dynamic(pick, Value::Port, &field, txn).await?;
+                            replace_port(&mut assignment, *port, new);
+                        }
+                        Err(error) => return Err(store_denial(&field, &error)),
+                    }
+                }
+            }
+            assigned.node_ports = Some(assignment);
+        }
+        if !txn.dry_run {
+            self.metrics.allocations.inc_by(txn.created.len() as u64);
+        }
+        Ok(assigned)
+    }
+
+    async fn claim_static(&self, value: Value, field: &str, txn: &mut Txn<'_>) -> Result<(), Denial> {
+        {
+            let mut index = self.index();
+            index.check_in_range(value).map_err(|error| Denial::invalid(field, error.to_string()))?;
+            if let Some(holder) = index.other_holder(value, txn.owner) {
+                return Err(taken_denial(field, value, holder.describe()));
+            }
+            index.hold_pending(value);
+            txn.pending.push(value);
+        }
+        if txn.dry_run {
+            return Ok(());
+        }
+        match self.create_claim(value, txn.owner).await {
+            Ok(outcome) => txn.note(value, outcome).map_err(|holder| taken_denial(field, value, holder)),
+            Err(error) => Err(store_denial(field, &error)),
+        }
+    }
+
+    /// Picks with `pick` (which holds the value pending) and claims, picking
+    /// again after a conflict; `wrap` names the picked thing as a [`Value`].
+    async fn claim_dynamic<T: Copy>(
+        &self,
+        pick: impl Fn(&mut Index) -> Result<T, IpamError>,
+        wrap: fn(T) -> Value,
+        field: &str,
+        txn: &mut Txn<'_>,
+    ) -> Result<T, Denial> {
+        for _ in 0..MAX_PICK_ATTEMPTS {
+            let picked = pick(&mut self.index()).map_err(|error| full_denial(field, &error))?;
+            let value = wrap(picked);
+            txn.pending.push(value);
+            if txn.dry_run {
+                return Ok(picked);
+            }
+            match self.create_claim(value, txn.owner).await {
+                Ok(outcome) => match txn.note(value, outcome) {
+                    Ok(()) => return Ok(picked),
+                    Err(_) => self.metrics.claim_conflicts.inc(),
+                },
+                Err(error) => return Err(store_denial(field, &error)),
+            };
+        }
+        Err(Denial { code: 500, ..Denial::invalid(field, "too many allocation conflicts, retry") })
+    }
+
+    /// Creates the claim of `value` for `owner`, unless the index shows
+    /// `owner` already holds it. On 409 the index learns the real holder.
+    async fn create_claim(&self, value: Value, owner: &Owner) -> Result<ClaimOutcome, kube::Error> {
+        if let Some(claim) = self.index().claim(value)
+            && claim.owner.matches(owner)
+        {
+            return Ok(Ok(None));
+        }
+        match self.claims.create(&PostParams::default(), &build_claim(value, owner)).await {
+            Ok(created) => {
+                let uid = created.uid();
+                self.index().apply_claim(value, ClaimRecord { owner: owner.clone(), uid: uid.clone() });
+                // A created claim without a uid is never undone (cannot happen).
+                Ok(Ok(uid))
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                // Released in between: report it as taken so the caller
+                // picks again rather than loop on one value.
+                let Some(existing) = self.claims.get_opt(&value.claim_name()).await? else {
+                    return Ok(Err(owner.clone()));
+                };
+                let holder = claim_owner(&existing);
+                self.index().apply_claim(value, ClaimRecord { owner: holder.clone(), uid: existing.uid() });
+                Ok(if holder.matches(owner) { Ok(None) } else { Err(holder) })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Releases what an earlier create of the same namespace/name claimed on
+    /// this replica and no Service holds, keeping the values this request
+    /// asks for (a reinvocation of the same request).
+    async fn release_superseded(&self, plan: &Plan) {
+        let superseded = self.index().superseded_by(&plan.owner, &requested_values(plan));
+        if superseded.is_empty() {
+            return;
+        }
+        // The watch may lag behind an earlier create that did persist: ask the
+        // apiserver (a quorum LIST, as RBAC grants list but not get).
+        let services: Api<Service> = Api::namespaced(self.client.clone(), &plan.owner.namespace);
+        let params = ListParams::default().fields(&format!("metadata.name={}", plan.owner.name));
+        let persisted: BTreeSet<Value> = match services.list(&params).await {
+            Ok(list) => list.items.iter().flat_map(service_values).collect(),
+            Err(error) => {
+                warn!(owner = %plan.owner, %error, "could not check for an earlier create; releasing nothing");
+                return;
+            }
+        };
+        let superseded = superseded.into_iter().filter(|(value, _)| !persisted.contains(value)).collect();
+        release_claims(&self.claims, &self.index, superseded, "a failed earlier create claimed it").await;
+    }
+
+    async fn undo(&self, txn: &Txn<'_>) {
+        for (value, uid) in &txn.created {
+            if let Err(error) = delete_claim(&self.claims, *value, uid.clone()).await {
+                warn!(%value, %error, "could not undo claim; the repair loop will release it");
+            }
+            self.index().delete_claim(*value);
+        }
+    }
+}
+
+/// Deletes the claim of `value`, only if it is still the object with `uid`
+/// (so a claim re-made for a new Service is never deleted by mistake).
+/// A missing or re-made claim is not an error: `Ok(false)`, so that only the
+/// caller whose delete succeeded acts on it.
+pub async fn delete_claim(
+    claims: &Api<AllocationClaim>,
+    value: Value,
+    uid: Option<String>,
+) -> Result<bool, kube::Error> {
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
+        ..DeleteParams::default()
+    };
+    match claims.delete(&value.claim_name(), &params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Deletes each claim and forgets it in `index` (`why` says why, for the
+/// log); a failed delete is logged and left to the caller's next pass.
+pub(crate) async fn release_claims(
+    claims: &Api<AllocationClaim>,
+    index: &Mutex<Index>,
+    values: Vec<(Value, Option<String>)>,
+    why: &str,
+) {
+    for (value, uid) in values {
+        match delete_claim(claims, value, uid).await {
+            Ok(_) => {
+                debug!(%value, why, "released a claim");
+                lock(index).delete_claim(value);
+            }
+            Err(error) => warn!(%value, %error, why, "release failed; will retry"),
+        }
+    }
+}
+
+/// The values `plan` names itself: a reinvocation keeps them.
+fn requested_values(plan: &Plan) -> BTreeSet<Value> {
+    let ips = plan.ips.iter().filter_map(|need| need.requested).map(Value::Ip);
+    let ports = plan.ports.iter().flat_map(|needs| requested_ports(&needs.ports, needs.needs));
+    ips.chain(ports.map(Value::Port)).collect()
+}
+
+/// The denial of a NodePort assignment, naming the field in `spec.ports`
+/// numbering and, for a taken port, its holder.
+fn port_denial(index: &Index, error: &NodePortError, owner: &Owner, spec_index: &[usize]) -> Denial {
+    let field = renumber_field(&error.field, spec_index);
+    match &error.source {
+        IpamError::Allocated { value, .. } => {
+            let holder = value
+                .parse()
+                .ok()
+                .and_then(|port| index.other_holder(Value::Port(port), owner))
+                .map(|holder| holder.describe())
+                .unwrap_or_else(|| "another port of this Service".to_owned());
+            taken_denial(field, value, holder)
+        }
+        IpamError::Full { .. } => full_denial(&field, &error.source),
+        other => Denial::invalid(field, other.to_string()),
+    }
+}
+
+fn taken_denial(
+    field: impl Into<String>,
+    value: impl std::fmt::Display,
+    holder: impl std::fmt::Display,
+) -> Denial {
+    Denial::invalid(field, format!("{value} is already allocated to {holder}"))
+}
+
+fn full_denial(field: &str, error: &IpamError) -> Denial {
+    let what = if field.contains("clusterIP") { "ClusterIP" } else { "NodePort" };
+    let message = match error {
+        IpamError::Full { range } => format!("failed to allocate a {what}: pool {range} is full"),
+        other => other.to_string(),
+    };
+    Denial::invalid(field, message)
+}
+
+fn store_denial(field: &str, error: &kube::Error) -> Denial {
+    Denial { code: 500, ..Denial::invalid(field, format!("failed to record the allocation: {error}")) }
+}
+
+/// ipam names fields by the index in the list it was given; map that back
+/// to the index in `spec.ports`.
+fn renumber_field(field: &str, spec_index: &[usize]) -> String {
+    let Some(rest) = field.strip_prefix("spec.ports[") else { return field.to_owned() };
+    let Some((number, tail)) = rest.split_once(']') else { return field.to_owned() };
+    match number.parse::<usize>().ok().and_then(|i| spec_index.get(i)) {
+        Some(real) => format!("spec.ports[{real}]{tail}"),
+        None => field.to_owned(),
+    }
+}
+
+/// The field that carries `port` in the Service: its first nodePort entry,
+/// else the healthCheckNodePort.
+fn port_field(assignment: &NodePortAssignment, spec_index: &[usize], port: u16) -> String {
+    match assignment.node_ports.iter().position(|p| *p == Some(port)) {
+        Some(i) => format!("spec.ports[{}].nodePort", spec_index.get(i).copied().unwrap_or(i)),
+        None => "spec.healthCheckNodePort".to_owned(),
+    }
+}
+
+fn replace_port(assignment: &mut NodePortAssignment, old: u16, new: u16) {
+    for port in assignment.node_ports.iter_mut().flatten() {
+        if *port == old {
+            *port = new;
+        }
+    }
+    if assignment.health_check_node_port == Some(old) {
+        assignment.health_check_node_port = Some(new);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use svcplane_ipam::{IpFamily, NodePortNeeds, Protocol, ServicePort};
+
+    use super::*;
+    use crate::admit::{IpNeed, PortNeeds};
+    use crate::index::tests::{mk_index, owner};
+
+    #[test]
+    fn ports_are_named_and_replaced_in_spec_ports_numbering() {
+        assert_eq!(renumber_field("spec.ports[1].nodePort", &[0, 3]), "spec.ports[3].nodePort");
+        assert_eq!(renumber_field("spec.ports[5].nodePort", &[0, 3]), "spec.ports[5].nodePort");
+        let mut ports = NodePortAssignment {
+            node_ports: vec![None, Some(30001), Some(30001)],
+            health_check_node_port: Some(30002),
+        };
+        assert_eq!(port_field(&ports, &[2, 4, 5], 30001), "spec.ports[4].nodePort", "the first entry");
+        assert_eq!(port_field(&ports, &[2, 4, 5], 30002), "spec.healthCheckNodePort");
+        replace_port(&mut ports, 30001, 30009);
+        assert_eq!(ports.node_ports, [None, Some(30009), Some(30009)], "every entry sharing it");
+    }
+
+    #[test]
+    fn a_reinvocation_keeps_the_values_the_request_names() {
+        let ip = "10.0.0.9".parse().unwrap();
+        let need = |requested| IpNeed { field: String::new(), family: IpFamily::IPv4, requested };
+        let port =
+            |requested_node_port| ServicePort { port: 80, protocol: Protocol::Tcp, requested_node_port };
+        let plan = Plan {
+            ips: vec![need(Some(ip)), need(None)],
+            ports: Some(PortNeeds {
+                spec_index: vec![0, 1],
+                ports: vec![port(Some(30001)), port(None)],
+                needs: NodePortNeeds { allocate_node_ports: true, health_check: Some(Some(30002)) },
+            }),
+            ..Plan::default()
+        };
+        assert_eq!(requested_values(&plan), [Value::Ip(ip), Value::Port(30001), Value::Port(30002)].into());
+    }
+
+    #[test]
+    fn a_port_denial_names_the_spec_field_and_the_holder() {
+        let mut index = mk_index("10.0.0.0/24", "30000-30001");
+        index.apply_claim(Value::Port(30001), ClaimRecord { owner: owner("db"), uid: None });
+        let deny = |field: &str, source| {
+            port_denial(&index, &NodePortError { field: field.into(), source }, &owner("web"), &[0, 2])
+        };
+        let taken =
+            deny("spec.ports[1].nodePort", IpamError::Allocated { value: "30001".into(), range: "".into() });
+        assert_eq!(taken.to_string(), "spec.ports[2].nodePort: 30001 is already allocated to ns/db");
+        let full = deny("spec.ports", IpamError::Full { range: "30000-30001".into() });
+        assert_eq!(
+            (full.to_string(), full.code),
+            ("spec.ports: failed to allocate a NodePort: pool 30000-30001 is full".into(), 422)
+        );
+    }
+}
