@@ -5,11 +5,13 @@
 //! create, update and delete) and a thin shell that reads reflector stores, calls
 //! the planner and applies the plan. Most tests live on the planners.
 
+pub mod compare;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod index;
 pub mod labels;
 pub mod metrics;
+pub mod migration;
 pub mod mirroring;
 pub mod plan;
 pub mod pod;

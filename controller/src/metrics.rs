@@ -33,6 +33,12 @@ struct SyncLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    controller: ControllerKind,
+    agreement: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChangeLabels {
     controller: ControllerKind,
     operation: &'static str,
@@ -54,6 +60,8 @@ pub struct Metrics {
     changes: Family<ChangeLabels, Counter>,
     queue_depth: Family<ControllerLabels, Gauge>,
     stale_skips: Family<ControllerLabels, Counter>,
+    shadow_services: Family<ShadowLabels, Gauge>,
+    takeover_blocked: Gauge,
 }
 
 fn sizes() -> Histogram {
@@ -75,6 +83,8 @@ impl Metrics {
             changes: Family::default(),
             queue_depth: Family::default(),
             stale_skips: Family::default(),
+            shadow_services: Family::default(),
+            takeover_blocked: Gauge::default(),
         };
         registry.register("syncs", "Reconciles of one Service, by result", m.syncs.clone());
         registry.register("sync_duration_seconds", "Duration of one reconcile", m.sync_duration.clone());
@@ -95,7 +105,30 @@ impl Metrics {
             "Reconciles postponed because the cache had not seen svcplane's own writes",
             m.stale_skips.clone(),
         );
+        registry.register(
+            "shadow_services",
+            "Services whose endpoints svcplane agrees (or not) with kube-controller-manager on, in shadow mode",
+            m.shadow_services.clone(),
+        );
+        registry.register(
+            "takeover_blocked",
+            "1 when a take-over stopped because kube-controller-manager still runs its endpoint controllers",
+            m.takeover_blocked.clone(),
+        );
         m
+    }
+
+    /// Sets the shadow-mode counts of `controller`.
+    pub fn set_shadow(&self, controller: ControllerKind, agrees: usize, differs: usize) {
+        for (agreement, n) in [("agrees", agrees), ("differs", differs)] {
+            let labels = ShadowLabels { controller: controller.clone(), agreement };
+            self.shadow_services.get_or_create(&labels).set(n as i64);
+        }
+    }
+
+    /// Marks the take-over blocked.
+    pub fn set_takeover_blocked(&self, blocked: bool) {
+        self.takeover_blocked.set(i64::from(blocked));
     }
 
     /// Creates the series of a controller that runs in this process at 0 (its

@@ -10,10 +10,11 @@
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
-    core::v1::{EndpointSubset, Endpoints, Service},
+    core::v1::{Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, api::ListParams};
+pub use svcplane_controller::compare::normalize_endpoints;
 use svcplane_controller::stored_pod::StoredPod;
 use svcplane_controller::{endpoints::desired_endpoints, plan::Key};
 
@@ -74,19 +75,11 @@ async fn converge_with(
 }
 
 fn diff(upstream: &Normalized, svcplane: &Normalized) -> String {
-    let only = |a: &[String], b: &[String]| -> Vec<String> {
-        a.iter().filter(|x| !b.contains(x)).cloned().collect()
-    };
-    let ul: Vec<String> = upstream.labels.iter().cloned().collect();
-    let sl: Vec<String> = svcplane.labels.iter().cloned().collect();
     format!(
-        "upstream {} endpoints, svcplane {}; only upstream: {:?}; only svcplane: {:?}; labels only upstream: {:?}; labels only svcplane: {:?}",
+        "upstream {} endpoints, svcplane {}; first difference: {:?}",
         upstream.endpoints.len(),
         svcplane.endpoints.len(),
-        only(&upstream.endpoints, &svcplane.endpoints),
-        only(&svcplane.endpoints, &upstream.endpoints),
-        only(&ul, &sl),
-        only(&sl, &ul),
+        upstream.first_difference(svcplane, "upstream", "svcplane"),
     )
 }
 
@@ -140,53 +133,4 @@ pub async fn converge_endpoints(
         },
     )
     .await
-}
-
-/// Endpoints as sorted lines: labels, the over-capacity annotation, and one line
-/// per (subset ports, address, readiness).
-pub fn normalize_endpoints(ep: Option<&Endpoints>) -> Vec<String> {
-    let Some(ep) = ep else { return vec!["<none>".into()] };
-    let mut lines = Vec::new();
-    for (k, v) in ep.metadata.labels.iter().flatten() {
-        lines.push(format!("label {k}={v}"));
-    }
-    if let Some(v) =
-        ep.metadata.annotations.as_ref().and_then(|a| a.get("endpoints.kubernetes.io/over-capacity"))
-    {
-        lines.push(format!("over-capacity {v}"));
-    }
-    for subset in ep.subsets.iter().flatten() {
-        let ports = subset_ports(subset);
-        for (kind, list) in [("ready", &subset.addresses), ("notready", &subset.not_ready_addresses)] {
-            for a in list.iter().flatten() {
-                lines.push(format!(
-                    "{ports} {kind} {} host={} node={} target={}",
-                    a.ip,
-                    a.hostname.clone().unwrap_or_default(),
-                    a.node_name.clone().unwrap_or_default(),
-                    a.target_ref.as_ref().and_then(|t| t.name.clone()).unwrap_or_default()
-                ));
-            }
-        }
-    }
-    lines.sort();
-    lines
-}
-
-fn subset_ports(subset: &EndpointSubset) -> String {
-    let mut ports: Vec<String> = subset
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| {
-            format!(
-                "{}:{}/{}",
-                p.name.clone().unwrap_or_default(),
-                p.port,
-                p.protocol.clone().unwrap_or_default()
-            )
-        })
-        .collect();
-    ports.sort();
-    format!("[{}]", ports.join(","))
 }

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::{
     endpointslice::SliceConfig,
     metrics::{ControllerKind, Metrics},
+    migration::{Migration, ShadowBook, TakeOverGuard},
     mirroring::MirroringConfig,
     tracker::WriteTracker,
 };
@@ -60,6 +61,12 @@ pub struct ControllerArgs {
     /// cluster never waits (0s: off).
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     pub burst_batch_delay: Duration,
+    /// Moving endpoints between kube-controller-manager and svcplane: off (never
+    /// touch its slices), shadow (write nothing, compare), take-over (delete its
+    /// slices once svcplane's are written), hand-back (delete svcplane's once
+    /// its agree). See the README's "Migrating from kube-controller-manager".
+    #[arg(long, value_enum, default_value = "off")]
+    pub migration: Migration,
 }
 
 impl Default for ControllerArgs {
@@ -73,6 +80,7 @@ impl Default for ControllerArgs {
             kube_api_burst: 100,
             min_sync_interval: Duration::from_millis(100),
             burst_batch_delay: Duration::from_millis(50),
+            migration: Migration::Off,
         }
     }
 }
@@ -126,6 +134,12 @@ pub struct Context {
     pub endpoints_trigger_times: state::TriggerTimes,
     /// Write rate limit of each controller (a token bucket, as client-go's).
     pub limits: WriteLimits,
+    /// What svcplane does about kube-controller-manager's endpoint objects.
+    pub migration: Migration,
+    /// Shadow mode's verdicts.
+    pub shadow: ShadowBook,
+    /// Take-over's watch for a kube-controller-manager still writing.
+    pub takeover_guard: TakeOverGuard,
 }
 
 /// One token bucket per controller, as kube-controller-manager gives each
@@ -187,8 +201,14 @@ pub async fn run(
         ("mirroring", ControllerKind::mirroring),
     ] {
         if wants(name) {
-            metrics.declare(kind);
+            metrics.declare(kind.clone());
+            if args.migration == Migration::Shadow {
+                metrics.set_shadow(kind, 0, 0);
+            }
         }
+    }
+    if args.migration == Migration::TakeOver {
+        metrics.set_takeover_blocked(false);
     }
     let (interval, burst) = (args.min_sync_interval, args.burst_batch_delay);
     let new_queue = || queue::WorkQueue::with_intervals(interval, burst);
@@ -199,7 +219,7 @@ pub async fn run(
     };
     let tracker = Arc::new(WriteTracker::default());
     let (stores, indexes, mut synced, watch_tasks) =
-        state::start_watches(&client, queues.clone(), tracker.clone());
+        state::start_watches(&client, queues.clone(), tracker.clone(), args.migration);
     let reporter = Reporter {
         controller: "svcplane".into(),
         instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
@@ -225,6 +245,9 @@ pub async fn run(
         slice_trigger_times: Default::default(),
         endpoints_trigger_times: Default::default(),
         limits: WriteLimits::new(args.kube_api_qps, args.kube_api_burst),
+        migration: args.migration,
+        shadow: ShadowBook::default(),
+        takeover_guard: TakeOverGuard::default(),
     });
 
     let mut shutdown = std::pin::pin!(shutdown);

@@ -29,6 +29,7 @@ use crate::{
     index::SelectorIndex,
     labels,
     metrics::ControllerKind,
+    migration::Migration,
     stored_pod::StoredPod,
     tracker::WriteTracker,
     trim,
@@ -43,7 +44,8 @@ pub struct Stores {
     pub pods: Store<StoredPod>,
     /// All Nodes (name and zone only).
     pub nodes: Store<Node>,
-    /// Slices managed by svcplane (both managed-by values).
+    /// Slices managed by svcplane (both managed-by values), and while migrating
+    /// those of kube-controller-manager.
     pub slices: Store<EndpointSlice>,
     /// All Endpoints.
     pub endpoints: Store<Endpoints>,
@@ -111,6 +113,7 @@ pub fn start_watches(
     client: &Client,
     queues: Queues,
     tracker: Arc<WriteTracker>,
+    migration: Migration,
 ) -> (Stores, Arc<Indexes>, watch::Receiver<bool>, Vec<tokio::task::JoinHandle<()>>) {
     let indexes = Arc::new(Indexes::default());
     let (svc_reader, svc_writer) = reflector::store::<Service>();
@@ -130,12 +133,12 @@ pub fn start_watches(
     let mut tasks = Vec::new();
 
     let all = watcher::Config::default();
-    let managed = watcher::Config::default().labels(&format!(
-        "{} in ({},{})",
-        labels::MANAGED_BY,
-        labels::SVCPLANE_SLICE_CONTROLLER,
-        labels::SVCPLANE_MIRRORING_CONTROLLER
-    ));
+    let mut managers = vec![labels::SVCPLANE_SLICE_CONTROLLER, labels::SVCPLANE_MIRRORING_CONTROLLER];
+    if migration != Migration::Off {
+        managers.extend([labels::UPSTREAM_SLICE_CONTROLLER, labels::UPSTREAM_MIRRORING_CONTROLLER]);
+    }
+    let managed =
+        watcher::Config::default().labels(&format!("{} in ({})", labels::MANAGED_BY, managers.join(",")));
 
     // Services: index selectors, trigger all three controllers.
     {
@@ -251,9 +254,13 @@ pub fn start_watches(
                     entry.insert(slice.name_any());
                 }
             }
+            // kube-controller-manager's slices are watched only while migrating:
+            // their changes move the take-over, the hand-back and the shadow.
             match managed_by.as_str() {
-                labels::SVCPLANE_SLICE_CONTROLLER => queues.slices.iter().for_each(|q| q.add(key.clone())),
-                labels::SVCPLANE_MIRRORING_CONTROLLER => {
+                labels::SVCPLANE_SLICE_CONTROLLER | labels::UPSTREAM_SLICE_CONTROLLER => {
+                    queues.slices.iter().for_each(|q| q.add(key.clone()))
+                }
+                labels::SVCPLANE_MIRRORING_CONTROLLER | labels::UPSTREAM_MIRRORING_CONTROLLER => {
                     queues.mirroring.iter().for_each(|q| q.add(key.clone()))
                 }
                 _ => {}

@@ -4,10 +4,14 @@
 use std::sync::Arc;
 
 use k8s_openapi::{
-    api::core::v1::{ObjectReference, Service},
+    api::{
+        core::v1::{ObjectReference, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
 };
-use kube::{Resource, runtime::reflector::ObjectRef};
+use kube::{Resource, ResourceExt, runtime::reflector::ObjectRef};
 
 use super::{
     Context, Error, Key,
@@ -16,8 +20,14 @@ use super::{
     state::TriggerTimes,
 };
 use crate::{
-    endpoints::desired_endpoints, endpointslice::plan_slices, metrics::ControllerKind,
-    mirroring::plan_mirrored_slices, stored_pod::StoredPod,
+    endpoints::desired_endpoints,
+    endpointslice::plan_slices,
+    labels,
+    metrics::ControllerKind,
+    migration::{self, Migration},
+    mirroring::plan_mirrored_slices,
+    plan::{Plan, Warning},
+    stored_pod::StoredPod,
 };
 
 /// Syncs the EndpointSlices of Service `key`.
@@ -33,7 +43,11 @@ pub async fn slices(key: &Key, ctx: &Context) -> Result<(), Error> {
     let svc = service(ctx, key);
     let (pods, trigger) = members(ctx, key, svc.as_ref(), &ctx.slice_trigger_times);
     let plan = plan_slices(svc.as_deref(), &pods, &ctx.stores.nodes, &existing, trigger, &ctx.slice_config);
-    apply(ctx, kind, key, &observed, plan, svc.map(|svc| svc.object_ref(&()))).await?;
+    let from_scratch = || plan_slices(svc.as_deref(), &pods, &ctx.stores.nodes, &[], None, &ctx.slice_config);
+    let events_on = svc.as_ref().map(|svc| svc.object_ref(&()));
+    if let Some(plan) = migrate(ctx, &kind, key, plan, &existing, from_scratch, events_on.is_some()) {
+        apply(ctx, kind, key, &observed, plan, events_on).await?;
+    }
     timer.success();
     Ok(())
 }
@@ -51,7 +65,14 @@ pub async fn endpoints(key: &Key, ctx: &Context) -> Result<(), Error> {
     let svc = service(ctx, key);
     let (pods, trigger) = members(ctx, key, svc.as_ref(), &ctx.endpoints_trigger_times);
     let plan = desired_endpoints(key, svc.as_deref(), &pods, trigger, existing.as_deref());
-    apply(ctx, kind, key, &observed, plan, Some(endpoints_ref(key))).await?;
+    if ctx.migration == Migration::Shadow {
+        // The Endpoints object is shared: kube-controller-manager's is the one
+        // svcplane would update in place.
+        let verdict = migration::endpoints_agreement(svc.is_some(), &plan, existing.as_deref());
+        record_shadow(ctx, &kind, key, verdict);
+    } else {
+        apply(ctx, kind, key, &observed, plan, Some(endpoints_ref(key))).await?;
+    }
     timer.success();
     Ok(())
 }
@@ -69,10 +90,78 @@ pub async fn mirrored_slices(key: &Key, ctx: &Context) -> Result<(), Error> {
     }
     let svc = service(ctx, key);
     let endpoints = ctx.stores.endpoints.get(&ObjectRef::new(&key.name).within(&key.namespace));
-    let plan = plan_mirrored_slices(svc.as_deref(), endpoints.as_deref(), &existing, &ctx.mirroring_config);
-    apply(ctx, kind, key, &observed, plan, endpoints.map(|ep| ep.object_ref(&()))).await?;
+    let config = &ctx.mirroring_config;
+    let plan = plan_mirrored_slices(svc.as_deref(), endpoints.as_deref(), &existing, config);
+    let from_scratch = || plan_mirrored_slices(svc.as_deref(), endpoints.as_deref(), &[], config);
+    if let Some(plan) = migrate(ctx, &kind, key, plan, &existing, from_scratch, svc.is_some()) {
+        apply(ctx, kind, key, &observed, plan, endpoints.map(|ep| ep.object_ref(&()))).await?;
+    }
     timer.success();
     Ok(())
+}
+
+/// svcplane's slice plan for `key` turned into what `--migration` asks for:
+/// unchanged when off, `None` (nothing to write; the comparison is recorded)
+/// in shadow mode, with kube-controller-manager's slices (`theirs`) deleted
+/// once svcplane's are written in take-over, or svcplane's (`ours`) once theirs
+/// agree in hand-back. `from_scratch` plans from no slices: what svcplane would
+/// hold; `exists` says whether the Service (the owner) exists.
+fn migrate(
+    ctx: &Context,
+    kind: &ControllerKind,
+    key: &Key,
+    plan: Plan<EndpointSlice>,
+    ours: &[Arc<EndpointSlice>],
+    from_scratch: impl FnOnce() -> Plan<EndpointSlice>,
+    exists: bool,
+) -> Option<Plan<EndpointSlice>> {
+    let Some(upstream) = migration::upstream_manager(kind).filter(|_| ctx.migration != Migration::Off) else {
+        return Some(plan);
+    };
+    let theirs = ctx.indexes.slices_of(&ctx.stores, key, upstream);
+    match ctx.migration {
+        Migration::Off => Some(plan),
+        Migration::Shadow => {
+            let verdict =
+                exists.then(|| migration::slices_agreement(&from_scratch().create, &theirs)).flatten();
+            record_shadow(ctx, kind, key, verdict);
+            None
+        }
+        Migration::TakeOver => {
+            let owner = (kind.clone(), key);
+            let (blocked, newly) = ctx.takeover_guard.check(owner.clone(), &theirs);
+            let mut plan = migration::take_over(plan, &theirs, blocked.is_some());
+            if let Some(why) = blocked.filter(|_| newly) {
+                tracing::error!(service = %key, "{why}");
+                ctx.metrics.set_takeover_blocked(true);
+                plan.warnings.push(Warning { reason: migration::REASON_STILL_RUNNING, message: why });
+            }
+            let deleting: Vec<String> =
+                plan.delete.iter().filter(|s| is_theirs(s, upstream)).map(|s| s.name_any()).collect();
+            if !deleting.is_empty() {
+                ctx.takeover_guard.deleted(owner, deleting, Timestamp::now());
+            }
+            Some(plan)
+        }
+        Migration::HandBack => {
+            let agree = exists && migration::agreement(&from_scratch().create, &theirs).is_ok();
+            Some(migration::hand_back(plan, ours, agree))
+        }
+    }
+}
+
+fn is_theirs(slice: &EndpointSlice, upstream: &str) -> bool {
+    slice.metadata.labels.as_ref().and_then(|l| l.get(labels::MANAGED_BY)).is_some_and(|m| m == upstream)
+}
+
+/// Records a shadow verdict: the gauges, and the first difference of a Service
+/// in the log once.
+fn record_shadow(ctx: &Context, kind: &ControllerKind, key: &Key, verdict: Option<Result<(), String>>) {
+    if let Some(difference) = ctx.shadow.record((kind.clone(), key), verdict) {
+        tracing::info!(controller = ?kind, service = %key, %difference, "shadow: svcplane and kube-controller-manager differ");
+    }
+    let (agree, differ) = ctx.shadow.counts(kind);
+    ctx.metrics.set_shadow(kind.clone(), agree, differ);
 }
 
 /// True when the store (`observed`) has not caught up with svcplane's own
