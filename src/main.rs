@@ -144,8 +144,7 @@ async fn run(args: RunArgs, kubeconfig: Option<&PathBuf>) -> anyhow::Result<()> 
 
     // One registry for every role, served on --metrics-bind-address.
     let mut registry = Registry::default();
-    let metrics =
-        svcplane_controller::metrics::Metrics::register(registry.sub_registry_with_prefix("svcplane"));
+    let metrics = svcplane_controller::metrics::Metrics::register(&mut registry);
     let webhook_metrics = Arc::new(if has("webhook") || has("repair") {
         WebhookMetrics::register(registry.sub_registry_with_prefix(svcplane_webhook::metrics::PREFIX))
     } else {

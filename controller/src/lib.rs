@@ -22,3 +22,4 @@ pub mod stored_pod;
 mod test_pods;
 pub mod tracker;
 pub mod trim;
+pub mod upstream_metrics;

@@ -1,8 +1,13 @@
-//! Prometheus metrics of the endpoint controllers. Names follow upstream's
-//! `endpoint_slice_controller_*` where there is one, so oracle runs compare.
+//! Prometheus metrics of the endpoint controllers: svcplane's own
+//! (`svcplane_*`, per controller) and, beside them, kube-controller-manager's
+//! names ([`crate::upstream_metrics`]) that operators' dashboards already chart.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use crate::plan::{EndpointCounts, Key};
+use crate::run::queue::QueueMetrics;
+use crate::upstream_metrics::{ServiceTotals, UpstreamMetrics};
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -62,6 +67,7 @@ pub struct Metrics {
     stale_skips: Family<ControllerLabels, Counter>,
     shadow_services: Family<ShadowLabels, Gauge>,
     takeover_blocked: Gauge,
+    upstream: Arc<UpstreamMetrics>,
 }
 
 fn sizes() -> Histogram {
@@ -73,8 +79,11 @@ fn seconds() -> Histogram {
 }
 
 impl Metrics {
-    /// Registers the metrics under `registry` (callers pass a `svcplane_` sub-registry).
-    pub fn register(registry: &mut Registry) -> Self {
+    /// Registers svcplane's metrics under `svcplane_` and upstream's names at the
+    /// top of `registry`.
+    pub fn register(root: &mut Registry) -> Self {
+        let upstream = Arc::new(UpstreamMetrics::register(root));
+        let registry = root.sub_registry_with_prefix("svcplane");
         let m = Metrics {
             syncs: Family::default(),
             sync_duration: Family::new_with_constructor(seconds),
@@ -85,6 +94,7 @@ impl Metrics {
             stale_skips: Family::default(),
             shadow_services: Family::default(),
             takeover_blocked: Gauge::default(),
+            upstream,
         };
         registry.register("syncs", "Reconciles of one Service, by result", m.syncs.clone());
         registry.register("sync_duration_seconds", "Duration of one reconcile", m.sync_duration.clone());
@@ -143,9 +153,18 @@ impl Metrics {
         for result in SYNC_RESULTS {
             self.syncs.get_or_create(&SyncLabels { controller: controller.clone(), result }).inc_by(0);
         }
+        self.upstream.declare(&controller);
         let l = ControllerLabels { controller };
         self.queue_depth.get_or_create(&l).set(0);
         self.stale_skips.get_or_create(&l).inc_by(0);
+    }
+
+    /// What `controller`'s work queue reports into: svcplane_queue_depth (keys
+    /// ready or delayed) and upstream's workqueue series.
+    pub fn queue(&self, controller: ControllerKind) -> QueueMetrics {
+        let pending =
+            self.queue_depth.get_or_create(&ControllerLabels { controller: controller.clone() }).clone();
+        self.upstream.queue(&controller, pending)
     }
 
     /// Starts timing one reconcile; the guard records duration and result when dropped.
@@ -154,20 +173,25 @@ impl Metrics {
     }
 
     /// Counts a write.
-    pub fn changed(&self, controller: ControllerKind, operation: &'static str, n: usize) {
-        self.changes.get_or_create(&ChangeLabels { controller, operation }).inc_by(n as u64);
+    pub fn changed(&self, controller: ControllerKind, operation: &'static str) {
+        self.upstream.changed(&controller, operation);
+        self.changes.get_or_create(&ChangeLabels { controller, operation }).inc();
     }
 
-    /// Records endpoint churn of one reconcile.
-    pub fn churn(&self, controller: ControllerKind, added: usize, removed: usize) {
+    /// Records one applied plan of `key`: its endpoint churn, how many objects
+    /// it wrote, and the Service's slice totals afterwards (`None`: none left).
+    pub fn applied(
+        &self,
+        controller: ControllerKind,
+        key: &Key,
+        counts: &EndpointCounts,
+        writes: usize,
+        totals: Option<ServiceTotals>,
+    ) {
+        self.upstream.applied(&controller, key, counts, writes, None, totals);
         let l = ControllerLabels { controller };
-        self.endpoints_added.get_or_create(&l).observe(added as f64);
-        self.endpoints_removed.get_or_create(&l).observe(removed as f64);
-    }
-
-    /// Sets the queue depth.
-    pub fn set_queue_depth(&self, controller: ControllerKind, depth: usize) {
-        self.queue_depth.get_or_create(&ControllerLabels { controller }).set(depth as i64);
+        self.endpoints_added.get_or_create(&l).observe(counts.added as f64);
+        self.endpoints_removed.get_or_create(&l).observe(counts.removed as f64);
     }
 
     /// Counts a postponed stale reconcile.
@@ -199,14 +223,13 @@ impl SyncTimer<'_> {
 impl Drop for SyncTimer<'_> {
     fn drop(&mut self) {
         let controller = self.controller.clone();
+        let seconds = self.start.elapsed().as_secs_f64();
+        self.metrics.upstream.synced(&controller, self.result, seconds);
         self.metrics
             .syncs
             .get_or_create(&SyncLabels { controller: controller.clone(), result: self.result })
             .inc();
-        self.metrics
-            .sync_duration
-            .get_or_create(&ControllerLabels { controller })
-            .observe(self.start.elapsed().as_secs_f64());
+        self.metrics.sync_duration.get_or_create(&ControllerLabels { controller }).observe(seconds);
     }
 }
 
@@ -217,7 +240,7 @@ mod tests {
     #[test]
     fn a_declared_controller_exposes_its_counters_at_zero_before_any_write() {
         let mut registry = Registry::default();
-        let metrics = Metrics::register(registry.sub_registry_with_prefix("svcplane"));
+        let metrics = Metrics::register(&mut registry);
         metrics.declare(ControllerKind::endpointslice);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");

@@ -78,6 +78,9 @@ pub struct EndpointCounts {
     pub removed: usize,
     /// In the desired state.
     pub desired: usize,
+    /// Slices the desired endpoints need with perfect packing (upstream
+    /// `numDesiredSlices`, summed over port sets).
+    pub desired_slices: usize,
     /// Addresses not mirrored: invalid, or over the per-subset cap (mirroring only).
     pub skipped: usize,
 }

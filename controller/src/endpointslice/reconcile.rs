@@ -61,6 +61,7 @@ pub(super) fn reconcile(
         plan.endpoints.added += writes.endpoints.added;
         plan.endpoints.removed += writes.endpoints.removed;
         plan.endpoints.desired += writes.endpoints.desired;
+        plan.endpoints.desired_slices += writes.endpoints.desired_slices;
     }
     plan.delete.extend(unsupported);
     if !missing_nodes.is_empty() {
@@ -97,6 +98,8 @@ fn reconcile_family(
     let desired_keys: BTreeSet<PortSet> = groups.keys().cloned().collect();
     for (key, group) in groups {
         writes.endpoints.desired += group.endpoints.len();
+        writes.endpoints.desired_slices +=
+            crate::upstream_metrics::desired_slices(group.endpoints.len(), config.max_endpoints_per_slice);
         let slices = existing_by_key.get(&key).map(Vec::as_slice).unwrap_or_default();
         let mut port_writes = reconcile_by_port_mapping(svc, slices, group, family, config);
         writes.create.append(&mut port_writes.create);

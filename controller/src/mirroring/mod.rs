@@ -150,6 +150,8 @@ pub fn plan_mirrored_slices(
     }
     for (key, group) in &desired.groups {
         plan.endpoints.desired += group.endpoints.len();
+        plan.endpoints.desired_slices +=
+            crate::upstream_metrics::desired_slices(group.endpoints.len(), config.max_endpoints_per_subset);
         let existing_group = existing_by_key.remove(key).unwrap_or_default();
         reconcile_by_port_mapping(endpoints, key, group, &existing_group, config, &mut plan);
     }

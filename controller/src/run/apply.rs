@@ -14,7 +14,7 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Context, Error, FIELD_MANAGER, Key};
-use crate::{metrics::ControllerKind, plan::Plan};
+use crate::{metrics::ControllerKind, plan::Plan, upstream_metrics::ServiceTotals};
 
 /// resourceVersion of each object of one owner in the store, by name: what the
 /// plan was made on, and what the tracker compares the store with.
@@ -72,14 +72,23 @@ pub async fn apply<K: Written>(
             publish(ctx, on, warning.reason, warning.message).await;
         }
     }
+    let writes = create.len() + update.len() + delete.len();
+    let own_deletes = delete.iter().filter(|o| observed.contains_key(&o.name_any())).count();
+    let slices_after = (observed.len() + create.len()).saturating_sub(own_deletes);
     let result = write(ctx, kind.clone(), key, observed, create, update, delete).await;
     if let Err(error) = &result
         && let (Some(on), Some((reason, note))) = (&events_on, failure_event(&kind, key, error))
+        && ctx.failure_events.allow(&kind, key, std::time::Instant::now())
     {
         publish(ctx, on, reason, note).await;
     }
     result?;
-    ctx.metrics.churn(kind, endpoints.added, endpoints.removed);
+    let totals = (slices_after > 0 || endpoints.desired > 0).then_some(ServiceTotals {
+        endpoints: endpoints.desired,
+        slices: slices_after,
+        desired_slices: endpoints.desired_slices,
+    });
+    ctx.metrics.applied(kind, key, &endpoints, writes, totals);
     match retry {
         Some(why) => Err(Error::Retry(why)),
         None => Ok(()),
@@ -115,7 +124,7 @@ async fn write<K: Written>(
                     None,
                     created.resource_version().as_deref(),
                 );
-                ctx.metrics.changed(kind.clone(), "create", 1);
+                ctx.metrics.changed(kind.clone(), "create");
             }
             // Creates keep failing while the namespace is deleted: upstream drops
             // the whole sync, without an Event.
@@ -130,7 +139,7 @@ async fn write<K: Written>(
             api.replace(&name, &pp, &object).await.map_err(|e| failed("update", name.clone(), e))?;
         let replaced = observed.get(&name).cloned().flatten();
         ctx.tracker.wrote(owner.clone(), &name, replaced.as_deref(), updated.resource_version().as_deref());
-        ctx.metrics.changed(kind.clone(), "update", 1);
+        ctx.metrics.changed(kind.clone(), "update");
     }
     for object in delete {
         let name = object.name_any();
@@ -139,7 +148,7 @@ async fn write<K: Written>(
             Ok(_) => {
                 let version = observed.get(&name).cloned().flatten();
                 ctx.tracker.deleted(owner.clone(), &name, version.as_deref());
-                ctx.metrics.changed(kind.clone(), "delete", 1);
+                ctx.metrics.changed(kind.clone(), "delete");
             }
             // Already gone (e.g. the garbage collector followed the ownerReference).
             Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -176,6 +185,35 @@ fn failure_event(kind: &ControllerKind, key: &Key, error: &Error) -> Option<(&'s
     }
 }
 
+/// At most one failure Event per controller and Service per
+/// [`FAILURE_EVENT_INTERVAL`]: a Service that keeps failing while its retries
+/// back off would otherwise write an Event per retry (upstream does).
+#[derive(Debug, Default)]
+pub struct FailureEvents {
+    last: std::sync::Mutex<HashMap<(ControllerKind, Key), std::time::Instant>>,
+}
+
+/// See [`FailureEvents`].
+pub const FAILURE_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl FailureEvents {
+    /// Whether an Event may be recorded for `key` at `now` (and if so, counts it).
+    pub fn allow(&self, kind: &ControllerKind, key: &Key, now: std::time::Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.len() > 10_000 {
+            last.retain(|_, at| now.duration_since(*at) < FAILURE_EVENT_INTERVAL);
+        }
+        let id = (kind.clone(), key.clone());
+        match last.get(&id) {
+            Some(at) if now.duration_since(*at) < FAILURE_EVENT_INTERVAL => false,
+            _ => {
+                last.insert(id, now);
+                true
+            }
+        }
+    }
+}
+
 /// A Warning Event on `on`; failures to publish are logged, never fatal.
 async fn publish(ctx: &Context, on: &ObjectReference, reason: &str, note: String) {
     let event = Event {
@@ -187,5 +225,25 @@ async fn publish(ctx: &Context, on: &ObjectReference, reason: &str, note: String
     };
     if let Err(e) = ctx.recorder.publish(&event, on).await {
         tracing::warn!(error = %e, reason, "failed to publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_failure_event_per_service_and_minute() {
+        let events = FailureEvents::default();
+        let (web, api) = (
+            Key { namespace: "ns".into(), name: "web".into() },
+            Key { namespace: "ns".into(), name: "api".into() },
+        );
+        let t0 = std::time::Instant::now();
+        assert!(events.allow(&ControllerKind::endpointslice, &web, t0));
+        assert!(!events.allow(&ControllerKind::endpointslice, &web, t0 + std::time::Duration::from_secs(59)));
+        assert!(events.allow(&ControllerKind::endpoints, &web, t0), "per controller");
+        assert!(events.allow(&ControllerKind::endpointslice, &api, t0), "per Service");
+        assert!(events.allow(&ControllerKind::endpointslice, &web, t0 + FAILURE_EVENT_INTERVAL));
     }
 }

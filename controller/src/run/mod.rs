@@ -140,6 +140,8 @@ pub struct Context {
     pub shadow: ShadowBook,
     /// Take-over's watch for a kube-controller-manager still writing.
     pub takeover_guard: TakeOverGuard,
+    /// The failure Events' rate bound.
+    pub failure_events: apply::FailureEvents,
 }
 
 /// One token bucket per controller, as kube-controller-manager gives each
@@ -211,11 +213,11 @@ pub async fn run(
         metrics.set_takeover_blocked(false);
     }
     let (interval, burst) = (args.min_sync_interval, args.burst_batch_delay);
-    let new_queue = || queue::WorkQueue::with_intervals(interval, burst);
+    let new_queue = |kind| queue::WorkQueue::with_metrics(interval, burst, metrics.queue(kind));
     let queues = Queues {
-        slices: wants("endpointslice").then(new_queue),
-        endpoints: wants("endpoints").then(new_queue),
-        mirroring: wants("mirroring").then(new_queue),
+        slices: wants("endpointslice").then(|| new_queue(ControllerKind::endpointslice)),
+        endpoints: wants("endpoints").then(|| new_queue(ControllerKind::endpoints)),
+        mirroring: wants("mirroring").then(|| new_queue(ControllerKind::mirroring)),
     };
     let tracker = Arc::new(WriteTracker::default());
     let (stores, indexes, mut synced, watch_tasks) =
@@ -248,6 +250,7 @@ pub async fn run(
         migration: args.migration,
         shadow: ShadowBook::default(),
         takeover_guard: TakeOverGuard::default(),
+        failure_events: Default::default(),
     });
 
     let mut shutdown = std::pin::pin!(shutdown);
@@ -341,7 +344,6 @@ fn queue_orphans(ctx: &Context, queues: &Queues) {
 
 async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: ControllerKind) {
     while let Some(key) = queue.next().await {
-        ctx.metrics.set_queue_depth(kind.clone(), queue.len());
         let result = match kind {
             ControllerKind::endpointslice => sync::slices(&key, &ctx).await,
             ControllerKind::endpoints => sync::endpoints(&key, &ctx).await,

@@ -24,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{sync::Notify, time::Instant};
 
 /// The queue; clone the `Arc` to share it between the router and the workers.
@@ -31,6 +32,20 @@ use tokio::{sync::Notify, time::Instant};
 pub struct WorkQueue<K> {
     state: Mutex<State<K>>,
     notify: Notify,
+    metrics: QueueMetrics,
+}
+
+/// What a queue reports, kept current by the queue itself under its lock.
+#[derive(Clone, Debug, Default)]
+pub struct QueueMetrics {
+    /// Keys ready to be taken (client-go's `workqueue_depth`).
+    pub ready: Gauge,
+    /// Keys ready, or waiting for a delay or an interval: the work ahead.
+    pub pending: Gauge,
+    /// Keys added (`workqueue_adds_total`).
+    pub adds: Counter,
+    /// Retries after a failure (`workqueue_retries_total`).
+    pub retries: Counter,
 }
 
 #[derive(Debug)]
@@ -43,6 +58,9 @@ struct State<K> {
     failures: std::collections::HashMap<K, u32>,
     /// Keys held back by the minimum interval, and when each was last started.
     waiting: HashSet<K>,
+    /// Keys to be added after a delay (retries, stale caches), with how many
+    /// delays each has pending.
+    delayed: std::collections::HashMap<K, usize>,
     last_started: std::collections::HashMap<K, Instant>,
     min_interval: Duration,
     /// How long a new key waits while keys arrive faster than [`BURST_RATE`].
@@ -66,6 +84,14 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 pub const BURST_RATE: u32 = 10;
 
 impl<K: Eq + Hash> State<K> {
+    /// Updates the gauges; called after every change of the sets they count.
+    fn report(&self, metrics: &QueueMetrics) {
+        metrics.ready.set(self.queue.len() as i64);
+        let later =
+            self.delayed.keys().filter(|k| !self.queued.contains(*k) && !self.waiting.contains(*k)).count();
+        metrics.pending.set((self.queue.len() + self.waiting.len() + later) as i64);
+    }
+
     fn count_add(&mut self) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.rate.window_start);
@@ -90,11 +116,17 @@ impl<K: Eq + Hash> State<K> {
     }
 }
 
-/// First retry delay after a failure; it doubles per further consecutive
-/// failure, as client-go's item exponential failure rate limiter.
-const RETRY_BASE: Duration = Duration::from_millis(5);
-/// Most doublings: the delay stops growing at 5 ms × 2^12 ≈ 20 s.
-const RETRY_MAX_DOUBLINGS: u32 = 12;
+/// First retry delay after a failure; it doubles per further consecutive failure
+/// (client-go's item exponential failure rate limiter). 1 s as upstream's
+/// EndpointSlice controller: a failed write is most often a conflict or an
+/// apiserver in trouble, which faster retries only load further.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Most doublings: the delay stops growing at 1 s × 2^8 = 256 s. Upstream grows
+/// to 1000 s and drops a key after 15 retries, relying on its informers'
+/// periodic resync to bring it back hours later; svcplane never drops a key (it
+/// has no resync) and caps the delay so a Service is retried every few minutes
+/// for as long as it fails.
+const RETRY_MAX_DOUBLINGS: u32 = 8;
 
 impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     /// An empty queue without a minimum interval.
@@ -111,7 +143,13 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     /// and wait `burst_delay` before their first sync while keys arrive faster
     /// than [`BURST_RATE`].
     pub fn with_intervals(min_interval: Duration, burst_delay: Duration) -> Arc<Self> {
+        Self::with_metrics(min_interval, burst_delay, QueueMetrics::default())
+    }
+
+    /// [`Self::with_intervals`], reporting into `metrics`.
+    pub fn with_metrics(min_interval: Duration, burst_delay: Duration, metrics: QueueMetrics) -> Arc<Self> {
         Arc::new(WorkQueue {
+            metrics,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued: HashSet::new(),
@@ -119,6 +157,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 dirty: HashSet::new(),
                 failures: std::collections::HashMap::new(),
                 waiting: HashSet::new(),
+                delayed: std::collections::HashMap::new(),
                 last_started: std::collections::HashMap::new(),
                 min_interval,
                 burst_delay,
@@ -140,6 +179,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     pub fn add(self: &Arc<Self>, key: K) {
         let mut s = self.lock();
         s.count_add();
+        self.metrics.adds.inc();
         self.schedule(s, key);
     }
 
@@ -164,6 +204,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             && at > now
         {
             s.waiting.insert(key.clone());
+            s.report(&self.metrics);
             drop(s);
             let queue = Arc::clone(self);
             tokio::spawn(async move {
@@ -171,6 +212,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 let mut s = queue.lock();
                 if s.waiting.remove(&key) && !s.closed && s.queued.insert(key.clone()) {
                     s.queue.push_back(key);
+                    s.report(&queue.metrics);
                     drop(s);
                     queue.notify.notify_one();
                 }
@@ -179,16 +221,32 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
         }
         if s.queued.insert(key.clone()) {
             s.queue.push_back(key);
+            s.report(&self.metrics);
             drop(s);
             self.notify.notify_one();
         }
     }
 
-    /// Queues `key` after `delay` (retries, stale caches).
+    /// Queues `key` after `delay` (retries, stale caches); it counts as pending
+    /// meanwhile.
     pub fn add_after(self: &Arc<Self>, key: K, delay: Duration) {
+        {
+            let mut s = self.lock();
+            *s.delayed.entry(key.clone()).or_default() += 1;
+            s.report(&self.metrics);
+        }
         let queue = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
+            {
+                let mut s = queue.lock();
+                if let Some(n) = s.delayed.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.delayed.remove(&key);
+                    }
+                }
+            }
             queue.add(key);
         });
     }
@@ -203,6 +261,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             *n
         };
         let delay = RETRY_BASE * 2u32.pow((failures - 1).min(RETRY_MAX_DOUBLINGS));
+        self.metrics.retries.inc();
         self.add_after(key, delay);
         delay
     }
@@ -223,6 +282,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 }
                 if let Some(key) = s.queue.pop_front() {
                     s.queued.remove(&key);
+                    s.report(&self.metrics);
                     s.active.insert(key.clone());
                     if !s.min_interval.is_zero() {
                         s.last_started.insert(key.clone(), Instant::now());
@@ -289,10 +349,14 @@ mod tests {
     #[tokio::test]
     async fn the_first_retry_waits_the_base_delay_which_doubles_per_failure_and_resets_on_forget() {
         let q = WorkQueue::new();
-        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(5));
-        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(10));
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(1));
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(2));
+        for _ in 0..20 {
+            q.retry_after_failure("k");
+        }
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(256), "capped, never dropped");
         q.forget(&"k");
-        assert_eq!(q.retry_after_failure("k"), Duration::from_millis(5));
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(1));
         q.shutdown();
     }
 
@@ -357,6 +421,21 @@ mod tests {
         q.done(&k);
         q.add(99);
         assert_eq!(q.len(), 1, "quiet: the minimum interval does not hold");
+        q.shutdown();
+    }
+
+    #[tokio::test]
+    async fn pending_counts_delayed_keys_until_they_are_taken_and_ready_counts_queued_ones() {
+        let metrics = QueueMetrics::default();
+        let q = WorkQueue::with_metrics(Duration::ZERO, Duration::ZERO, metrics.clone());
+        q.add_after("later", Duration::from_millis(20));
+        assert_eq!((metrics.ready.get(), metrics.pending.get(), metrics.adds.get()), (0, 1, 0));
+        q.add("now");
+        assert_eq!((metrics.ready.get(), metrics.pending.get()), (1, 2));
+        assert_eq!(q.next().await, Some("now"));
+        assert_eq!((metrics.ready.get(), metrics.pending.get()), (0, 1), "the delayed key still pending");
+        assert_eq!(q.next().await, Some("later"));
+        assert_eq!((metrics.ready.get(), metrics.pending.get(), metrics.adds.get()), (0, 0, 2));
         q.shutdown();
     }
 
