@@ -12,7 +12,10 @@
 //! binary exits. One real cluster per machine at a time.
 
 pub mod host;
+pub mod migration;
 pub mod node;
+pub mod timeline;
+pub mod traffic;
 pub mod workload;
 
 use std::{
