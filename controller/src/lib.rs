@@ -14,6 +14,7 @@ pub mod mirroring;
 pub mod plan;
 pub mod pod;
 pub mod run;
+pub mod selector;
 pub mod stored_pod;
 #[cfg(test)]
 mod test_pods;

@@ -5,7 +5,6 @@
 //! follow kube-controller-manager v1.37.2 (`k8s.io/endpointslice/util` and
 //! `k8s.io/endpointslice/utils.go`); each function names its upstream twin.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -109,17 +108,6 @@ pub fn has_ip(pod: &StoredPod) -> bool {
 /// `true`; the Endpoints controller passes `spec.publishNotReadyAddresses`.
 pub fn should_pod_be_in_endpoints(pod: &StoredPod, include_terminating: bool) -> bool {
     !is_terminal(pod) && has_ip(pod) && (include_terminating || !is_terminating(pod))
-}
-
-/// Equality-based selector match: every selector pair must be a Pod label.
-///
-/// `None` (a selectorless Service) matches nothing; `Some` of an empty map matches
-/// every Pod, as a Go `labels.Set{}.AsSelector()` does.
-pub fn selector_matches(
-    labels: &BTreeMap<String, String>,
-    selector: Option<&BTreeMap<String, String>>,
-) -> bool {
-    selector.is_some_and(|selector| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
 /// True when `spec.publishNotReadyAddresses` is set on the Service.
@@ -369,20 +357,16 @@ pub fn endpoint_exclusions(
         reasons.push(Exclusion::ExternalName);
     }
     let pnra = publishes_not_ready(svc);
-    match spec.and_then(|s| s.selector.as_ref()) {
+    match crate::selector::service_selector(svc) {
         None => reasons.push(Exclusion::NoSelector),
         Some(selector) => {
-            let empty = BTreeMap::new();
-            let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
-            for (key, expected) in selector {
-                let actual = labels.get(key);
-                if actual != Some(expected) {
-                    reasons.push(Exclusion::SelectorMismatch {
-                        key: key.clone(),
-                        expected: expected.clone(),
-                        actual: actual.cloned(),
-                    });
-                }
+            for (key, expected, actual) in crate::selector::mismatches(selector, pod.metadata.labels.as_ref())
+            {
+                reasons.push(Exclusion::SelectorMismatch {
+                    key: key.to_owned(),
+                    expected: expected.to_owned(),
+                    actual: actual.map(str::to_owned),
+                });
             }
         }
     }
@@ -436,6 +420,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{ContainerPort, ServiceSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use std::collections::BTreeMap;
 
     fn mk_pod(ips: &[&str]) -> StoredPod {
         crate::test_pods::stored(crate::test_pods::TestPod {
@@ -538,15 +523,6 @@ mod tests {
         assert!(!should_pod_be_in_endpoints(&failed, true));
         let ipless = mk_pod(&[]);
         assert!(!should_pod_be_in_endpoints(&ipless, true));
-    }
-
-    #[test]
-    fn selector_none_matches_nothing_and_empty_matches_everything() {
-        let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
-        assert!(!selector_matches(&labels, None));
-        assert!(selector_matches(&labels, Some(&BTreeMap::new())));
-        let other = BTreeMap::from([("app".to_owned(), "db".to_owned())]);
-        assert!(!selector_matches(&labels, Some(&other)));
     }
 
     #[test]

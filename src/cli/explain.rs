@@ -19,6 +19,7 @@ use serde::Serialize;
 use svcplane_controller::{
     labels,
     pod::{Consumer, Exclusion, endpoint_exclusions},
+    selector,
     stored_pod::StoredPod,
 };
 
@@ -44,7 +45,7 @@ pub struct ExplainReport {
     /// `spec.type` (`ClusterIP` when unset).
     #[serde(rename = "type")]
     pub type_: String,
-    /// `spec.selector`; `None` for a selectorless Service.
+    /// `spec.selector`; `None` for a selectorless Service (absent or empty).
     pub selector: Option<BTreeMap<String, String>>,
     /// `spec.publishNotReadyAddresses`.
     pub publish_not_ready_addresses: bool,
@@ -280,7 +281,7 @@ pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> 
         namespace,
         service: name,
         type_: spec.and_then(|s| s.type_.clone()).unwrap_or_else(|| "ClusterIP".into()),
-        selector: spec.and_then(|s| s.selector.clone()),
+        selector: selector::service_selector(&svc).cloned(),
         publish_not_ready_addresses: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
         pods: pods.iter().map(|pod| build_pod_report(&svc, pod, node_found(pod))).collect(),
         slices: slices.iter().map(build_slice_report).collect(),
@@ -292,8 +293,7 @@ pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> 
 pub fn render(report: &ExplainReport) -> String {
     let selector = match &report.selector {
         None => "<none> (selectorless: endpoints are written by hand)".to_owned(),
-        Some(s) if s.is_empty() => "<empty> (selects every Pod)".to_owned(),
-        Some(s) => s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+        Some(s) => selector::display(s),
     };
     let mut out = format!(
         "Service:                  {}/{}\nType:                     {}\nSelector:                 {}\nPublishNotReadyAddresses: {}\n\n",

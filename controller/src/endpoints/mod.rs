@@ -27,11 +27,11 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-use crate::labels;
 use crate::pod::{
-    DEFAULT_PROTOCOL, find_port, is_pod_ready, pod_reference, publishes_not_ready, selector_matches,
+    DEFAULT_PROTOCOL, find_port, is_pod_ready, pod_reference, publishes_not_ready,
     should_pod_be_in_endpoints, should_set_hostname,
 };
+use crate::{labels, selector};
 use repack::{PortIdentity, repack_subsets};
 
 /// Upstream `maxCapacity`: an Endpoints holds at most this many addresses.
@@ -83,7 +83,7 @@ pub fn desired_endpoints(
     if spec.type_.as_deref() == Some("ExternalName") {
         return EndpointsPlan::Nothing;
     }
-    let Some(selector) = spec.selector.as_ref() else {
+    let Some(selector) = selector::service_selector(svc) else {
         // Selectorless: the Endpoints is the user's (and the mirroring controller's).
         return EndpointsPlan::Nothing;
     };
@@ -143,8 +143,8 @@ fn desired_subsets(
     let headless = spec.cluster_ip.as_deref() == Some("None");
     let mut subsets: Vec<EndpointSubset> = Vec::new();
     for pod in pods {
-        let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
-        if pod.metadata.namespace != svc.metadata.namespace || !selector_matches(&pod_labels, Some(selector))
+        if pod.metadata.namespace != svc.metadata.namespace
+            || !selector::matches(selector, pod.metadata.labels.as_ref())
         {
             continue;
         }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::selector;
 use crate::stored_pod::StoredPod;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
@@ -15,7 +16,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use super::NodeLookup;
 use crate::pod::{
     DEFAULT_PROTOCOL, IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family, pod_reference,
-    publishes_not_ready, selector_matches, should_pod_be_in_endpoints, should_set_hostname,
+    publishes_not_ready, should_pod_be_in_endpoints, should_set_hostname,
 };
 
 /// One port of a port set, with every field the grouping compares. Upstream
@@ -85,7 +86,7 @@ pub(super) fn is_selected(svc: &Service) -> bool {
     let Some(spec) = svc.spec.as_ref() else {
         return false;
     };
-    spec.type_.as_deref() != Some("ExternalName") && spec.selector.is_some()
+    spec.type_.as_deref() != Some("ExternalName") && selector::service_selector(svc).is_some()
 }
 
 /// `clusterIP` is a real IP: neither `None` nor empty (upstream `isServiceIPSet`).
@@ -169,15 +170,14 @@ fn build_endpoint(svc: &Service, pod: &StoredPod, zone: Option<String>, family: 
 /// The Pods this Service selects, deduplicated by namespace/name and sorted, so
 /// the result does not depend on the order the shell passes them in.
 pub(super) fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<StoredPod>]) -> Vec<&'a StoredPod> {
-    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+    let Some(selector) = selector::service_selector(svc) else {
+        return Vec::new();
+    };
     let mut selected: Vec<&StoredPod> = pods
         .iter()
         .map(Arc::as_ref)
         .filter(|pod| pod.metadata.namespace == svc.metadata.namespace)
-        .filter(|pod| {
-            let empty = BTreeMap::new();
-            selector_matches(pod.metadata.labels.as_ref().unwrap_or(&empty), selector)
-        })
+        .filter(|pod| selector::matches(selector, pod.metadata.labels.as_ref()))
         .collect();
     selected.sort_by(|a, b| (&a.metadata.name, &a.metadata.uid).cmp(&(&b.metadata.name, &b.metadata.uid)));
     selected.dedup_by(|a, b| a.metadata.name == b.metadata.name);

@@ -532,9 +532,12 @@ fn selectorless_and_external_name_services_are_left_alone_by_default() {
     let state = synced(&svc, &pods);
     let mut selectorless = svc.clone();
     selectorless.spec.as_mut().unwrap().selector = None;
+    // `selector: {}` is stored as nil (selector.rs): selectorless too, not "every Pod".
+    let mut empty_selector = svc.clone();
+    empty_selector.spec.as_mut().unwrap().selector = Some(BTreeMap::new());
     let mut external = svc.clone();
     external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
-    for svc in [&selectorless, &external] {
+    for svc in [&selectorless, &empty_selector, &external] {
         assert!(plan(svc, &pods, &state).is_empty());
         let config = SliceConfig { delete_when_unselected: true, ..SliceConfig::default() };
         let plan = plan_slices(svc, &pods, &mk_nodes(), &state, None, &config);

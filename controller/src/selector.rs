@@ -1,0 +1,102 @@
+//! What a Service's `spec.selector` means, written once. Pure.
+//!
+//! kube-apiserver stores `spec.selector` as a Go `map[string]string` tagged
+//! `json:"selector,omitempty"` and protobuf field 2 of `ServiceSpec`: an empty map
+//! has no entries to encode and decodes back as `nil`, so `selector: {}` is read
+//! back without a selector (e2e `empty_selector_is_stored_as_no_selector`). The
+//! upstream controllers only ever see that `nil`: `if service.Spec.Selector == nil`
+//! (endpointslice `syncService`, endpoint `syncService`) and mirroring's
+//! `svc.Spec.Selector != nil`. So here absent and empty both mean "no selector"
+//! for every consumer: the selector index, both planners, mirroring and `explain`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Service;
+
+/// The Service's selector, `None` when absent or empty (the two read the same
+/// once stored, see the module doc).
+pub fn service_selector(svc: &Service) -> Option<&BTreeMap<String, String>> {
+    svc.spec.as_ref()?.selector.as_ref().filter(|selector| !selector.is_empty())
+}
+
+/// Each selector pair the labels do not satisfy: (key, wanted value, the label's
+/// value or `None` when absent), in key order.
+pub fn mismatches<'a>(
+    selector: &'a BTreeMap<String, String>,
+    labels: Option<&'a BTreeMap<String, String>>,
+) -> impl Iterator<Item = (&'a str, &'a str, Option<&'a str>)> + 'a {
+    selector.iter().filter_map(move |(key, wanted)| {
+        let actual = labels.and_then(|l| l.get(key));
+        (actual != Some(wanted)).then_some((key.as_str(), wanted.as_str(), actual.map(String::as_str)))
+    })
+}
+
+/// Equality-based match (Go `labels.SelectorFromSet`): every pair is a label.
+/// Callers pass [`service_selector`]'s result, so an empty selector never gets here.
+pub fn matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
+    mismatches(selector, labels).next().is_none()
+}
+
+/// `key=value` pairs joined by commas, as `kubectl get -o wide` shows a selector.
+pub fn display(selector: &BTreeMap<String, String>) -> String {
+    selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ServiceSpec;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn svc(selector: Option<BTreeMap<String, String>>) -> Service {
+        Service { spec: Some(ServiceSpec { selector, ..Default::default() }), ..Default::default() }
+    }
+
+    #[test]
+    fn an_absent_selector_is_no_selector() {
+        // Upstream: Spec.Selector == nil, syncService returns early.
+        assert_eq!(service_selector(&svc(None)), None);
+        assert_eq!(service_selector(&Service::default()), None);
+    }
+
+    #[test]
+    fn an_empty_selector_is_no_selector() {
+        // Upstream never sees an empty map: it is stored and read back as nil.
+        assert_eq!(service_selector(&svc(Some(BTreeMap::new()))), None);
+    }
+
+    #[test]
+    fn one_pair_matches_a_pod_carrying_it_among_other_labels() {
+        let selector = map(&[("app", "web")]);
+        assert_eq!(service_selector(&svc(Some(selector.clone()))), Some(&selector));
+        assert!(matches(&selector, Some(&map(&[("app", "web"), ("tier", "fe")]))));
+    }
+
+    #[test]
+    fn several_pairs_all_must_match() {
+        let selector = map(&[("app", "web"), ("tier", "fe")]);
+        assert!(matches(&selector, Some(&map(&[("app", "web"), ("tier", "fe")]))));
+        assert!(!matches(&selector, Some(&map(&[("app", "web")]))));
+    }
+
+    #[test]
+    fn a_missing_label_does_not_match() {
+        let selector = map(&[("app", "web")]);
+        assert!(!matches(&selector, None));
+        assert_eq!(
+            mismatches(&selector, Some(&map(&[("x", "y")]))).collect::<Vec<_>>(),
+            [("app", "web", None)]
+        );
+    }
+
+    #[test]
+    fn a_different_value_does_not_match() {
+        let selector = map(&[("app", "web")]);
+        let labels = map(&[("app", "db")]);
+        assert!(!matches(&selector, Some(&labels)));
+        assert_eq!(mismatches(&selector, Some(&labels)).collect::<Vec<_>>(), [("app", "web", Some("db"))]);
+    }
+}
