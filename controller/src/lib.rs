@@ -8,6 +8,7 @@
 pub mod endpoints;
 pub mod endpointslice;
 pub mod index;
+pub mod ip;
 pub mod labels;
 pub mod metrics;
 pub mod mirroring;

@@ -6,8 +6,8 @@
 //! `k8s.io/endpointslice/utils.go`); each function names its upstream twin.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::ip::{self, IpFamily};
 use crate::stored_pod::{StoredContainer, StoredPod};
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -15,50 +15,6 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 /// The protocol the apiserver defaults `ServicePort.protocol` and
 /// `ContainerPort.protocol` to; a missing field means this.
 pub const DEFAULT_PROTOCOL: &str = "TCP";
-
-/// An IP family, i.e. an EndpointSlice `addressType` (svcplane never writes the
-/// deprecated `FQDN` type for Pods).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum IpFamily {
-    /// `IPv4` (IPv4-mapped IPv6 addresses count as IPv4, as in Go's `net.IP`).
-    V4,
-    /// `IPv6`.
-    V6,
-}
-
-impl IpFamily {
-    /// The `addressType` / `ipFamilies` spelling: `IPv4` or `IPv6`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IpFamily::V4 => "IPv4",
-            IpFamily::V6 => "IPv6",
-        }
-    }
-
-    /// Parses an `addressType` / `ipFamilies` value; anything else (e.g. `FQDN`) is `None`.
-    pub fn from_name(name: &str) -> Option<IpFamily> {
-        match name {
-            "IPv4" => Some(IpFamily::V4),
-            "IPv6" => Some(IpFamily::V6),
-            _ => None,
-        }
-    }
-
-    /// The family of an address, with IPv4-mapped IPv6 counted as IPv4 (Go `IsIPv6`).
-    pub fn of(ip: IpAddr) -> IpFamily {
-        match ip {
-            IpAddr::V4(_) => IpFamily::V4,
-            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => IpFamily::V4,
-            IpAddr::V6(_) => IpFamily::V6,
-        }
-    }
-}
-
-impl fmt::Display for IpFamily {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The `targetRef` an endpoint of `pod` carries: kind Pod, namespace, name, uid.
 pub fn pod_reference(pod: &StoredPod) -> k8s_openapi::api::core::v1::ObjectReference {
@@ -174,55 +130,6 @@ pub fn find_port(pod: &StoredPod, svc_port: &ServicePort) -> Result<i32, PortErr
         .ok_or_else(|| PortError::NamedPortNotFound { name: name.clone(), protocol: protocol.to_owned() })
 }
 
-/// Parses an IP the way Go's `netutils.ParseIPSloppy` does: IPv4 octets may
-/// carry leading zeros (read as decimal, `010` is 10), also inside an
-/// IPv4-suffixed IPv6 address. Returns `None` for anything else invalid.
-pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Some(ip);
-    }
-    if !text.contains(':') {
-        return parse_ipv4_sloppy(text).map(IpAddr::V4);
-    }
-    // IPv6 with a dotted IPv4 tail: canonicalise the tail, then parse strictly.
-    let (head, tail) = text.rsplit_once(':')?;
-    let v4 = parse_ipv4_sloppy(tail)?;
-    format!("{head}:{v4}").parse::<Ipv6Addr>().ok().map(IpAddr::V6)
-}
-
-/// Dotted-quad IPv4 with optional leading zeros per octet.
-fn parse_ipv4_sloppy(text: &str) -> Option<Ipv4Addr> {
-    let mut octets = [0u8; 4];
-    let mut parts = text.split('.');
-    for octet in &mut octets {
-        let part = parts.next()?;
-        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let digits = part.trim_start_matches('0');
-        *octet = if digits.is_empty() {
-            0
-        } else if digits.len() > 3 {
-            return None;
-        } else {
-            digits.parse().ok()?
-        };
-    }
-    parts.next().is_none().then_some(Ipv4Addr::from(octets))
-}
-
-/// Renders an IP as Go's `net.IP.String()` does: IPv4-mapped IPv6 as dotted IPv4,
-/// IPv6 in RFC 5952 form.
-pub fn canonical_ip(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => v6.to_string(),
-        },
-        IpAddr::V4(v4) => v4.to_string(),
-    }
-}
-
 /// The Pod's `status.podIPs` of one family, canonicalised (upstream
 /// `getEndpointAddresses`). Only `podIPs` is read, as upstream does; unparseable
 /// entries are skipped (the apiserver rejects them, so this only matters in tests).
@@ -232,9 +139,9 @@ pub fn pod_ips_of_family(pod: &StoredPod, family: IpFamily) -> Vec<String> {
         .and_then(|status| status.pod_ips.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|pod_ip| parse_ip_sloppy(&pod_ip.ip))
+        .filter_map(|pod_ip| ip::parse_ip_sloppy(&pod_ip.ip))
         .filter(|ip| IpFamily::of(*ip) == family)
-        .map(canonical_ip)
+        .map(ip::canonical_ip)
         .collect()
 }
 
@@ -526,13 +433,10 @@ mod tests {
     }
 
     #[test]
-    fn irregular_ips_are_canonicalised_like_go() {
+    fn irregular_pod_ips_are_canonicalised_like_go() {
         let pod = mk_pod(&["010.001.002.003", "1234::5678:0000:0000:9abc:def0", "::ffff:1.2.3.4"]);
         assert_eq!(pod_ips_of_family(&pod, IpFamily::V4), ["10.1.2.3", "1.2.3.4"]);
         assert_eq!(pod_ips_of_family(&pod, IpFamily::V6), ["1234::5678:0:0:9abc:def0"]);
-        assert_eq!(parse_ip_sloppy("1.2.3"), None);
-        assert_eq!(parse_ip_sloppy("1.2.3.256"), None);
-        assert_eq!(parse_ip_sloppy("::ffff:01.02.03.04").map(canonical_ip), Some("1.2.3.4".into()));
     }
 
     #[test]

@@ -11,7 +11,6 @@
 //! `truncateEndpoints`, `capacityAnnotationSetCorrectly`,
 //! `labelsCorrectForEndpoints`) and `pkg/api/v1/endpoints.RepackSubsets`.
 
-pub(crate) mod ip;
 pub(crate) mod repack;
 #[cfg(test)]
 mod tests;
@@ -31,7 +30,7 @@ use crate::pod::{
     DEFAULT_PROTOCOL, find_port, is_pod_ready, pod_reference, publishes_not_ready,
     should_pod_be_in_endpoints, should_set_hostname,
 };
-use crate::{labels, selector};
+use crate::{ip, labels, selector};
 use repack::{PortIdentity, repack_subsets};
 
 /// Upstream `maxCapacity`: an Endpoints holds at most this many addresses.

@@ -14,8 +14,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
 use super::NodeLookup;
+use crate::ip::IpFamily;
 use crate::pod::{
-    DEFAULT_PROTOCOL, IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family, pod_reference,
+    DEFAULT_PROTOCOL, find_port, is_pod_ready, is_terminating, pod_ips_of_family, pod_reference,
     publishes_not_ready, should_pod_be_in_endpoints, should_set_hostname,
 };
 

@@ -24,8 +24,8 @@ use super::meta::{
     build_slice, endpoints_equal_beyond_hash, owned_by, placeholder_equal, set_trigger_time, slice_labels,
 };
 use super::{NodeLookup, SliceConfig, hints};
+use crate::ip::IpFamily;
 use crate::plan::SlicePlan;
-use crate::pod::IpFamily;
 
 /// Writes for one address type or one port set, before recycling.
 #[derive(Default)]

@@ -14,8 +14,9 @@ use proptest::prelude::*;
 use super::desired::{endpoint_key, port_key};
 use super::meta::{build_slice, rfc3339_nano};
 use super::*;
+use crate::ip::IpFamily;
 use crate::labels::{HEADLESS, LAST_CHANGE_TRIGGER_TIME, MANAGED_BY, SERVICE_NAME};
-use crate::pod::{IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family};
+use crate::pod::{find_port, is_pod_ready, is_terminating, pod_ips_of_family};
 use crate::stored_pod::StoredPod;
 
 const NS: &str = "test";

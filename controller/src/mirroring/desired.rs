@@ -13,8 +13,8 @@ use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
 };
 
-use crate::endpoints::ip;
 use crate::endpoints::repack::{PortIdentity, repack_subsets};
+use crate::ip;
 
 /// `addressType` of IPv4 slices.
 pub(super) const IPV4: &str = "IPv4";

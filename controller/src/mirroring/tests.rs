@@ -1023,7 +1023,7 @@ fn expected_triples(endpoints: &Endpoints) -> BTreeSet<(String, String, (String,
     for subset in endpoints.subsets.iter().flatten() {
         let addresses = subset.addresses.iter().flatten().chain(subset.not_ready_addresses.iter().flatten());
         for address in addresses {
-            let Some((ip, text)) = crate::endpoints::ip::canonicalize(&address.ip) else {
+            let Some((ip, text)) = crate::ip::canonicalize(&address.ip) else {
                 continue;
             };
             let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
