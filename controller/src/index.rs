@@ -153,33 +153,13 @@ impl SelectorIndex {
     }
 
     /// The Services that select a Pod, by name.
-    pub fn services_of_pod(&self, namespace: &str, pod: &str) -> Vec<String> {
+    #[cfg(test)]
+    fn services_of_pod(&self, namespace: &str, pod: &str) -> Vec<String> {
         self.namespaces
             .get(namespace)
             .and_then(|ns| ns.memberships.get(pod))
             .map(|m| m.iter().cloned().collect())
             .unwrap_or_default()
-    }
-
-    /// Every indexed Service as (namespace, name).
-    pub fn services(&self) -> Vec<(String, String)> {
-        self.namespaces
-            .iter()
-            .flat_map(|(ns, idx)| idx.services.keys().map(move |name| (ns.clone(), name.clone())))
-            .collect()
-    }
-
-    /// Every indexed Pod as (namespace, name).
-    pub fn pods(&self) -> Vec<(String, String)> {
-        self.namespaces
-            .iter()
-            .flat_map(|(ns, idx)| idx.pods.keys().map(move |name| (ns.clone(), name.clone())))
-            .collect()
-    }
-
-    /// Number of Services indexed (for metrics and tests).
-    pub fn service_count(&self) -> usize {
-        self.namespaces.values().map(|ns| ns.services.len()).sum()
     }
 }
 

@@ -5,6 +5,7 @@
 //! create, update and delete) and a thin shell that reads reflector stores, calls
 //! the planner and applies the plan. Most tests live on the planners.
 
+pub mod eligibility;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod index;

@@ -1,11 +1,10 @@
-//! Pod eligibility, readiness, IP-family and target-port rules shared by the
-//! EndpointSlice and Endpoints controllers and by `svcplane explain`.
+//! Facts about one Pod the endpoint rules are built from: readiness, phase,
+//! termination, its IPs of a family, its hostname and target ports. Whether it is
+//! an endpoint is [`crate::eligibility`]'s answer, built from these.
 //!
 //! Pure: every function reads the objects it is given and nothing else. The rules
 //! follow kube-controller-manager v1.37.2 (`k8s.io/endpointslice/util` and
 //! `k8s.io/endpointslice/utils.go`); each function names its upstream twin.
-
-use std::fmt;
 
 use crate::ip::{self, IpFamily};
 use crate::stored_pod::{StoredContainer, StoredPod};
@@ -42,7 +41,7 @@ pub fn is_terminating(pod: &StoredPod) -> bool {
 }
 
 /// The Pod's phase, `""` when unset.
-fn pod_phase(pod: &StoredPod) -> &str {
+pub(crate) fn pod_phase(pod: &StoredPod) -> &str {
     pod.status.as_ref().and_then(|status| status.phase.as_deref()).unwrap_or_default()
 }
 
@@ -57,13 +56,6 @@ pub fn has_ip(pod: &StoredPod) -> bool {
         status.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty())
             || status.pod_ips.as_ref().is_some_and(|ips| !ips.is_empty())
     })
-}
-
-/// Upstream `ShouldPodBeInEndpoints`: not terminal, has an IP, and (unless
-/// `include_terminating`) not terminating. The EndpointSlice controller passes
-/// `true`; the Endpoints controller passes `spec.publishNotReadyAddresses`.
-pub fn should_pod_be_in_endpoints(pod: &StoredPod, include_terminating: bool) -> bool {
-    !is_terminal(pod) && has_ip(pod) && (include_terminating || !is_terminating(pod))
 }
 
 /// True when `spec.publishNotReadyAddresses` is set on the Service.
@@ -145,228 +137,16 @@ pub fn pod_ips_of_family(pod: &StoredPod, family: IpFamily) -> Vec<String> {
         .collect()
 }
 
-/// Which controller's view an eligibility question is asked for: the rules differ.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consumer {
-    /// EndpointSlices: terminating Pods are published (with conditions), a Pod on
-    /// a missing Node is skipped unless `publishNotReadyAddresses`.
-    EndpointSlices,
-    /// Legacy Endpoints: terminating Pods are dropped unless
-    /// `publishNotReadyAddresses`; Nodes are never looked up.
-    Endpoints,
-}
-
-/// One reason a Pod is not (fully) an endpoint of a Service, for `svcplane explain`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Exclusion {
-    /// The Service has no selector: its endpoints are maintained by hand.
-    NoSelector,
-    /// The Service is `type: ExternalName`: it has no endpoints.
-    ExternalName,
-    /// The Pod is in another namespace than the Service.
-    OtherNamespace {
-        /// The Service's namespace.
-        service: String,
-        /// The Pod's namespace.
-        pod: String,
-    },
-    /// A selector label is missing on the Pod or has another value.
-    SelectorMismatch {
-        /// The label key.
-        key: String,
-        /// The value the selector wants.
-        expected: String,
-        /// The Pod's value, `None` when the label is absent.
-        actual: Option<String>,
-    },
-    /// The Pod is `Succeeded` or `Failed`.
-    Terminal {
-        /// The phase.
-        phase: String,
-    },
-    /// The Pod has no IP yet.
-    NoIp,
-    /// The Pod is terminating and this consumer drops terminating Pods.
-    Terminating,
-    /// The Pod's Node is not known and `publishNotReadyAddresses` is false: the
-    /// EndpointSlice controller skips it and retries the Service.
-    NodeMissing {
-        /// `spec.nodeName` (empty when unscheduled).
-        node: String,
-    },
-    /// Published, but marked not ready (`ready: false` in a slice,
-    /// `notReadyAddresses` in Endpoints): clients do not send it new traffic.
-    NotReady,
-    /// Published without this Service port: its named `targetPort` is not declared.
-    PortNotFound {
-        /// The Service port's name (may be empty).
-        service_port: String,
-        /// What was not found.
-        error: PortError,
-    },
-    /// The Service wants this family and the Pod has no IP of it.
-    NoIpOfFamily {
-        /// The missing family.
-        family: IpFamily,
-    },
-}
-
-impl Exclusion {
-    /// True when the reason keeps the Pod out of every endpoint list; false when it
-    /// only degrades it (not ready, a port or a family missing).
-    pub fn drops_pod(&self) -> bool {
-        !matches!(self, Exclusion::NotReady | Exclusion::PortNotFound { .. } | Exclusion::NoIpOfFamily { .. })
-    }
-}
-
-impl fmt::Display for Exclusion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Exclusion::NoSelector => write!(f, "service has no selector"),
-            Exclusion::ExternalName => write!(f, "service is of type ExternalName"),
-            Exclusion::OtherNamespace { service, pod } => {
-                write!(f, "pod is in namespace {pod}, service in {service}")
-            }
-            Exclusion::SelectorMismatch { key, expected, actual: Some(actual) } => {
-                write!(f, "label {key}={actual}, selector wants {expected}")
-            }
-            Exclusion::SelectorMismatch { key, expected, actual: None } => {
-                write!(f, "label {key} missing, selector wants {expected}")
-            }
-            Exclusion::Terminal { phase } => write!(f, "pod phase is {phase}"),
-            Exclusion::NoIp => write!(f, "pod has no IP"),
-            Exclusion::Terminating => write!(f, "pod is terminating"),
-            Exclusion::NodeMissing { node } => write!(f, "node {node:?} not found"),
-            Exclusion::NotReady => write!(f, "pod is not ready (published as not ready)"),
-            Exclusion::PortNotFound { service_port, error } => {
-                write!(f, "service port {service_port:?} left out: {error}")
-            }
-            Exclusion::NoIpOfFamily { family } => write!(f, "pod has no {family} address"),
-        }
-    }
-}
-
-/// Every reason `pod` is not, or not fully, an endpoint of `svc` for `consumer`.
-/// Empty means a ready endpoint with all ports in every Service family.
-///
-/// `node_found` answers whether the Pod's Node exists; `None` skips that check
-/// (the Endpoints consumer never asks). IP families checked are the Service's
-/// `ipFamilies` (none when empty: the legacy fallback differs per consumer).
-pub fn endpoint_exclusions(
-    svc: &Service,
-    pod: &StoredPod,
-    consumer: Consumer,
-    node_found: Option<bool>,
-) -> Vec<Exclusion> {
-    let mut reasons = Vec::new();
-    let spec = svc.spec.as_ref();
-    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-        reasons.push(Exclusion::ExternalName);
-    }
-    let pnra = publishes_not_ready(svc);
-    match crate::selector::service_selector(svc) {
-        None => reasons.push(Exclusion::NoSelector),
-        Some(selector) => {
-            for (key, expected, actual) in crate::selector::mismatches(selector, pod.metadata.labels.as_ref())
-            {
-                reasons.push(Exclusion::SelectorMismatch {
-                    key: key.to_owned(),
-                    expected: expected.to_owned(),
-                    actual: actual.map(str::to_owned),
-                });
-            }
-        }
-    }
-    if svc.metadata.namespace != pod.metadata.namespace {
-        reasons.push(Exclusion::OtherNamespace {
-            service: svc.metadata.namespace.clone().unwrap_or_default(),
-            pod: pod.metadata.namespace.clone().unwrap_or_default(),
-        });
-    }
-    if is_terminal(pod) {
-        reasons.push(Exclusion::Terminal { phase: pod_phase(pod).to_owned() });
-    }
-    if !has_ip(pod) {
-        reasons.push(Exclusion::NoIp);
-    }
-    if consumer == Consumer::Endpoints && is_terminating(pod) && !pnra {
-        reasons.push(Exclusion::Terminating);
-    }
-    if consumer == Consumer::EndpointSlices && node_found == Some(false) && !pnra {
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-        reasons.push(Exclusion::NodeMissing { node: node.unwrap_or_default() });
-    }
-    let ready = match consumer {
-        Consumer::EndpointSlices => is_pod_ready(pod) && !is_terminating(pod),
-        Consumer::Endpoints => is_pod_ready(pod),
-    };
-    if !ready && !pnra {
-        reasons.push(Exclusion::NotReady);
-    }
-    for svc_port in spec.and_then(|s| s.ports.as_deref()).unwrap_or_default() {
-        if let Err(error) = find_port(pod, svc_port) {
-            reasons.push(Exclusion::PortNotFound {
-                service_port: svc_port.name.clone().unwrap_or_default(),
-                error,
-            });
-        }
-    }
-    if has_ip(pod) {
-        let families = spec.and_then(|s| s.ip_families.as_deref()).unwrap_or_default();
-        for family in families.iter().filter_map(|f| IpFamily::from_name(f)) {
-            if pod_ips_of_family(pod, family).is_empty() {
-                reasons.push(Exclusion::NoIpOfFamily { family });
-            }
-        }
-    }
-    reasons
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{ContainerPort, ServiceSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-    use std::collections::BTreeMap;
+    use k8s_openapi::api::core::v1::ContainerPort;
 
     fn mk_pod(ips: &[&str]) -> StoredPod {
-        crate::test_pods::stored(crate::test_pods::TestPod {
-            name: "pod-1".into(),
-            namespace: "ns",
-            uid: None,
-            resource_version: None,
-            labels: &[("app", "web")],
-            node: "node-1",
-            container: "main",
-            port: ("http", 8080),
-            ips: ips.iter().map(|ip| (*ip).to_owned()).collect(),
-            phase: "Running",
-            ready: true,
-        })
+        crate::test_pods::web_pod("pod-1", ips)
     }
 
-    fn mk_service(target: IntOrString, protocol: &str) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                name: Some("web".into()),
-                namespace: Some("ns".into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                selector: Some(BTreeMap::from([("app".into(), "web".into())])),
-                ip_families: Some(vec!["IPv4".into()]),
-                ports: Some(vec![ServicePort {
-                    name: Some("http".into()),
-                    port: 80,
-                    protocol: Some(protocol.into()),
-                    target_port: Some(target),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            status: None,
-        }
-    }
+    use crate::test_pods::web_service as mk_service;
 
     fn svc_port(svc: &Service) -> &ServicePort {
         &svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
@@ -419,20 +199,6 @@ mod tests {
     }
 
     #[test]
-    fn terminal_ipless_and_terminating_pods_follow_should_pod_be_in_endpoints() {
-        let mut pod = mk_pod(&["10.0.0.1"]);
-        assert!(should_pod_be_in_endpoints(&pod, false));
-        pod.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
-        assert!(!should_pod_be_in_endpoints(&pod, false));
-        assert!(should_pod_be_in_endpoints(&pod, true));
-        let mut failed = mk_pod(&["10.0.0.1"]);
-        failed.status.as_mut().unwrap().phase = Some("Failed".into());
-        assert!(!should_pod_be_in_endpoints(&failed, true));
-        let ipless = mk_pod(&[]);
-        assert!(!should_pod_be_in_endpoints(&ipless, true));
-    }
-
-    #[test]
     fn irregular_pod_ips_are_canonicalised_like_go() {
         let pod = mk_pod(&["010.001.002.003", "1234::5678:0000:0000:9abc:def0", "::ffff:1.2.3.4"]);
         assert_eq!(pod_ips_of_family(&pod, IpFamily::V4), ["10.1.2.3", "1.2.3.4"]);
@@ -449,34 +215,5 @@ mod tests {
         assert!(!should_set_hostname(&pod, &svc));
         pod.spec.as_mut().unwrap().subdomain = Some("web".into());
         assert!(should_set_hostname(&pod, &svc));
-    }
-
-    #[test]
-    fn exclusions_list_every_reason() {
-        let mut pod = mk_pod(&["fd00::1"]);
-        pod.metadata.labels = Some(BTreeMap::from([("app".into(), "db".into())]));
-        pod.status.as_mut().unwrap().conditions = None;
-        let svc = mk_service(IntOrString::String("grpc".into()), "TCP");
-        let reasons = endpoint_exclusions(&svc, &pod, Consumer::EndpointSlices, Some(false));
-        assert_eq!(
-            reasons,
-            vec![
-                Exclusion::SelectorMismatch {
-                    key: "app".into(),
-                    expected: "web".into(),
-                    actual: Some("db".into())
-                },
-                Exclusion::NodeMissing { node: "node-1".into() },
-                Exclusion::NotReady,
-                Exclusion::PortNotFound {
-                    service_port: "http".into(),
-                    error: PortError::NamedPortNotFound { name: "grpc".into(), protocol: "TCP".into() }
-                },
-                Exclusion::NoIpOfFamily { family: IpFamily::V4 },
-            ]
-        );
-        let ok = mk_pod(&["10.0.0.1"]);
-        let svc = mk_service(IntOrString::String("http".into()), "TCP");
-        assert!(endpoint_exclusions(&svc, &ok, Consumer::Endpoints, None).is_empty());
     }
 }

@@ -15,6 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
+use crate::ip;
 use crate::stored_pod::StoredPod;
 
 const NS: &str = "default";
@@ -519,7 +520,7 @@ fn the_address_is_the_pod_ip_of_the_services_primary_family() {
             spec.ip_families = families.map(|f| f.into_iter().map(str::to_owned).collect());
             spec.cluster_ip = Some(cluster_ip.to_owned());
         }
-        let got = pod_address_for_service(&svc, &pod).map(|a| a.ip);
+        let got = crate::eligibility::for_endpoints(&svc, &pod).addresses.into_values().flatten().next();
         assert_eq!(got.as_deref(), want, "{name}");
     }
 }

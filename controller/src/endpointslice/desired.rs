@@ -14,11 +14,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
 use super::NodeLookup;
+use crate::eligibility::{self, Conditions, Exclusion};
 use crate::ip::IpFamily;
-use crate::pod::{
-    DEFAULT_PROTOCOL, find_port, is_pod_ready, is_terminating, pod_ips_of_family, pod_reference,
-    publishes_not_ready, should_pod_be_in_endpoints, should_set_hostname,
-};
+use crate::pod::{DEFAULT_PROTOCOL, pod_reference, should_set_hostname};
 
 /// One port of a port set, with every field the grouping compares. Upstream
 /// hashes the whole `EndpointPort`; comparing the fields is equivalent.
@@ -121,17 +119,17 @@ pub fn service_address_families(svc: &Service) -> Vec<IpFamily> {
     vec![IpFamily::V4, IpFamily::V6]
 }
 
-/// The slice ports one Pod resolves (upstream `getEndpointPorts`): a Service port
-/// whose named target the Pod does not declare is left out for that Pod.
-pub(super) fn endpoint_ports(svc: &Service, pod: &StoredPod) -> Vec<EndpointPort> {
+/// The slice ports of a Pod's resolved targets (upstream `getEndpointPorts`): a
+/// Service port whose named target the Pod does not declare is left out for that Pod.
+pub(super) fn endpoint_ports(svc: &Service, resolved: &[Option<i32>]) -> Vec<EndpointPort> {
     let svc_ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref()).unwrap_or_default();
     let mut ports: Vec<EndpointPort> = svc_ports
         .iter()
-        .filter_map(|svc_port| {
-            let port = find_port(pod, svc_port).ok()?;
+        .zip(resolved)
+        .filter_map(|(svc_port, port)| {
             Some(EndpointPort {
                 name: Some(svc_port.name.clone().unwrap_or_default()),
-                port: Some(port),
+                port: Some((*port)?),
                 protocol: Some(svc_port.protocol.clone().unwrap_or_else(|| DEFAULT_PROTOCOL.to_owned())),
                 app_protocol: svc_port.app_protocol.clone(),
             })
@@ -143,22 +141,23 @@ pub(super) fn endpoint_ports(svc: &Service, pod: &StoredPod) -> Vec<EndpointPort
     ports
 }
 
-/// The endpoint of one Pod for one family (upstream `podToEndpoint`).
-fn build_endpoint(svc: &Service, pod: &StoredPod, zone: Option<String>, family: IpFamily) -> Endpoint {
-    let serving = is_pod_ready(pod);
-    let terminating = is_terminating(pod);
-    // Upstream: never ready while terminating, unless the Service publishes
-    // not-ready addresses (then always ready; kubernetes#116285).
-    let ready = publishes_not_ready(svc) || (serving && !terminating);
-    let mut addresses = pod_ips_of_family(pod, family);
+/// The endpoint of one Pod for one family (upstream `podToEndpoint`), from its
+/// [`eligibility::for_slices`] conditions and addresses.
+fn build_endpoint(
+    svc: &Service,
+    pod: &StoredPod,
+    conditions: Conditions,
+    mut addresses: Vec<String>,
+    zone: Option<String>,
+) -> Endpoint {
     addresses.sort();
     let spec = pod.spec.as_ref();
     Endpoint {
         addresses,
         conditions: Some(EndpointConditions {
-            ready: Some(ready),
-            serving: Some(serving),
-            terminating: Some(terminating),
+            ready: Some(conditions.ready),
+            serving: Some(conditions.serving),
+            terminating: Some(conditions.terminating),
         }),
         hostname: should_set_hostname(pod, svc).then(|| spec.and_then(|s| s.hostname.clone())).flatten(),
         node_name: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
@@ -205,21 +204,21 @@ pub(super) fn desired_groups(
 ) -> BTreeMap<PortKey, DesiredGroup> {
     let mut groups: BTreeMap<PortKey, DesiredGroup> = BTreeMap::new();
     for pod in pods {
-        if !should_pod_be_in_endpoints(pod, true) {
+        let node = node_of(pod, nodes);
+        let verdict = eligibility::for_slices(svc, pod, node.is_some());
+        if !verdict.candidate {
             continue;
         }
-        let ports = endpoint_ports(svc, pod);
+        let ports = endpoint_ports(svc, &verdict.ports);
         let group = groups
             .entry(port_key(&ports))
             .or_insert_with(|| DesiredGroup { ports, endpoints: BTreeMap::new() });
-        let node = node_of(pod, nodes);
-        if node.is_none() && !publishes_not_ready(svc) {
+        let Some(addresses) = verdict.addresses.get(&family) else {
             continue;
-        }
-        let endpoint = build_endpoint(svc, pod, node.and_then(|n| n.zone), family);
-        if !endpoint.addresses.is_empty() {
-            group.endpoints.insert(endpoint_key(&endpoint), endpoint);
-        }
+        };
+        let endpoint =
+            build_endpoint(svc, pod, verdict.conditions, addresses.clone(), node.and_then(|n| n.zone));
+        group.endpoints.insert(endpoint_key(&endpoint), endpoint);
     }
     groups
 }
@@ -239,12 +238,13 @@ pub struct MissingNode {
 /// this is non-empty. Always empty with `publishNotReadyAddresses`, for
 /// selectorless and ExternalName Services.
 pub fn missing_nodes(svc: &Service, pods: &[Arc<StoredPod>], nodes: &impl NodeLookup) -> Vec<MissingNode> {
-    if !is_selected(svc) || publishes_not_ready(svc) {
-        return Vec::new();
-    }
     selected_pods(svc, pods)
         .into_iter()
-        .filter(|pod| should_pod_be_in_endpoints(pod, true) && node_of(pod, nodes).is_none())
+        .filter(|pod| node_of(pod, nodes).is_none())
+        .filter(|pod| {
+            let reasons = eligibility::for_slices(svc, pod, false).reasons;
+            reasons.iter().any(|r| matches!(r, Exclusion::NodeMissing { .. }))
+        })
         .map(|pod| MissingNode {
             pod: pod.metadata.name.clone().unwrap_or_default(),
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),

@@ -96,7 +96,8 @@ fn synced(svc: &Service, pods: &[Arc<StoredPod>]) -> Vec<Arc<EndpointSlice>> {
 
 /// A named slice of `svc` holding the given Pods' endpoints, as a prior sync wrote it.
 fn mk_slice(name: &str, svc: &Service, pods: &[Arc<StoredPod>]) -> Arc<EndpointSlice> {
-    let ports = super::desired::endpoint_ports(svc, &pods[0]);
+    let ports =
+        super::desired::endpoint_ports(svc, &crate::eligibility::for_slices(svc, &pods[0], true).ports);
     let mut slice = build_slice(svc, &ports, IpFamily::V4, &SliceConfig::default().managed_by);
     slice.metadata.name = Some(name.into());
     let nodes = mk_nodes();
