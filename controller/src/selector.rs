@@ -11,7 +11,11 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::Service;
+
+use crate::stored_pod::StoredPod;
 
 /// The Service's selector, `None` when absent or empty (the two read the same
 /// once stored, see the module doc).
@@ -35,6 +39,23 @@ pub fn mismatches<'a>(
 /// Callers pass [`service_selector`]'s result, so an empty selector never gets here.
 pub fn matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
     mismatches(selector, labels).next().is_none()
+}
+
+/// The Pods this Service selects, deduplicated by namespace/name and sorted, so
+/// the result does not depend on the order the shell passes them in.
+pub fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<StoredPod>]) -> Vec<&'a StoredPod> {
+    let Some(selector) = service_selector(svc) else {
+        return Vec::new();
+    };
+    let mut selected: Vec<&StoredPod> = pods
+        .iter()
+        .map(Arc::as_ref)
+        .filter(|pod| pod.metadata.namespace == svc.metadata.namespace)
+        .filter(|pod| matches(selector, pod.metadata.labels.as_ref()))
+        .collect();
+    selected.sort_by(|a, b| (&a.metadata.name, &a.metadata.uid).cmp(&(&b.metadata.name, &b.metadata.uid)));
+    selected.dedup_by(|a, b| a.metadata.name == b.metadata.name);
+    selected
 }
 
 /// `key=value` pairs joined by commas, as `kubectl get -o wide` shows a selector.

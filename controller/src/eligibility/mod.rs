@@ -12,7 +12,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::Service;
 
-use crate::endpointslice::service_address_families;
+use crate::endpointslice::{NodeInfo, NodeLookup, service_address_families};
 use crate::ip::{self, IpFamily};
 use crate::pod::{
     PortError, find_port, has_ip, is_pod_ready, is_terminal, is_terminating, pod_ips_of_family, pod_phase,
@@ -370,6 +370,16 @@ pub fn for_endpoints(svc: &Service, pod: &StoredPod) -> Eligibility {
         eligibility.addresses.clear();
     }
     eligibility
+}
+
+/// The Pod's Node, `None` when `spec.nodeName` is unset or the Node unknown
+/// (upstream's lister answers NotFound for both).
+pub fn pod_node(pod: &StoredPod, nodes: &impl NodeLookup) -> Option<NodeInfo> {
+    let name = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())?;
+    if name.is_empty() {
+        return None;
+    }
+    nodes.node(name)
 }
 
 /// The family of the Endpoints address (upstream `podToEndpointAddressForService`):

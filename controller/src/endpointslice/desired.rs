@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
 use super::NodeLookup;
-use crate::eligibility::{self, Conditions, Exclusion};
+use crate::eligibility::{self, Conditions, Exclusion, pod_node as node_of};
 use crate::ip::IpFamily;
 use crate::pod::{DEFAULT_PROTOCOL, pod_reference, should_set_hostname};
 
@@ -167,31 +167,7 @@ fn build_endpoint(
     }
 }
 
-/// The Pods this Service selects, deduplicated by namespace/name and sorted, so
-/// the result does not depend on the order the shell passes them in.
-pub(super) fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<StoredPod>]) -> Vec<&'a StoredPod> {
-    let Some(selector) = selector::service_selector(svc) else {
-        return Vec::new();
-    };
-    let mut selected: Vec<&StoredPod> = pods
-        .iter()
-        .map(Arc::as_ref)
-        .filter(|pod| pod.metadata.namespace == svc.metadata.namespace)
-        .filter(|pod| selector::matches(selector, pod.metadata.labels.as_ref()))
-        .collect();
-    selected.sort_by(|a, b| (&a.metadata.name, &a.metadata.uid).cmp(&(&b.metadata.name, &b.metadata.uid)));
-    selected.dedup_by(|a, b| a.metadata.name == b.metadata.name);
-    selected
-}
-
-/// The Pod's Node, `None` when unset or unknown.
-fn node_of(pod: &StoredPod, nodes: &impl NodeLookup) -> Option<super::NodeInfo> {
-    let name = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())?;
-    if name.is_empty() {
-        return None;
-    }
-    nodes.node(name)
-}
+pub(super) use crate::selector::selected_pods;
 
 /// Desired endpoints of one family, by port set. A group exists as soon as a
 /// candidate Pod resolves its ports, even if the Pod then yields no endpoint (no
