@@ -403,5 +403,6 @@ fn endpoints_family(svc: &Service, pod: &StoredPod) -> IpFamily {
     }
 }
 
+pub mod summary;
 #[cfg(test)]
 mod tests;
