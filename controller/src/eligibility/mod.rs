@@ -21,17 +21,6 @@ use crate::pod::{
 use crate::selector;
 use crate::stored_pod::StoredPod;
 
-/// Which controller's view an eligibility question is asked for: the rules differ.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consumer {
-    /// EndpointSlices: terminating Pods are published (with conditions), a Pod on
-    /// a missing Node is skipped unless `publishNotReadyAddresses`.
-    EndpointSlices,
-    /// Legacy Endpoints: terminating Pods are dropped unless
-    /// `publishNotReadyAddresses`; Nodes are never looked up.
-    Endpoints,
-}
-
 /// One reason a Pod is not (fully) an endpoint of a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Exclusion {

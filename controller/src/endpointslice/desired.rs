@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
 use super::NodeLookup;
-use crate::eligibility::{self, Conditions, Exclusion, pod_node as node_of};
+use crate::eligibility::{self, Conditions, Exclusion, pod_node};
 use crate::ip::IpFamily;
 use crate::pod::{DEFAULT_PROTOCOL, pod_reference, should_set_hostname};
 
@@ -180,7 +180,7 @@ pub(super) fn desired_groups(
 ) -> BTreeMap<PortKey, DesiredGroup> {
     let mut groups: BTreeMap<PortKey, DesiredGroup> = BTreeMap::new();
     for pod in pods {
-        let node = node_of(pod, nodes);
+        let node = pod_node(pod, nodes);
         let verdict = eligibility::for_slices(svc, pod, node.is_some());
         if !verdict.candidate {
             continue;
@@ -216,7 +216,7 @@ pub struct MissingNode {
 pub fn missing_nodes(svc: &Service, pods: &[Arc<StoredPod>], nodes: &impl NodeLookup) -> Vec<MissingNode> {
     selected_pods(svc, pods)
         .into_iter()
-        .filter(|pod| node_of(pod, nodes).is_none())
+        .filter(|pod| pod_node(pod, nodes).is_none())
         .filter(|pod| {
             let reasons = eligibility::for_slices(svc, pod, false).reasons;
             reasons.iter().any(|r| matches!(r, Exclusion::NodeMissing { .. }))
