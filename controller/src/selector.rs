@@ -1,16 +1,18 @@
 //! What a Service's `spec.selector` means, written once. Pure.
 //!
-//! kube-apiserver stores `spec.selector` as a Go `map[string]string` tagged
-//! `json:"selector,omitempty"` and protobuf field 2 of `ServiceSpec`: an empty map
-//! has no entries to encode and decodes back as `nil`, so `selector: {}` is read
-//! back without a selector (e2e `empty_selector_is_stored_as_no_selector`). The
-//! upstream controllers only ever see that `nil`: `if service.Spec.Selector == nil`
-//! (endpointslice `syncService`, endpoint `syncService`) and mirroring's
-//! `svc.Spec.Selector != nil`. So here absent and empty both mean "no selector"
-//! for every consumer: the selector index, both planners, mirroring and `explain`.
+//! kube-apiserver keeps `spec.selector` as a Go `map[string]string` tagged
+//! `json:"selector,omitempty" protobuf:"bytes,2,rep"`. An empty map is omitted from
+//! JSON, and in protobuf (k8s.io/api v0.37.2 `core/v1/generated.pb.go`)
+//! `ServiceSpec.MarshalToSizedBuffer` writes entries only `if len(m.Selector) > 0`
+//! while `Unmarshal` makes the map on the first entry: `selector: {}` is stored and
+//! read back as nil (e2e `empty_selector_is_stored_as_no_selector`). The upstream
+//! controllers therefore only ever see nil: `if service.Spec.Selector == nil` in
+//! `endpointslice_controller.go` and `endpoints_controller.go` `syncService`, and
+//! in `endpointslicemirroring_controller.go`. So absent and empty both mean "no
+//! selector" here, for every consumer: the selector index, both planners,
+//! mirroring, `explain` and the `NoReadyEndpoints` Event.
 
 use std::collections::BTreeMap;
-
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
