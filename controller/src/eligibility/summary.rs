@@ -12,6 +12,12 @@ use crate::pod::PortError;
 use crate::selector;
 use crate::stored_pod::StoredPod;
 
+/// Most distinct reasons a note names; the rest are counted together.
+const MAX_REASONS: usize = 5;
+
+/// The apiserver refuses an Event note longer than this (`NoteLengthLimit`).
+const NOTE_LIMIT: usize = 1024;
+
 /// A Service's ready endpoints and, for the others, why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadySummary {
@@ -48,17 +54,30 @@ pub fn summarize(svc: &Service, pods: &[Arc<StoredPod>], nodes: &impl NodeLookup
     }
     why.sort_by_key(|entry| std::cmp::Reverse(entry.2));
     let selector = selector::display(selector);
-    let note = match matched.len() {
+    let mut note = match matched.len() {
         0 => format!("selector {selector} matches no Pods"),
         n => {
-            let reasons: Vec<String> = why
+            let others: usize = why.iter().skip(MAX_REASONS).map(|(_, _, count)| count).sum();
+            let mut reasons: Vec<String> = why
                 .into_iter()
+                .take(MAX_REASONS)
                 .map(|(one, many, count)| format!("{count} {}", if count == 1 { one } else { many }))
                 .collect();
+            if others > 0 {
+                reasons.push(format!("{others} for other reasons"));
+            }
             let pods = if n == 1 { "Pod" } else { "Pods" };
             format!("selector {selector} matches {n} {pods}: {}", reasons.join(", "))
         }
     };
+    if note.len() > NOTE_LIMIT {
+        let mut end = NOTE_LIMIT - 3;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
     Some(ReadySummary { ready, note })
 }
 
@@ -146,13 +165,25 @@ mod tests {
         gone.spec.as_mut().unwrap().node_name = Some("node-9".into());
         let mut terminating = web_pod("c", &["10.0.0.3"]);
         terminating.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let ipless = [web_pod("d", &[]), web_pod("e", &[])];
         let pods =
-            vec![failed, gone, terminating, web_pod("d", &[]), web_pod("e", &[]), web_pod("f", &["fd00::1"])];
+            [vec![failed, gone, terminating, web_pod("f", &["fd00::1"]), not_ready("g")], ipless.to_vec()];
         assert_eq!(
-            note(&svc, pods).note,
-            "selector app=web matches 6 Pods: 2 have no IP, 1 is Failed, 1 is on missing Node \"node-9\", \
-             1 terminating, 1 has no IP of the Service's families"
+            note(&svc, pods.concat()).note,
+            "selector app=web matches 7 Pods: 2 have no IP, 1 is Failed, 1 is on missing Node \"node-9\", \
+             1 terminating, 1 has no IP of the Service's families, 1 for other reasons"
         );
+    }
+
+    #[test]
+    fn a_long_note_is_cut_to_what_the_apiserver_accepts() {
+        let mut svc = web_service(IntOrString::Int(8080), "TCP");
+        let long = "v".repeat(60);
+        let selector = (0..20).map(|i| (format!("k{i}"), long.clone())).collect::<BTreeMap<_, _>>();
+        svc.spec.as_mut().unwrap().selector = Some(selector);
+        let got = summarize(&svc, &[], &BTreeMap::<String, NodeInfo>::new()).unwrap();
+        assert_eq!(got.note.len(), NOTE_LIMIT);
+        assert!(got.note.ends_with("..."));
     }
 
     #[test]

@@ -99,6 +99,13 @@ impl NoReadyTracker {
         Some(Notice::NoReady(summary.note.clone()))
     }
 
+    /// Records that the Warning for `key` could not be written: it is due again.
+    pub fn unsent(&mut self, key: &Key) {
+        if let Some(outage) = self.outages.get_mut(key) {
+            outage.warned = None;
+        }
+    }
+
     /// Forgets every Service `live` rejects (deleted, or no longer selecting).
     pub fn retain(&mut self, live: impl Fn(&Key) -> bool) {
         self.outages.retain(|key, _| live(key));
@@ -131,8 +138,10 @@ pub(super) async fn run(ctx: Arc<Context>, grace: Duration) {
             let Some(summary) = summarize(&svc, &pods, &ctx.stores.nodes) else {
                 continue;
             };
-            if let Some(notice) = tracker.observe(&key, &summary, now, || limiter.check().is_ok()) {
-                publish(&ctx, &svc, notice).await;
+            if let Some(notice) = tracker.observe(&key, &summary, now, || limiter.check().is_ok())
+                && !publish(&ctx, &svc, notice).await
+            {
+                tracker.unsent(&key);
             }
             live.insert(key);
         }
@@ -140,10 +149,10 @@ pub(super) async fn run(ctx: Arc<Context>, grace: Duration) {
     }
 }
 
-/// Creates one Event on the Service; a failure is logged, never fatal. Not through
+/// Creates one Event on the Service; false (and a log line) when that failed. Not through
 /// the shared `Recorder`: it folds an Event with the same reason into the first
 /// one's series, note and all, so a changed note would never show.
-async fn publish(ctx: &Context, svc: &Service, notice: Notice) {
+async fn publish(ctx: &Context, svc: &Service, notice: Notice) -> bool {
     let (type_, reason, note) = match notice {
         Notice::NoReady(note) => ("Warning", REASON_NO_READY, note),
         Notice::Recovered(note) => ("Normal", REASON_READY, note),
@@ -170,9 +179,11 @@ async fn publish(ctx: &Context, svc: &Service, notice: Notice) {
         ..events::v1::Event::default()
     };
     let api = Api::<events::v1::Event>::namespaced(ctx.client.clone(), &key.namespace);
-    if let Err(e) = api.create(&PostParams::default(), &event).await {
+    let result = api.create(&PostParams::default(), &event).await;
+    if let Err(e) = &result {
         tracing::warn!(service = %key, error = %e, reason, "failed to publish event");
     }
+    result.is_ok()
 }
 
 #[cfg(test)]
@@ -196,6 +207,12 @@ mod tests {
         assert_eq!(t.observe(&key(), &none("a"), at(60), || false), None, "rate-limited: still due");
         assert_eq!(t.observe(&key(), &none("a"), at(61), || true), Some(Notice::NoReady("a".into())));
         assert_eq!(t.observe(&key(), &none("a"), at(70), || true), None);
+        t.unsent(&key());
+        assert_eq!(
+            t.observe(&key(), &none("a"), at(75), || true),
+            Some(Notice::NoReady("a".into())),
+            "retried"
+        );
         assert_eq!(t.observe(&key(), &none("b"), at(80), || true), Some(Notice::NoReady("b".into())));
         let ready = ReadySummary { ready: 2, note: String::new() };
         assert_eq!(
