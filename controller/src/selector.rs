@@ -25,6 +25,17 @@ pub fn service_selector(svc: &Service) -> Option<&BTreeMap<String, String>> {
     svc.spec.as_ref()?.selector.as_ref().filter(|selector| !selector.is_empty())
 }
 
+/// True for `type: ExternalName`: such a Service has no endpoints, selector or not.
+pub fn is_external_name(svc: &Service) -> bool {
+    svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName")
+}
+
+/// True when the Service gets endpoints from Pods: it has a selector and is not
+/// `ExternalName` (both upstream controllers' `syncService` return early otherwise).
+pub fn is_selected(svc: &Service) -> bool {
+    !is_external_name(svc) && service_selector(svc).is_some()
+}
+
 /// Each selector pair the labels do not satisfy: (key, wanted value, the label's
 /// value or `None` when absent), in key order.
 pub fn mismatches<'a>(

@@ -228,7 +228,7 @@ impl Eligibility {
 /// not terminal and has an IP (upstream `ShouldPodBeInEndpoints` but terminating).
 fn shared_reasons(svc: &Service, pod: &StoredPod) -> Vec<Exclusion> {
     let mut reasons = Vec::new();
-    if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+    if selector::is_external_name(svc) {
         reasons.push(Exclusion::ExternalName);
     }
     match selector::service_selector(svc) {

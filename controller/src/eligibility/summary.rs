@@ -32,10 +32,7 @@ pub struct ReadySummary {
 /// namespace or not matched are ignored). `None` for a Service without selector
 /// or of type ExternalName: it has no Pod endpoints to miss.
 pub fn summarize(svc: &Service, pods: &[Arc<StoredPod>], nodes: &impl NodeLookup) -> Option<ReadySummary> {
-    let selector = selector::service_selector(svc)?;
-    if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-        return None;
-    }
+    let selector = selector::service_selector(svc).filter(|_| selector::is_selected(svc))?;
     let matched = selector::selected_pods(svc, pods);
     let mut ready = 0;
     // (phrase for one Pod, for several, count), in first-seen order.

@@ -73,14 +73,9 @@ pub fn desired_endpoints(
     let Some(svc) = svc else {
         return EndpointsPlan::Delete;
     };
-    let Some(spec) = svc.spec.as_ref() else {
-        return EndpointsPlan::Nothing;
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return EndpointsPlan::Nothing;
-    }
-    if selector::service_selector(svc).is_none() {
-        // Selectorless: the Endpoints is the user's (and the mirroring controller's).
+    if !selector::is_selected(svc) {
+        // Selectorless: the Endpoints is the user's (and the mirroring controller's);
+        // ExternalName: it has none.
         return EndpointsPlan::Nothing;
     }
 

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::selector;
 use crate::stored_pod::StoredPod;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
@@ -79,14 +78,7 @@ pub(super) struct DesiredGroup {
     pub endpoints: BTreeMap<EndpointKey, Endpoint>,
 }
 
-/// True when the Service gets Pod-derived slices: it has a selector and is not
-/// `ExternalName` (upstream `syncService` returns early otherwise).
-pub(super) fn is_selected(svc: &Service) -> bool {
-    let Some(spec) = svc.spec.as_ref() else {
-        return false;
-    };
-    spec.type_.as_deref() != Some("ExternalName") && selector::service_selector(svc).is_some()
-}
+pub(super) use crate::selector::is_selected;
 
 /// `clusterIP` is a real IP: neither `None` nor empty (upstream `isServiceIPSet`).
 pub(super) fn is_service_ip_set(svc: &Service) -> bool {
