@@ -392,6 +392,8 @@ mod tests {
             (controller.min_sync_interval, controller.burst_batch_delay),
             (Duration::from_millis(100), Duration::from_millis(50))
         );
+        assert_eq!(controller.no_ready_endpoints_grace, defaults.no_ready_endpoints_grace);
+        assert_eq!(controller.no_ready_endpoints_grace, Duration::from_secs(60));
         let defaults = svcplane_webhook::WebhookArgs::default();
         assert_eq!(
             (webhook.cert_reload_interval, webhook.repair_interval, webhook.repair_grace),

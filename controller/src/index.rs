@@ -15,6 +15,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+
+use crate::selector;
+
 type Namespace = String;
 type Name = String;
 type Pair = (String, String);
@@ -42,21 +47,18 @@ struct NamespaceIndex {
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    selector::matches(selector, Some(labels))
 }
 
 impl SelectorIndex {
-    /// Records a Service's selector (`None` or empty: selects nothing, as upstream
-    /// treats an empty Service selector as no selector). Returns nothing: the caller
-    /// triggers the Service itself.
-    pub fn upsert_service(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        selector: Option<&BTreeMap<String, String>>,
-    ) {
+    /// Records a Service's selector as [`selector::service_selector`] reads it
+    /// (absent or empty: selects nothing). Returns nothing: the caller triggers the
+    /// Service itself.
+    pub fn upsert_service(&mut self, svc: &Service) {
+        let (namespace, name) = (svc.metadata.namespace.as_deref().unwrap_or_default(), svc.name_any());
+        let name = name.as_str();
         let ns = self.namespaces.entry(namespace.to_string()).or_default();
-        let selector = selector.filter(|s| !s.is_empty());
+        let selector = selector::service_selector(svc);
         if let Some((old, _)) = ns.services.get(name)
             && Some(old) == selector
         {
@@ -151,7 +153,8 @@ impl SelectorIndex {
     }
 
     /// The Services that select a Pod, by name.
-    pub fn services_of_pod(&self, namespace: &str, pod: &str) -> Vec<String> {
+    #[cfg(test)]
+    fn services_of_pod(&self, namespace: &str, pod: &str) -> Vec<String> {
         self.namespaces
             .get(namespace)
             .and_then(|ns| ns.memberships.get(pod))
@@ -205,6 +208,17 @@ mod tests {
 
     use super::*;
 
+    fn mk_service(namespace: &str, name: &str, selector: Option<&BTreeMap<String, String>>) -> Service {
+        let mut svc = Service::default();
+        svc.metadata.namespace = Some(namespace.to_owned());
+        svc.metadata.name = Some(name.to_owned());
+        svc.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            selector: selector.cloned(),
+            ..Default::default()
+        });
+        svc
+    }
+
     fn l(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
@@ -212,7 +226,7 @@ mod tests {
     #[test]
     fn pod_joins_matching_service_and_leaves_on_label_change() {
         let mut idx = SelectorIndex::default();
-        idx.upsert_service("ns", "web", Some(&l(&[("app", "web")])));
+        idx.upsert_service(&mk_service("ns", "web", Some(&l(&[("app", "web")]))));
         let affected = idx.upsert_pod("ns", "p1", Some(&l(&[("app", "web"), ("tier", "fe")])));
         assert_eq!(affected, BTreeSet::from(["web".to_string()]));
         assert_eq!(idx.members("ns", "web"), vec!["p1"]);
@@ -227,11 +241,11 @@ mod tests {
         idx.upsert_pod("ns", "a", Some(&l(&[("app", "x"), ("v", "1")])));
         idx.upsert_pod("ns", "b", Some(&l(&[("app", "x"), ("v", "2")])));
         idx.upsert_pod("other", "c", Some(&l(&[("app", "x"), ("v", "1")])));
-        idx.upsert_service("ns", "svc", Some(&l(&[("app", "x"), ("v", "1")])));
+        idx.upsert_service(&mk_service("ns", "svc", Some(&l(&[("app", "x"), ("v", "1")]))));
         assert_eq!(idx.members("ns", "svc"), vec!["a"]);
-        idx.upsert_service("ns", "svc", Some(&l(&[("app", "x")])));
+        idx.upsert_service(&mk_service("ns", "svc", Some(&l(&[("app", "x")]))));
         assert_eq!(idx.members("ns", "svc"), vec!["a", "b"]);
-        idx.upsert_service("ns", "svc", None);
+        idx.upsert_service(&mk_service("ns", "svc", None));
         assert!(idx.members("ns", "svc").is_empty());
         assert!(idx.services_of_pod("ns", "a").is_empty());
     }
@@ -239,7 +253,7 @@ mod tests {
     #[test]
     fn empty_selector_selects_nothing() {
         let mut idx = SelectorIndex::default();
-        idx.upsert_service("ns", "s", Some(&BTreeMap::new()));
+        idx.upsert_service(&mk_service("ns", "s", Some(&BTreeMap::new())));
         assert!(idx.upsert_pod("ns", "p", Some(&l(&[("a", "b")]))).is_empty());
         assert!(idx.members("ns", "s").is_empty());
     }
@@ -247,8 +261,8 @@ mod tests {
     #[test]
     fn deleted_pod_reports_its_services() {
         let mut idx = SelectorIndex::default();
-        idx.upsert_service("ns", "s1", Some(&l(&[("app", "x")])));
-        idx.upsert_service("ns", "s2", Some(&l(&[("tier", "fe")])));
+        idx.upsert_service(&mk_service("ns", "s1", Some(&l(&[("app", "x")]))));
+        idx.upsert_service(&mk_service("ns", "s2", Some(&l(&[("tier", "fe")]))));
         idx.upsert_pod("ns", "p", Some(&l(&[("app", "x"), ("tier", "fe")])));
         assert_eq!(idx.remove_pod("ns", "p"), BTreeSet::from(["s1".to_string(), "s2".to_string()]));
         assert!(idx.members("ns", "s1").is_empty());
@@ -280,7 +294,7 @@ mod tests {
                 match op {
                     Op::Svc(i, sel) => {
                         let name = format!("s{i}");
-                        idx.upsert_service("ns", &name, sel.as_ref());
+                        idx.upsert_service(&mk_service("ns", &name, sel.as_ref()));
                         match sel { Some(s) if !s.is_empty() => { svcs.insert(name, s); } _ => { svcs.remove(&name); } }
                     }
                     Op::Pod(i, Some(labels)) => {

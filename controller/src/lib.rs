@@ -6,9 +6,11 @@
 //! the planner and applies the plan. Most tests live on the planners.
 
 pub mod compare;
+pub mod eligibility;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod index;
+pub mod ip;
 pub mod labels;
 pub mod metrics;
 pub mod migration;
@@ -16,6 +18,7 @@ pub mod mirroring;
 pub mod plan;
 pub mod pod;
 pub mod run;
+pub mod selector;
 pub mod slice_keys;
 pub mod stored_pod;
 #[cfg(test)]

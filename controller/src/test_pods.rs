@@ -69,3 +69,47 @@ pub(crate) fn test_pod(p: TestPod<'_>) -> Pod {
 pub(crate) fn stored(p: TestPod<'_>) -> crate::stored_pod::StoredPod {
     crate::stored_pod::StoredPod::from(&test_pod(p))
 }
+
+/// A Running, Ready Pod `name` of namespace `ns` labelled app=web on node-1, with
+/// container port http=8080 and the given IPs.
+pub(crate) fn web_pod(name: &str, ips: &[&str]) -> crate::stored_pod::StoredPod {
+    stored(TestPod {
+        name: name.into(),
+        namespace: "ns",
+        uid: Some(format!("uid-{name}")),
+        resource_version: None,
+        labels: &[("app", "web")],
+        node: "node-1",
+        container: "main",
+        port: ("http", 8080),
+        ips: ips.iter().map(|ip| (*ip).to_owned()).collect(),
+        phase: "Running",
+        ready: true,
+    })
+}
+
+/// Service ns/web selecting app=web, IPv4 with clusterIP 10.96.0.1, one port
+/// "http" 80 with `target` and `protocol`.
+pub(crate) fn web_service(
+    target: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    protocol: &str,
+) -> k8s_openapi::api::core::v1::Service {
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    Service {
+        metadata: ObjectMeta { name: Some("web".into()), namespace: Some("ns".into()), ..Default::default() },
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([("app".into(), "web".into())])),
+            cluster_ip: Some("10.96.0.1".into()),
+            ip_families: Some(vec!["IPv4".into()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some(protocol.into()),
+                target_port: Some(target),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}

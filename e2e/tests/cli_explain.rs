@@ -197,7 +197,15 @@ async fn explain_names_every_reason_a_pod_is_not_an_endpoint() {
     let message = pod(&report, "no-port")["reasons"][0]["message"].as_str().unwrap_or_default().to_owned();
     assert!(message.contains("\"http\""), "names the missing port: {message}");
 
-    assert!(reasons(&report, "ipv6-only").contains_key("NoIPOfFamily"));
+    // The Endpoints controller leaves out a Pod none of whose ports resolve.
+    let no_port = reasons(&report, "no-port");
+    assert_eq!(no_port.get("NoPortResolved"), Some(&vec!["Endpoints".to_owned()]), "{no_port:?}");
+    assert_eq!(verdicts(&report, "no-port").1, "excluded");
+
+    // An IPv6-only Pod of an IPv4 Service is no endpoint at all (issue 17).
+    let ipv6_only = reasons(&report, "ipv6-only");
+    assert!(ipv6_only.contains_key("NoIPOfFamily") && ipv6_only.contains_key("NoUsableIP"), "{ipv6_only:?}");
+    assert_eq!(verdicts(&report, "ipv6-only"), ("excluded".into(), "excluded".into()));
 
     let managers: Vec<&str> =
         report["slices"].as_array().into_iter().flatten().filter_map(|s| s["managedBy"].as_str()).collect();

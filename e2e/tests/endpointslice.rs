@@ -357,3 +357,21 @@ async fn a_slice_deleted_by_someone_else_is_written_again() {
     }
     wait_slices(&ns, "r", "the slice written again", |n| n.endpoint_count() == 1).await;
 }
+
+/// Issue 17: `selector: {}` is stored as no selector (protobuf has no empty map,
+/// JSON omits it), so svcplane reads it as selectorless, as upstream's nil checks do.
+#[tokio::test]
+async fn empty_selector_is_stored_as_no_selector() {
+    let (_client, ns) = setup("slice-empty-selector").await;
+    let sent: Service = serde_json::from_value(json!({
+        "metadata": { "name": "empty" },
+        "spec": { "selector": {}, "ports": [{ "port": 80, "protocol": "TCP" }] },
+    }))
+    .expect("a Service");
+    let body = serde_json::to_value(&sent).expect("json");
+    assert_eq!(body["spec"]["selector"], json!({}), "the request carries an empty selector");
+    let created = ns.create(&sent).await;
+    assert_eq!(created.spec.as_ref().and_then(|s| s.selector.clone()), None, "create response");
+    let read = ns.api::<Service>().get("empty").await.expect("get Service");
+    assert_eq!(read.spec.as_ref().and_then(|s| s.selector.clone()), None, "read back");
+}

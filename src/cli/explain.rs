@@ -3,9 +3,9 @@
 //!
 //! Reads the Service, the namespace's Pods, the Pods' Nodes and the Service's
 //! EndpointSlices (any managed-by); writes nothing. The reasons come from
-//! [`svcplane_controller::pod::endpoint_exclusions`], the rules the controllers
-//! apply, asked once per consumer: EndpointSlices and legacy Endpoints differ on
-//! terminating Pods and missing Nodes.
+//! [`svcplane_controller::eligibility`], the functions the planners build
+//! endpoints from, asked once per consumer: EndpointSlices and legacy Endpoints
+//! differ on terminating Pods, missing Nodes, ports and families.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,8 +17,8 @@ use k8s_openapi::api::{
 use kube::{Api, api::ListParams};
 use serde::Serialize;
 use svcplane_controller::{
-    labels,
-    pod::{Consumer, Exclusion, endpoint_exclusions},
+    eligibility::{self, Exclusion, Standing},
+    labels, selector,
     stored_pod::StoredPod,
 };
 
@@ -44,7 +44,7 @@ pub struct ExplainReport {
     /// `spec.type` (`ClusterIP` when unset).
     #[serde(rename = "type")]
     pub type_: String,
-    /// `spec.selector`; `None` for a selectorless Service.
+    /// `spec.selector`; `None` for a selectorless Service (absent or empty).
     pub selector: Option<BTreeMap<String, String>>,
     /// `spec.publishNotReadyAddresses`.
     pub publish_not_ready_addresses: bool,
@@ -65,48 +65,11 @@ pub struct PodReport {
     /// `spec.nodeName`.
     pub node: String,
     /// Standing in the Service's EndpointSlices.
-    pub endpoint_slices: Verdict,
+    pub endpoint_slices: Standing,
     /// Standing in the Service's legacy Endpoints object.
-    pub endpoints: Verdict,
+    pub endpoints: Standing,
     /// Every reason, once, with the consumers it applies to.
     pub reasons: Vec<Reason>,
-}
-
-/// A Pod's standing with one consumer.
-#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    /// A ready endpoint with every port and family.
-    Ready,
-    /// Published, but not ready: it gets no new traffic.
-    NotReady,
-    /// Published, but without some port or IP family.
-    Partial,
-    /// Not an endpoint at all.
-    Excluded,
-}
-
-impl Verdict {
-    fn of(reasons: &[Exclusion]) -> Self {
-        if reasons.is_empty() {
-            Verdict::Ready
-        } else if reasons.iter().any(Exclusion::drops_pod) {
-            Verdict::Excluded
-        } else if reasons.iter().all(|r| *r == Exclusion::NotReady) {
-            Verdict::NotReady
-        } else {
-            Verdict::Partial
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Ready => "ready",
-            Verdict::NotReady => "not-ready",
-            Verdict::Partial => "partial",
-            Verdict::Excluded => "excluded",
-        }
-    }
 }
 
 /// One reason a Pod is not (fully) an endpoint.
@@ -148,31 +111,14 @@ pub struct SliceReport {
     pub ports: Vec<String>,
 }
 
-/// A fixed name per exclusion, for `-o json` and scripts.
-fn reason_name(exclusion: &Exclusion) -> &'static str {
-    match exclusion {
-        Exclusion::NoSelector => "NoSelector",
-        Exclusion::ExternalName => "ExternalName",
-        Exclusion::OtherNamespace { .. } => "OtherNamespace",
-        Exclusion::SelectorMismatch { .. } => "SelectorMismatch",
-        Exclusion::Terminal { .. } => "Terminal",
-        Exclusion::NoIp => "NoIP",
-        Exclusion::Terminating => "Terminating",
-        Exclusion::NodeMissing { .. } => "NodeMissing",
-        Exclusion::NotReady => "NotReady",
-        Exclusion::PortNotFound { .. } => "PortNotFound",
-        Exclusion::NoIpOfFamily { .. } => "NoIPOfFamily",
-    }
-}
-
 /// Builds one Pod's report from each consumer's exclusions (pure).
 pub fn build_pod_report(svc: &Service, pod: &StoredPod, node_found: bool) -> PodReport {
-    let for_slices = endpoint_exclusions(svc, pod, Consumer::EndpointSlices, Some(node_found));
-    let for_endpoints = endpoint_exclusions(svc, pod, Consumer::Endpoints, None);
+    let for_slices = eligibility::for_slices(svc, pod, node_found);
+    let for_endpoints = eligibility::for_endpoints(svc, pod);
     // Union in first-seen order; a reason both consumers give is listed once.
     let mut reasons: Vec<(Exclusion, Vec<&'static str>)> = Vec::new();
-    for (consumer, list) in [("EndpointSlices", &for_slices), ("Endpoints", &for_endpoints)] {
-        for exclusion in list {
+    for (consumer, verdict) in [("EndpointSlices", &for_slices), ("Endpoints", &for_endpoints)] {
+        for exclusion in &verdict.reasons {
             match reasons.iter_mut().find(|(e, _)| e == exclusion) {
                 Some((_, consumers)) => consumers.push(consumer),
                 None => reasons.push((exclusion.clone(), vec![consumer])),
@@ -184,8 +130,8 @@ pub fn build_pod_report(svc: &Service, pod: &StoredPod, node_found: bool) -> Pod
         name: pod.metadata.name.clone().unwrap_or_default(),
         ips: status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|ip| ip.ip.clone()).collect(),
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        endpoint_slices: Verdict::of(&for_slices),
-        endpoints: Verdict::of(&for_endpoints),
+        endpoint_slices: for_slices.standing(),
+        endpoints: for_endpoints.standing(),
         reasons: reasons
             .into_iter()
             .map(|(exclusion, applies_to)| {
@@ -196,7 +142,7 @@ pub fn build_pod_report(svc: &Service, pod: &StoredPod, node_found: bool) -> Pod
                     _ => (None, None, None),
                 };
                 Reason {
-                    reason: reason_name(&exclusion),
+                    reason: exclusion.name(),
                     message: exclusion.to_string(),
                     applies_to,
                     key,
@@ -280,7 +226,7 @@ pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> 
         namespace,
         service: name,
         type_: spec.and_then(|s| s.type_.clone()).unwrap_or_else(|| "ClusterIP".into()),
-        selector: spec.and_then(|s| s.selector.clone()),
+        selector: selector::service_selector(&svc).cloned(),
         publish_not_ready_addresses: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
         pods: pods.iter().map(|pod| build_pod_report(&svc, pod, node_found(pod))).collect(),
         slices: slices.iter().map(build_slice_report).collect(),
@@ -292,8 +238,7 @@ pub async fn run(args: ExplainArgs, client: kube::Client) -> anyhow::Result<()> 
 pub fn render(report: &ExplainReport) -> String {
     let selector = match &report.selector {
         None => "<none> (selectorless: endpoints are written by hand)".to_owned(),
-        Some(s) if s.is_empty() => "<empty> (selects every Pod)".to_owned(),
-        Some(s) => s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+        Some(s) => selector::display(s),
     };
     let mut out = format!(
         "Service:                  {}/{}\nType:                     {}\nSelector:                 {}\nPublishNotReadyAddresses: {}\n\n",

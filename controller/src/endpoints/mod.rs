@@ -11,14 +11,12 @@
 //! `truncateEndpoints`, `capacityAnnotationSetCorrectly`,
 //! `labelsCorrectForEndpoints`) and `pkg/api/v1/endpoints.RepackSubsets`.
 
-pub(crate) mod ip;
 pub(crate) mod repack;
 #[cfg(test)]
 mod tests;
 mod truncate;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::stored_pod::StoredPod;
@@ -27,12 +25,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-use crate::labels;
+use crate::eligibility;
 use crate::plan::{Key, Plan};
-use crate::pod::{
-    DEFAULT_PROTOCOL, find_port, is_pod_ready, pod_reference, publishes_not_ready, selector_matches,
-    should_pod_be_in_endpoints, should_set_hostname,
-};
+use crate::pod::{DEFAULT_PROTOCOL, pod_reference, should_set_hostname};
+use crate::{labels, selector};
 use repack::{PortIdentity, repack_subsets};
 
 /// Upstream `maxCapacity`: an Endpoints holds at most this many addresses.
@@ -74,17 +70,13 @@ pub fn desired_endpoints(
         };
         return Plan::delete_all([Endpoints { metadata: meta, subsets: None }]);
     };
-    let Some(spec) = svc.spec.as_ref() else {
-        return Plan::default();
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if !selector::is_selected(svc) {
+        // Selectorless: the Endpoints is the user's (and the mirroring controller's);
+        // ExternalName: it has none.
         return Plan::default();
     }
-    let Some(selector) = spec.selector.as_ref() else {
-        return Plan::default();
-    };
 
-    let subsets = desired_subsets(svc, selector, pods);
+    let subsets = desired_subsets(svc, pods);
 
     let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
     let current = existing.cloned().unwrap_or_else(|| Endpoints {
@@ -124,34 +116,24 @@ pub fn desired_endpoints(
     }
 }
 
-/// The repacked subsets the Service's Pods call for (upstream `syncService`'s loop).
-fn desired_subsets(
-    svc: &Service,
-    selector: &BTreeMap<String, String>,
-    pods: &[Arc<StoredPod>],
-) -> Vec<EndpointSubset> {
-    let publish_not_ready = publishes_not_ready(svc);
-    let spec = svc.spec.clone().unwrap_or_default();
-    let svc_ports = spec.ports.unwrap_or_default();
-    let headless = spec.cluster_ip.as_deref() == Some("None");
+/// The repacked subsets the Service's Pods call for (upstream `syncService`'s
+/// loop), each Pod as [`eligibility::for_endpoints`] has it.
+fn desired_subsets(svc: &Service, pods: &[Arc<StoredPod>]) -> Vec<EndpointSubset> {
+    let svc_ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref()).unwrap_or_default();
     let mut subsets: Vec<EndpointSubset> = Vec::new();
     for pod in pods {
-        let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
-        if pod.metadata.namespace != svc.metadata.namespace || !selector_matches(&pod_labels, Some(selector))
-        {
-            continue;
-        }
-        // Terminating Pods only when publishNotReadyAddresses, as upstream.
-        if !should_pod_be_in_endpoints(pod, publish_not_ready) {
-            continue;
-        }
-        let Some(mut address) = pod_address_for_service(svc, pod) else {
+        let verdict = eligibility::for_endpoints(svc, pod);
+        let Some(ip) = verdict.addresses.into_values().flatten().next() else {
             continue;
         };
-        if should_set_hostname(pod, svc) {
-            address.hostname = pod.spec.as_ref().and_then(|s| s.hostname.clone());
-        }
-        let ready = publish_not_ready || is_pod_ready(pod);
+        let address = EndpointAddress {
+            ip,
+            hostname: should_set_hostname(pod, svc).then(|| pod.spec.as_ref()?.hostname.clone()).flatten(),
+            // Upstream always sets the pointer, even to "".
+            node_name: Some(pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()),
+            target_ref: Some(pod_reference(pod)),
+        };
+        let ready = verdict.conditions.ready;
         let single = |ports: Option<Vec<EndpointPort>>| {
             let list = Some(vec![address.clone()]);
             EndpointSubset {
@@ -161,15 +143,13 @@ fn desired_subsets(
             }
         };
         if svc_ports.is_empty() {
-            // Only a headless Service may have no ports; any other gets no addresses.
-            if headless {
-                subsets.push(single(None));
-            }
+            // Published without ports only when headless (eligibility drops others).
+            subsets.push(single(None));
             continue;
         }
-        for svc_port in &svc_ports {
+        for (svc_port, number) in svc_ports.iter().zip(verdict.ports) {
             // An unresolvable named port drops only this port for this Pod.
-            let Ok(number) = find_port(pod, svc_port) else {
+            let Some(number) = number else {
                 continue;
             };
             subsets.push(single(Some(vec![EndpointPort {
@@ -181,43 +161,6 @@ fn desired_subsets(
         }
     }
     repack_subsets(&subsets, PortIdentity::ByValue)
-}
-
-/// Upstream `podToEndpointAddressForService`: the Pod IP of the Service's primary
-/// family. The family is `ipFamilies[0]`; without ipFamilies, that of a set
-/// clusterIP; for a headless one, that of `status.podIP`. The address is the first
-/// `podIPs` entry of that family, canonicalised. `None` when there is none (the
-/// Pod is skipped).
-///
-/// Unparseable Pod IPs are skipped; upstream would write `<nil>` for one on an
-/// IPv4 Service, which the apiserver rejects, and it validates Pod IPs anyway.
-fn pod_address_for_service(svc: &Service, pod: &StoredPod) -> Option<EndpointAddress> {
-    let spec = svc.spec.as_ref();
-    let status = pod.status.as_ref();
-    let is_v6_text = |text: Option<&str>| text.and_then(ip::parse_ip_sloppy).is_some_and(|ip| ip.is_ipv6());
-    let families = spec.and_then(|s| s.ip_families.as_deref()).unwrap_or_default();
-    let cluster_ip = spec.and_then(|s| s.cluster_ip.as_deref()).unwrap_or_default();
-    let want_v6 = if let Some(first) = families.first() {
-        first == "IPv6"
-    } else if !cluster_ip.is_empty() && cluster_ip != "None" {
-        is_v6_text(Some(cluster_ip))
-    } else {
-        is_v6_text(status.and_then(|s| s.pod_ip.as_deref()))
-    };
-    let ip = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|pod_ip| ip::parse_ip_sloppy(&pod_ip.ip))
-        .find(|ip: &IpAddr| ip.is_ipv6() == want_v6)?;
-    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
-    Some(EndpointAddress {
-        ip: ip::canonical_ip(ip),
-        hostname: None,
-        // Upstream always sets the pointer, even to "".
-        node_name: Some(node_name),
-        target_ref: Some(pod_reference(pod)),
-    })
 }
 
 /// The Endpoints labels: exactly the Service's, plus the headless label when the

@@ -6,17 +6,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use crate::stored_pod::StoredPod;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
 use super::NodeLookup;
-use crate::pod::{
-    DEFAULT_PROTOCOL, IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family, pod_reference,
-    publishes_not_ready, selector_matches, should_pod_be_in_endpoints, should_set_hostname,
-};
+use crate::eligibility::{self, Conditions, Exclusion, pod_node};
+use crate::ip::IpFamily;
+use crate::pod::{DEFAULT_PROTOCOL, pod_reference, should_set_hostname};
 use crate::slice_keys::{EndpointIdentity, PortSet};
 
 /// The desired endpoints of one (address type, port set) group.
@@ -28,14 +26,7 @@ pub(super) struct DesiredGroup {
     pub endpoints: BTreeMap<EndpointIdentity, Endpoint>,
 }
 
-/// True when the Service gets Pod-derived slices: it has a selector and is not
-/// `ExternalName` (upstream `syncService` returns early otherwise).
-pub(super) fn is_selected(svc: &Service) -> bool {
-    let Some(spec) = svc.spec.as_ref() else {
-        return false;
-    };
-    spec.type_.as_deref() != Some("ExternalName") && spec.selector.is_some()
-}
+pub(super) use crate::selector::is_selected;
 
 /// `clusterIP` is a real IP: neither `None` nor empty (upstream `isServiceIPSet`).
 pub(super) fn is_service_ip_set(svc: &Service) -> bool {
@@ -68,17 +59,17 @@ pub fn service_address_families(svc: &Service) -> Vec<IpFamily> {
     vec![IpFamily::V4, IpFamily::V6]
 }
 
-/// The slice ports one Pod resolves (upstream `getEndpointPorts`): a Service port
-/// whose named target the Pod does not declare is left out for that Pod.
-pub(super) fn endpoint_ports(svc: &Service, pod: &StoredPod) -> Vec<EndpointPort> {
+/// The slice ports of a Pod's resolved targets (upstream `getEndpointPorts`): a
+/// Service port whose named target the Pod does not declare is left out for that Pod.
+pub(super) fn endpoint_ports(svc: &Service, resolved: &[Option<i32>]) -> Vec<EndpointPort> {
     let svc_ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref()).unwrap_or_default();
     let mut ports: Vec<EndpointPort> = svc_ports
         .iter()
-        .filter_map(|svc_port| {
-            let port = find_port(pod, svc_port).ok()?;
+        .zip(resolved)
+        .filter_map(|(svc_port, port)| {
             Some(EndpointPort {
                 name: Some(svc_port.name.clone().unwrap_or_default()),
-                port: Some(port),
+                port: Some((*port)?),
                 protocol: Some(svc_port.protocol.clone().unwrap_or_else(|| DEFAULT_PROTOCOL.to_owned())),
                 app_protocol: svc_port.app_protocol.clone(),
             })
@@ -88,22 +79,23 @@ pub(super) fn endpoint_ports(svc: &Service, pod: &StoredPod) -> Vec<EndpointPort
     ports
 }
 
-/// The endpoint of one Pod for one family (upstream `podToEndpoint`).
-fn build_endpoint(svc: &Service, pod: &StoredPod, zone: Option<String>, family: IpFamily) -> Endpoint {
-    let serving = is_pod_ready(pod);
-    let terminating = is_terminating(pod);
-    // Upstream: never ready while terminating, unless the Service publishes
-    // not-ready addresses (then always ready; kubernetes#116285).
-    let ready = publishes_not_ready(svc) || (serving && !terminating);
-    let mut addresses = pod_ips_of_family(pod, family);
+/// The endpoint of one Pod for one family (upstream `podToEndpoint`), from its
+/// [`eligibility::for_slices`] conditions and addresses.
+fn build_endpoint(
+    svc: &Service,
+    pod: &StoredPod,
+    conditions: Conditions,
+    mut addresses: Vec<String>,
+    zone: Option<String>,
+) -> Endpoint {
     addresses.sort();
     let spec = pod.spec.as_ref();
     Endpoint {
         addresses,
         conditions: Some(EndpointConditions {
-            ready: Some(ready),
-            serving: Some(serving),
-            terminating: Some(terminating),
+            ready: Some(conditions.ready),
+            serving: Some(conditions.serving),
+            terminating: Some(conditions.terminating),
         }),
         hostname: should_set_hostname(pod, svc).then(|| spec.and_then(|s| s.hostname.clone())).flatten(),
         node_name: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
@@ -113,32 +105,7 @@ fn build_endpoint(svc: &Service, pod: &StoredPod, zone: Option<String>, family: 
     }
 }
 
-/// The Pods this Service selects, deduplicated by namespace/name and sorted, so
-/// the result does not depend on the order the shell passes them in.
-pub(super) fn selected_pods<'a>(svc: &Service, pods: &'a [Arc<StoredPod>]) -> Vec<&'a StoredPod> {
-    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
-    let mut selected: Vec<&StoredPod> = pods
-        .iter()
-        .map(Arc::as_ref)
-        .filter(|pod| pod.metadata.namespace == svc.metadata.namespace)
-        .filter(|pod| {
-            let empty = BTreeMap::new();
-            selector_matches(pod.metadata.labels.as_ref().unwrap_or(&empty), selector)
-        })
-        .collect();
-    selected.sort_by(|a, b| (&a.metadata.name, &a.metadata.uid).cmp(&(&b.metadata.name, &b.metadata.uid)));
-    selected.dedup_by(|a, b| a.metadata.name == b.metadata.name);
-    selected
-}
-
-/// The Pod's Node, `None` when unset or unknown.
-fn node_of(pod: &StoredPod, nodes: &impl NodeLookup) -> Option<super::NodeInfo> {
-    let name = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())?;
-    if name.is_empty() {
-        return None;
-    }
-    nodes.node(name)
-}
+pub(super) use crate::selector::selected_pods;
 
 /// Desired endpoints of one family, by port set. A group exists as soon as a
 /// candidate Pod resolves its ports, even if the Pod then yields no endpoint (no
@@ -156,23 +123,29 @@ pub(super) fn desired_groups(
 ) -> BTreeMap<PortSet, DesiredGroup> {
     let mut groups: BTreeMap<PortSet, DesiredGroup> = BTreeMap::new();
     for pod in pods {
-        if !should_pod_be_in_endpoints(pod, true) {
+        let node = pod_node(pod, nodes);
+        let verdict = eligibility::for_slices(svc, pod, node.is_some());
+        if !verdict.candidate {
             continue;
         }
-        let ports = endpoint_ports(svc, pod);
+        let ports = endpoint_ports(svc, &verdict.ports);
         let group = groups
             .entry(PortSet::of(&ports))
             .or_insert_with(|| DesiredGroup { ports, endpoints: BTreeMap::new() });
-        let node = node_of(pod, nodes);
-        if node.is_none() && !publishes_not_ready(svc) {
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let missing = verdict.reasons.iter().find_map(|r| match r {
+            Exclusion::NodeMissing { node } => Some(node.clone()),
+            _ => None,
+        });
+        if let Some(node) = missing {
             missing_nodes.insert((pod.metadata.name.clone().unwrap_or_default(), node));
             continue;
         }
-        let endpoint = build_endpoint(svc, pod, node.and_then(|n| n.zone), family);
-        if !endpoint.addresses.is_empty() {
-            group.endpoints.insert(EndpointIdentity::of(&endpoint), endpoint);
-        }
+        let Some(addresses) = verdict.addresses.get(&family) else {
+            continue;
+        };
+        let endpoint =
+            build_endpoint(svc, pod, verdict.conditions, addresses.clone(), node.and_then(|n| n.zone));
+        group.endpoints.insert(EndpointIdentity::of(&endpoint), endpoint);
     }
     groups
 }

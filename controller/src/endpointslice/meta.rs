@@ -12,8 +12,8 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::desired::is_service_ip_set;
+use crate::ip::IpFamily;
 use crate::labels::{HEADLESS, MANAGED_BY, SERVICE_NAME};
-use crate::pod::IpFamily;
 
 /// Labels the controller owns; a Service's own values for them are ignored.
 fn is_reserved_label(key: &str) -> bool {

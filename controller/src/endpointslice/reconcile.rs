@@ -19,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::desired::{DesiredGroup, desired_groups, selected_pods, service_address_families};
 use super::meta::{build_slice, owned_by, placeholder_equal, slice_labels};
 use super::{NodeLookup, SliceConfig, hints};
+use crate::ip::IpFamily;
 use crate::plan::{Plan, endpoint_count, recycle_deletes};
-use crate::pod::IpFamily;
 use crate::slice_keys::{EndpointIdentity, PortSet, equal_beyond_identity};
 
 /// The whole plan for a selected Service; `managed` is sorted by name.

@@ -13,9 +13,10 @@ use proptest::prelude::*;
 
 use super::meta::build_slice;
 use super::*;
+use crate::ip::IpFamily;
 use crate::labels::{HEADLESS, LAST_CHANGE_TRIGGER_TIME, MANAGED_BY, SERVICE_NAME};
 use crate::plan::{NO_SLICES, applied as apply_plan};
-use crate::pod::{IpFamily, find_port, is_pod_ready, is_terminating, pod_ips_of_family};
+use crate::pod::{find_port, is_pod_ready, is_terminating, pod_ips_of_family};
 use crate::slice_keys::{EndpointIdentity, PortSet};
 use crate::stored_pod::StoredPod;
 
@@ -96,7 +97,8 @@ fn synced(svc: &Service, pods: &[Arc<StoredPod>]) -> Vec<Arc<EndpointSlice>> {
 
 /// A named slice of `svc` holding the given Pods' endpoints, as a prior sync wrote it.
 fn mk_slice(name: &str, svc: &Service, pods: &[Arc<StoredPod>]) -> Arc<EndpointSlice> {
-    let ports = super::desired::endpoint_ports(svc, &pods[0]);
+    let ports =
+        super::desired::endpoint_ports(svc, &crate::eligibility::for_slices(svc, &pods[0], true).ports);
     let mut slice = build_slice(svc, &ports, IpFamily::V4, &SliceConfig::default().managed_by);
     slice.metadata.name = Some(name.into());
     let nodes = mk_nodes();
@@ -530,9 +532,12 @@ fn selectorless_and_external_name_services_are_left_alone_by_default() {
     let state = synced(&svc, &pods);
     let mut selectorless = svc.clone();
     selectorless.spec.as_mut().unwrap().selector = None;
+    // `selector: {}` is stored as nil (selector.rs): selectorless too, not "every Pod".
+    let mut empty_selector = svc.clone();
+    empty_selector.spec.as_mut().unwrap().selector = Some(BTreeMap::new());
     let mut external = svc.clone();
     external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
-    for svc in [&selectorless, &external] {
+    for svc in [&selectorless, &empty_selector, &external] {
         assert!(plan(svc, &pods, &state).is_empty());
         let config = SliceConfig { delete_when_unselected: true, ..SliceConfig::default() };
         let plan = plan_slices(Some(svc), &pods, &mk_nodes(), &state, None, &config);

@@ -13,8 +13,8 @@ use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
 };
 
-use crate::endpoints::ip;
 use crate::endpoints::repack::{PortIdentity, repack_subsets};
+use crate::ip;
 use crate::pod::DEFAULT_PROTOCOL;
 use crate::slice_keys::{EndpointIdentity, PortSet, equal_beyond_identity};
 

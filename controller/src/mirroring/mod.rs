@@ -21,8 +21,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::labels;
 use crate::plan::{Plan, Warning, endpoint_count, recycle_deletes};
+use crate::{labels, selector};
 
 use desired::{DesiredState, SliceKey};
 
@@ -102,7 +102,7 @@ pub fn should_mirror(endpoints: &Endpoints) -> bool {
 ///
 /// All mirrored slices are deleted when the Endpoints is missing or must not be
 /// mirrored ([`should_mirror`]), or when the Service is missing or has a selector
-/// (any `Some` selector, even empty, as Go's non-nil check). The Service type is not
+/// ([`selector::service_selector`]: an empty one is none, as stored upstream). The Service type is not
 /// looked at: a selectorless ExternalName Service is mirrored like any other.
 pub fn plan_mirrored_slices(
     svc: Option<&Service>,
@@ -123,9 +123,7 @@ pub fn plan_mirrored_slices(
     mine.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
 
     let mirrorable = match (svc, endpoints) {
-        (Some(svc), Some(endpoints)) => {
-            should_mirror(endpoints) && svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_none()
-        }
+        (Some(svc), Some(endpoints)) => should_mirror(endpoints) && selector::service_selector(svc).is_none(),
         _ => false,
     };
     let Some(endpoints) = endpoints.filter(|_| mirrorable) else {

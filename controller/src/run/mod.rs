@@ -7,6 +7,7 @@
 //! - `mirroring`: selectorless Service + hand-written Endpoints → mirrored slices.
 
 mod apply;
+mod no_ready;
 pub mod queue;
 pub mod state;
 mod sync;
@@ -67,6 +68,11 @@ pub struct ControllerArgs {
     /// its agree). See the README's "Migrating from kube-controller-manager".
     #[arg(long, value_enum, default_value = "off")]
     pub migration: Migration,
+    /// A Service whose selector has had no ready endpoint this long gets a Warning
+    /// `NoReadyEndpoints` Event saying why, and a Normal `ReadyEndpoints` when it
+    /// recovers; with the endpointslice controller only (0s: off).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub no_ready_endpoints_grace: Duration,
 }
 
 impl Default for ControllerArgs {
@@ -81,6 +87,7 @@ impl Default for ControllerArgs {
             min_sync_interval: Duration::from_millis(100),
             burst_batch_delay: Duration::from_millis(50),
             migration: Migration::Off,
+            no_ready_endpoints_grace: Duration::from_secs(60),
         }
     }
 }
@@ -222,12 +229,8 @@ pub async fn run(
     let tracker = Arc::new(WriteTracker::default());
     let (stores, indexes, mut synced, watch_tasks) =
         state::start_watches(&client, queues.clone(), tracker.clone(), args.migration);
-    let reporter = Reporter {
-        controller: "svcplane".into(),
-        instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
-    };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Recorder::new(client.clone(), reporter()),
         client,
         stores,
         indexes,
@@ -281,16 +284,31 @@ pub async fn run(
         }
     }
 
+    let grace = args.no_ready_endpoints_grace;
+    let no_ready =
+        (wants("endpointslice") && !grace.is_zero()).then(|| tokio::spawn(no_ready::run(ctx.clone(), grace)));
+
     let result = tokio::select! {
         _ = &mut shutdown => Ok(()),
         _ = leader.wait_for(|l| !*l) => Err(RunError::LostLease),
     };
     stop(&queues, watch_tasks);
+    if let Some(task) = no_ready {
+        task.abort();
+    }
     // Let in-flight reconciles finish their writes (graceful shutdown).
     for w in workers {
         let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
     }
     result
+}
+
+/// Who writes svcplane's Events: controller `svcplane`, instance the Pod's name.
+fn reporter() -> Reporter {
+    Reporter {
+        controller: "svcplane".into(),
+        instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
+    }
 }
 
 /// Why `run` stopped.

@@ -154,11 +154,7 @@ pub fn start_watches(
             match change {
                 Change::Applied(svc) => {
                     let key = Key::of(svc.as_ref());
-                    write(&indexes.selectors).upsert_service(
-                        &key.namespace,
-                        &key.name,
-                        svc.spec.as_ref().and_then(|s| s.selector.as_ref()),
-                    );
+                    write(&indexes.selectors).upsert_service(&svc);
                     queues.all(&key);
                 }
                 Change::Deleted(svc) => {

@@ -1,22 +1,69 @@
-//! IP parsing and printing exactly as Go's `netutils.ParseIPSloppy` and
-//! `net.IP.String()` do. Pure.
+//! IP families, and IP parsing and printing exactly as Go's
+//! `netutils.ParseIPSloppy` and `net.IP.String()` do. Pure.
 //!
-//! Both the mirroring controller (user-written Endpoints addresses) and the
-//! Endpoints controller (Pod IPs) parse leniently and write the canonical form, so
+//! All three controllers parse leniently and write the canonical form: mirroring
+//! (user-written Endpoints addresses), Endpoints and EndpointSlices (Pod IPs:
+//! upstream's `getEndpointAddresses` and `IsIPv6String` both call
+//! `ParseIPSloppy`), so
 //! that `01.02.03.04` becomes `1.2.3.4` and uncompressed IPv6 becomes RFC 5952.
 //! This is a line-by-line port of the forked Go 1.16 parser in
 //! `k8s.io/utils/internal/third_party/forked/golang/net/ip.go`, because `std`'s
 //! parser is stricter (it refuses leading zeros and IPv6 groups longer than four
 //! hex digits, both of which Go accepts).
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// An IP family, i.e. an EndpointSlice `addressType` (svcplane never writes the
+/// deprecated `FQDN` type for Pods).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    /// `IPv4` (IPv4-mapped IPv6 addresses count as IPv4, as in Go's `net.IP`).
+    V4,
+    /// `IPv6`.
+    V6,
+}
+
+impl IpFamily {
+    /// The `addressType` / `ipFamilies` spelling: `IPv4` or `IPv6`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    /// Parses an `addressType` / `ipFamilies` value; anything else (e.g. `FQDN`) is `None`.
+    pub fn from_name(name: &str) -> Option<IpFamily> {
+        match name {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+
+    /// The family of an address, with IPv4-mapped IPv6 counted as IPv4 (Go `IsIPv6`).
+    pub fn of(ip: IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Go's `big`: `dtoi`/`xtoi` give up once a number reaches this.
 const BIG: u32 = 0x00FF_FFFF;
 
 /// Parses `text` as Go's `ParseIPSloppy` does and folds IPv4-mapped IPv6 into IPv4
 /// (Go's `ip.To4() != nil`), so the variant is the address family upstream uses.
-pub(crate) fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
+pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
     let bytes = text.as_bytes();
     // Go decides the family by the first '.' or ':' it meets.
     let first = bytes.iter().find(|b| **b == b'.' || **b == b':')?;
@@ -32,7 +79,7 @@ pub(crate) fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
 
 /// `ip.String()` in Go: dotted IPv4, or IPv6 with the first longest run of two or
 /// more zero groups written as `::` and lower-case hex without leading zeros.
-pub(crate) fn canonical_ip(ip: IpAddr) -> String {
+pub fn canonical_ip(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -43,7 +90,7 @@ pub(crate) fn canonical_ip(ip: IpAddr) -> String {
 }
 
 /// Parses and re-prints an address; `None` when Go would return a nil IP.
-pub(crate) fn canonicalize(text: &str) -> Option<(IpAddr, String)> {
+pub fn canonicalize(text: &str) -> Option<(IpAddr, String)> {
     let ip = parse_ip_sloppy(text)?;
     Some((ip, canonical_ip(ip)))
 }
