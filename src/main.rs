@@ -44,6 +44,8 @@ enum Command {
     Dns(cli::dns::DnsArgs),
     /// ClusterIP and NodePort pools: usage, and who holds a value.
     Ipam(cli::ipam::IpamArgs),
+    /// Before a take-over: does svcplane agree with kube-controller-manager's endpoints?
+    Shadow(cli::shadow::ShadowArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Explain(args) => cli::explain::run(args, client(cli.kubeconfig.as_ref()).await?).await,
         Command::Dns(args) => cli::dns::run(args, client(cli.kubeconfig.as_ref()).await?).await,
         Command::Ipam(args) => cli::ipam::run(args, client(cli.kubeconfig.as_ref()).await?).await,
+        Command::Shadow(args) => cli::shadow::run(args, client(cli.kubeconfig.as_ref()).await?).await,
     }
 }
 

@@ -386,3 +386,200 @@ async fn examples_are_accepted_by_server_side_dry_run() {
         assert!(output.contains(object), "{object} missing from:\n{output}");
     }
 }
+
+// ---- manifests/overlays/shadow (issue 16) ---------------------------------------
+
+const SHADOW_NAMESPACE: &str = "svcplane-shadow";
+
+/// The objects of a rendered overlay, by kind.
+fn overlay_objects<K: DeserializeOwned>(yaml: &str, kind: &str) -> Vec<K> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde_yaml::Value::deserialize(doc).expect("YAML document"))
+        .filter(|doc| doc["kind"].as_str() == Some(kind))
+        .map(|doc| serde_yaml::from_value(doc).unwrap_or_else(|e| panic!("{kind}: {e}")))
+        .collect()
+}
+
+/// Whether `user` may `verb` `resource` (of `group`) in `namespace`, as the
+/// apiserver's authorizer answers a SubjectAccessReview.
+async fn allowed(
+    admin: &Client,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: &str,
+) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_owned()),
+            groups: Some(vec!["system:serviceaccounts".into(), "system:authenticated".into()]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.to_owned()),
+                group: Some(group.to_owned()),
+                resource: Some(resource.to_owned()),
+                namespace: (!namespace.is_empty()).then(|| namespace.to_owned()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(admin.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap_or_else(|e| panic!("SubjectAccessReview {verb} {resource}: {e}"));
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+/// Whether a log line (text or `--log-format=json`) has `field` = `value`.
+fn has_field(line: &str, field: &str, value: &str) -> bool {
+    line.contains(&format!("\"{field}\":\"{value}\"")) || line.contains(&format!("{field}={value} "))
+}
+
+/// The shadow overlay runs `svcplane run --migration=shadow` (its own flags) with
+/// nothing but its own RBAC: every controller compares, and the ServiceAccount
+/// can read what they read and write nothing they could write.
+#[tokio::test]
+async fn the_shadow_overlay_reads_what_shadow_mode_needs_and_can_write_nothing() {
+    let admin = shared().client().await;
+    let yaml = kustomize("manifests/overlays/shadow");
+    for ns in overlay_objects::<Namespace>(&yaml, "Namespace") {
+        create(&Api::all(admin.clone()), &ns).await;
+    }
+    let (ok, output) = server_dry_run(&yaml);
+    assert!(ok, "overlays/shadow rejected by the apiserver:\n{output}");
+    for kind in
+        ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "Role", "RoleBinding", "Lease"]
+    {
+        assert!(!yaml.contains(&format!("kind: {kind}\n")), "overlays/shadow has a {kind}:\n{yaml}");
+    }
+    for sa in overlay_objects::<ServiceAccount>(&yaml, "ServiceAccount") {
+        create(&Api::namespaced(admin.clone(), SHADOW_NAMESPACE), &sa).await;
+    }
+    for role in overlay_objects::<ClusterRole>(&yaml, "ClusterRole") {
+        create(&Api::all(admin.clone()), &role).await;
+    }
+    for binding in overlay_objects::<ClusterRoleBinding>(&yaml, "ClusterRoleBinding") {
+        create(&Api::all(admin.clone()), &binding).await;
+    }
+
+    // Least privilege, as the authorizer answers for the overlay's ServiceAccount.
+    let user = format!("system:serviceaccount:{SHADOW_NAMESPACE}:svcplane");
+    for (group, resource) in [
+        ("", "services"),
+        ("", "pods"),
+        ("", "nodes"),
+        ("", "endpoints"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
+        for verb in ["list", "watch"] {
+            assert!(allowed(&admin, &user, verb, group, resource, "").await, "{verb} {resource} denied");
+        }
+    }
+    for (group, resource) in [("", "endpoints"), ("discovery.k8s.io", "endpointslices")] {
+        for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+            assert!(
+                !allowed(&admin, &user, verb, group, resource, "default").await,
+                "{verb} {resource} allowed"
+            );
+        }
+    }
+    for (group, resource, namespace) in [
+        ("events.k8s.io", "events", "default"),
+        ("", "events", "default"),
+        ("coordination.k8s.io", "leases", SHADOW_NAMESPACE),
+        ("", "secrets", SHADOW_NAMESPACE),
+    ] {
+        for verb in ["get", "create", "update", "patch"] {
+            assert!(
+                !allowed(&admin, &user, verb, group, resource, namespace).await,
+                "{verb} {resource} allowed"
+            );
+        }
+    }
+
+    // svcplane with the overlay's own flags and that ServiceAccount's token.
+    let deployment = overlay_objects::<k8s_openapi::api::apps::v1::Deployment>(&yaml, "Deployment");
+    let args: Vec<String> = deployment
+        .iter()
+        .flat_map(|d| d.spec.template.spec.iter().flat_map(|s| s.containers.iter()))
+        .flat_map(|c| c.args.clone().unwrap_or_default())
+        // `run` and the addresses come from the harness.
+        .filter(|a| a != "run" && !a.contains("-bind-address="))
+        .collect();
+    assert!(args.iter().any(|a| a == "--migration=shadow"), "{args:?}");
+    assert!(!args.iter().any(|a| a.starts_with("--leader-elect")), "{args:?}");
+    let token = {
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec!["https://kubernetes.default.svc".into()]),
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(admin.clone(), SHADOW_NAMESPACE)
+            .create_token_request("svcplane", &PostParams::default(), &request)
+            .await
+            .expect("TokenRequest for the shadow ServiceAccount")
+            .status
+            .and_then(|s| s.token)
+            .expect("token")
+    };
+    let kubeconfig = shared()
+        .write_kubeconfig("svcplane-shadow-sa", &KubeconfigAuth::Token(token))
+        .expect("write kubeconfig");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let svcplane = shared().svcplane_with_kubeconfig("shadow-rbac", &kubeconfig, &args).await;
+
+    // One Service per controller; no kube-controller-manager runs here, so each
+    // differs, which the log names once per Service and controller.
+    ensure_node(&admin, "node-a", "192.0.2.1", Some("zone-a")).await;
+    let ns = TestNamespace::new(&admin, "shadow-rbac").await;
+    use svcplane_e2e::fixtures::{mk_port, mk_service};
+    ns.create(&mk_service("web", &[("app", "web")], vec![mk_port("http", 80, "8080")])).await;
+    ns.running_pod(mk_pod("web-0", &[("app", "web")], "node-a", &[]), &["10.244.9.1"], true).await;
+    ns.create(&mk_service("db", &[], vec![mk_port("sql", 5432, "5432")])).await;
+    let address = EndpointAddress { ip: "192.0.2.60".into(), ..Default::default() };
+    let port = EndpointPort { name: Some("sql".into()), port: 5432, ..Default::default() };
+    let subset =
+        EndpointSubset { addresses: Some(vec![address]), ports: Some(vec![port]), ..Default::default() };
+    let metadata = ObjectMeta { name: Some("db".into()), ..Default::default() };
+    ns.create(&Endpoints { metadata, subsets: Some(vec![subset]) }).await;
+    let log = svcplane.log.clone();
+    let wanted = [
+        ("endpointslice", format!("{}/web", ns.name)),
+        ("endpoints", format!("{}/web", ns.name)),
+        ("mirroring", format!("{}/db", ns.name)),
+    ];
+    eventually("a shadow verdict from each controller in the log", TIMEOUT, || {
+        let (log, wanted) = (log.clone(), &wanted);
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("shadow: svcplane")).collect();
+            let missing: Vec<_> = wanted
+                .iter()
+                .filter(|(c, key)| {
+                    !lines.iter().any(|l| has_field(l, "controller", c) && has_field(l, "service", key))
+                })
+                .collect();
+            if missing.is_empty() { Ok(()) } else { Err(format!("missing {missing:?} in {lines:?}")) }
+        }
+    })
+    .await;
+    assert!(svcplane.metric_sum("svcplane_shadow_services", &["agreement=\"differs\""]).await >= 3.0);
+    assert_eq!(svcplane.metric_sum("svcplane_changes_total", &[]).await, 0.0, "shadow mode wrote");
+    let text = std::fs::read_to_string(&svcplane.log).unwrap_or_default();
+    assert!(!text.contains("forbidden"), "an RBAC denial: {}", svcplane.log.display());
+    let slices = ns.api::<EndpointSlice>();
+    for (svc, by) in [("web", SVCPLANE), ("db", SVCPLANE_MIRROR)] {
+        assert!(
+            slices_of(&slices, svc, by).await.is_empty(),
+            "svcplane wrote a slice of {svc} in shadow mode"
+        );
+    }
+}

@@ -1,4 +1,5 @@
-//! Operator tools: `svcplane explain`, `svcplane dns` and `svcplane ipam`.
+//! Operator tools: `svcplane explain`, `svcplane dns`, `svcplane ipam` and
+//! `svcplane shadow report`.
 //!
 //! Read-only: each command lists what it needs from the API once, computes its
 //! answer with the same code the controllers and the webhook use, and prints a
@@ -11,6 +12,7 @@
 pub mod dns;
 pub mod explain;
 pub mod ipam;
+pub mod shadow;
 
 mod table;
 
