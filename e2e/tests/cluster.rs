@@ -9,6 +9,7 @@
 //! disturb svcplane or a node take [`DISRUPTION`] exclusively; the others share it.
 
 use std::{
+    collections::BTreeSet,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,26 +20,39 @@ use std::{
 use k8s_openapi::api::{
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{Pod, Secret, Service},
+    core::v1::{Endpoints, Pod, Secret, Service},
+    discovery::v1::EndpointSlice,
+    events::v1::Event,
 };
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use svcplane_e2e::{
     certs::TestCa,
     cluster::{
-        self, Cluster, SVCPLANE_NAMESPACE, wait_available,
+        self, Cluster, SVCPLANE_NAMESPACE,
+        migration::{
+            KCM_WITH_ENDPOINT_CONTROLLERS, Migration, ShadowRow, kcm_without_endpoint_controllers,
+            shadow_report, svcplane_leader_metrics,
+        },
+        timeline::{Interval, Owner, SliceSampler},
+        traffic::{Load, Lookup},
+        wait_available,
         workload::{
             client_pod, cluster_ip_service, endpoint_conditions, fetch_through, from_json,
             headless_statefulset, http_get, namespace, pod_ip, pod_node, ready_pods, resolve_in, set_ready,
             testpod_deployment,
         },
     },
+    slices::UPSTREAM,
+    svcplane::try_sum_metric,
     wait::eventually,
 };
 use svcplane_webhook::AllocationClaim;
 use tokio::sync::RwLock;
 
 const SVCPLANE_SELECTOR: &str = "app.kubernetes.io/name=svcplane";
+/// The label naming an EndpointSlice's manager.
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 
 /// Exclusive for tests that stop svcplane replicas or a node; shared for the rest.
 static DISRUPTION: RwLock<()> = RwLock::const_new(());
@@ -836,4 +850,391 @@ fn the_svcplane_image_runs_as_the_dockerfile_says() {
     assert_eq!(image, dockerfile, "(user, entrypoint, cmd, ports) of the local image vs the Dockerfile");
     // What the overlay's `svcplane:dev` means to containerd.
     assert_eq!(manifest[0]["RepoTags"][0], "docker.io/library/svcplane:dev");
+}
+
+/// Puts endpoint ownership back to the cluster's default when a migration test
+/// fails half-way, so the tests after it find svcplane owning endpoints.
+struct RestoreOwnershipOnPanic(&'static Cluster);
+
+impl Drop for RestoreOwnershipOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "restoring the default endpoint ownership: {}",
+                self.0.restore_default_endpoint_ownership()
+            );
+        }
+    }
+}
+
+/// Every slice of `service` is `owner`'s and together they list exactly `want` as
+/// ready (`Err`: what they hold instead).
+async fn owned_only_by(
+    slices: &Api<EndpointSlice>,
+    service: &str,
+    owner: &Owner,
+    want: &BTreeSet<String>,
+) -> Result<(), String> {
+    let list = slices
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
+        .await
+        .map_err(|e| e.to_string())?;
+    let owners: BTreeSet<Owner> = list.items.iter().map(Owner::of_slice).collect();
+    let ready: BTreeSet<String> = list
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .flat_map(|e| e.addresses.clone())
+        .collect();
+    if owners == BTreeSet::from([owner.clone()]) && &ready == want {
+        Ok(())
+    } else {
+        Err(format!("{service}: owners {owners:?}, ready {ready:?} (want {owner:?} with {want:?})"))
+    }
+}
+
+/// The sum of the leader's `name` samples matching `filters`; fails when the metric
+/// is not exposed (never read as 0).
+async fn leader_metric(client: &kube::Client, name: &str, filters: &[&str]) -> Result<f64, String> {
+    let text = svcplane_leader_metrics(client).await?;
+    try_sum_metric(&text, name, filters).ok_or_else(|| format!("the leader does not expose {name}"))
+}
+
+/// Issue 16 item 4: the whole cycle an operator runs, under traffic, from the
+/// cluster's default (svcplane owns endpoints) back to it: hand-back to
+/// kube-controller-manager, shadow (all agree; a hand-edited slice differs until
+/// kube-controller-manager rewrites it), a take-over started while
+/// kube-controller-manager still runs its endpoint controllers (blocked, undone),
+/// the take-over done properly, and `--migration` off.
+// Multi-threaded: the background traffic and slice watch run while the test blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the real cluster: make test-cluster"]
+async fn endpoint_ownership_goes_to_kube_controller_manager_and_back_without_a_failed_request() {
+    let _exclusive = DISRUPTION.write().await;
+    let _timed = Timed(
+        "endpoint_ownership_goes_to_kube_controller_manager_and_back_without_a_failed_request",
+        Instant::now(),
+    );
+    let cluster = cluster();
+    let _restore = RestoreOwnershipOnPanic(cluster);
+    let client = cluster.client().await;
+    let ns = namespace(&client, "migrate").await;
+    let clients = clients(&client, &ns).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    // One Service per controller: `web` (ClusterIP, 3 probed Pods: slices and
+    // Endpoints), `hl` (headless, 2 Pods: what CoreDNS answers comes from its
+    // slices) and `ext` (selectorless, a hand-written Endpoints listing web's Pods:
+    // mirroring).
+    let (web_target, web) = web_behind_cluster_ip(&client, &ns, 3, json!({})).await;
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &testpod_deployment("hl", 2, json!({})))
+        .await
+        .unwrap();
+    let hl: Service = from_json(json!({
+        "metadata": { "name": "hl" },
+        "spec": {
+            "clusterIP": "None",
+            "selector": { "app": "hl" },
+            "ports": [{ "name": "http", "port": 80, "targetPort": "http" }],
+        },
+    }));
+    services.create(&PostParams::default(), &hl).await.unwrap();
+    let hl_pods = ready_pods(&client, &ns, "app=hl", 2).await;
+    let ext: Service = from_json(json!({
+        "metadata": { "name": "ext" },
+        "spec": { "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
+    }));
+    let ext_ip =
+        services.create(&PostParams::default(), &ext).await.unwrap().spec.unwrap().cluster_ip.unwrap();
+    let web_ips: BTreeSet<String> = web.iter().map(pod_ip).collect();
+    let endpoints: Endpoints = from_json(json!({
+        "metadata": { "name": "ext" },
+        "subsets": [{
+            "addresses": web_ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>(),
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        }],
+    }));
+    Api::<Endpoints>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &endpoints)
+        .await
+        .unwrap();
+    let want: Vec<(&str, BTreeSet<String>)> = vec![
+        ("web", web_ips.clone()),
+        ("hl", hl_pods.iter().map(pod_ip).collect()),
+        ("ext", web_ips.clone()),
+    ];
+    let owned_by = |owner: Owner| {
+        let (slices, want) = (&slices, &want);
+        async move {
+            for (service, ips) in want {
+                owned_only_by(slices, service, &owner, ips).await?;
+            }
+            Ok::<(), String>(())
+        }
+    };
+    eventually("svcplane's slices of web, hl and ext", Duration::from_secs(60), || owned_by(Owner::Svcplane))
+        .await;
+
+    let ext_target = format!("{ext_ip}:80");
+    let web_ip = web_target.trim_end_matches(":80").to_string();
+    let lookups = vec![
+        Lookup { name: format!("web.{ns}.svc.cluster.local"), want: BTreeSet::from([web_ip]) },
+        Lookup { name: format!("hl.{ns}.svc.cluster.local"), want: want[1].1.clone() },
+        Lookup { name: format!("ext.{ns}.svc.cluster.local"), want: BTreeSet::from([ext_ip.clone()]) },
+    ];
+    for c in &clients {
+        for target in [&web_target, &ext_target] {
+            eventually("requests through web and ext answer", Duration::from_secs(30), || async {
+                let got = fetch_through(c, target, 10).await;
+                if got.iter().all(Result::is_ok) { Ok(()) } else { Err(got) }
+            })
+            .await;
+        }
+        for lookup in &lookups {
+            eventually("web, hl and ext resolve", Duration::from_secs(30), || async {
+                let got: BTreeSet<String> = resolve_in(c, &lookup.name).await?.into_iter().collect();
+                if got == lookup.want { Ok(()) } else { Err(format!("{}: {got:?}", lookup.name)) }
+            })
+            .await;
+        }
+    }
+
+    let sampler = SliceSampler::start(&client, &ns, "default").await;
+    let load = Load::start(&clients, &[web_target.clone(), ext_target.clone()], &lookups);
+    let cycle = Instant::now();
+    let mut took: Vec<(&str, Duration)> = Vec::new();
+    let kcm_default = kcm_without_endpoint_controllers();
+
+    // C. Hand-back: kube-controller-manager with its endpoint controllers (both now
+    // write slices), then svcplane deletes its own once kube-controller-manager's agree.
+    let phase = Instant::now();
+    sampler.mark("hand-back");
+    let restart = cluster.restart_controller_manager(KCM_WITH_ENDPOINT_CONTROLLERS).await.unwrap();
+    eprintln!("kube-controller-manager restarted with its endpoint controllers in {restart:?}");
+    let rollout = cluster.set_svcplane_migration(&client, Migration::HandBack).await.unwrap();
+    eprintln!("svcplane rolled to --migration=hand-back in {rollout:?}");
+    eventually("only kube-controller-manager's slices", Duration::from_secs(120), || {
+        owned_by(Owner::KubeControllerManager)
+    })
+    .await;
+    took.push(("hand-back", phase.elapsed()));
+    sampler.mark("hand-back settled");
+
+    // A. Shadow: svcplane writes nothing and reports kube-controller-manager agreeing.
+    let phase = Instant::now();
+    sampler.mark("shadow");
+    cluster.set_svcplane_migration(&client, Migration::Shadow).await.unwrap();
+    let expected_rows: BTreeSet<(String, String)> = [
+        ("web", "endpointslice"),
+        ("web", "endpoints"),
+        ("hl", "endpointslice"),
+        ("hl", "endpoints"),
+        ("ext", "mirroring"),
+    ]
+    .iter()
+    .map(|(s, c)| (s.to_string(), c.to_string()))
+    .collect();
+    let agreeing = || async {
+        let rows = shadow_report(cluster)?;
+        let mine: Vec<&ShadowRow> = rows.iter().filter(|r| r.namespace == ns).collect();
+        let present: BTreeSet<(String, String)> =
+            mine.iter().map(|r| (r.service.clone(), r.controller.clone())).collect();
+        let differ: Vec<&ShadowRow> = rows.iter().filter(|r| !r.agrees).collect();
+        let differs = leader_metric(&client, "svcplane_shadow_services", &["agreement=\"differs\""]).await?;
+        let agrees = leader_metric(&client, "svcplane_shadow_services", &["agreement=\"agrees\""]).await?;
+        if expected_rows.is_subset(&present) && differ.is_empty() && differs == 0.0 && agrees >= 5.0 {
+            Ok((rows.len(), agrees))
+        } else {
+            Err(format!(
+                "rows of {ns}: {mine:?}; disagreeing anywhere: {differ:?}; metric agrees {agrees} differs {differs}"
+            ))
+        }
+    };
+    let (rows, agrees) =
+        eventually("the shadow report: every Service agrees", Duration::from_secs(60), agreeing).await;
+    eprintln!("shadow: {rows} report rows, all agree; svcplane_shadow_services agrees {agrees}, differs 0");
+    took.push(("shadow", phase.elapsed()));
+    sampler.mark("shadow settled");
+
+    // A divergent case: kube-controller-manager paused (it would rewrite its slice a
+    // second later), one of its slices hand-edited to drop a ready endpoint.
+    let phase = Instant::now();
+    sampler.mark("shadow, divergent");
+    cluster.restart_controller_manager(&kcm_default).await.unwrap();
+    let theirs = slices
+        .list(
+            &ListParams::default().labels(&format!("kubernetes.io/service-name=web,{MANAGED_BY}={UPSTREAM}")),
+        )
+        .await
+        .unwrap();
+    let edited = theirs.items.iter().find(|s| s.endpoints.as_ref().is_some_and(|e| e.len() >= 2)).unwrap();
+    let (edited_name, dropped) =
+        (edited.metadata.name.clone().unwrap(), edited.endpoints.as_ref().unwrap()[0].addresses[0].clone());
+    let patch = json!([
+        { "op": "test", "path": "/endpoints/0/addresses/0", "value": dropped },
+        { "op": "remove", "path": "/endpoints/0" },
+    ]);
+    cluster
+        .kubectl(&[
+            "patch",
+            "endpointslice",
+            &edited_name,
+            "-n",
+            &ns,
+            "--type=json",
+            "-p",
+            &patch.to_string(),
+        ])
+        .unwrap();
+    let difference =
+        eventually("the shadow report shows web's slices differ", Duration::from_secs(60), || async {
+            let rows = shadow_report(cluster)?;
+            let row = rows
+                .iter()
+                .find(|r| r.namespace == ns && r.service == "web" && r.controller == "endpointslice")
+                .ok_or("no row for web")?;
+            let differs =
+                leader_metric(&client, "svcplane_shadow_services", &["agreement=\"differs\""]).await?;
+            match (&row.difference, row.agrees, differs >= 1.0) {
+                (Some(d), false, true) if !d.is_empty() => Ok(d.clone()),
+                _ => Err(format!("{row:?}, metric differs {differs}")),
+            }
+        })
+        .await;
+    eprintln!("shadow after removing {dropped} from {edited_name} by hand: {difference}");
+    cluster.restart_controller_manager(KCM_WITH_ENDPOINT_CONTROLLERS).await.unwrap();
+    eventually("kube-controller-manager rewrote its slice", Duration::from_secs(60), || {
+        owned_only_by(&slices, "web", &Owner::KubeControllerManager, &web_ips)
+    })
+    .await;
+    eventually("the shadow report agrees again", Duration::from_secs(60), agreeing).await;
+    took.push(("shadow, divergent and back", phase.elapsed()));
+    sampler.mark("shadow settled again");
+
+    // Out of order: a take-over while kube-controller-manager still runs its
+    // endpoint controllers. svcplane deletes its slices, it writes them again:
+    // svcplane must notice and stop deleting.
+    let phase = Instant::now();
+    sampler.mark("take-over, out of order");
+    // The Event names the first Service where svcplane saw kube-controller-manager
+    // write again, in whichever namespace: any Event of this reason since now.
+    let since = k8s_openapi::jiff::Timestamp::now().as_second() - 1;
+    cluster.set_svcplane_migration(&client, Migration::TakeOver).await.unwrap();
+    let events: Api<Event> = Api::all(client.clone());
+    let (blocked, warned) =
+        eventually("svcplane says the take-over is blocked", Duration::from_secs(90), || async {
+            let blocked = leader_metric(&client, "svcplane_takeover_blocked", &[]).await?;
+            let warned: Vec<String> = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("KubeControllerManagerStillRunning"))
+                .filter(|e| e.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0.as_second() >= since))
+                .map(|e| {
+                    let on = e.regarding.map(|r| {
+                        format!("{}/{}", r.namespace.unwrap_or_default(), r.name.unwrap_or_default())
+                    });
+                    format!(
+                        "{} on {}: {}",
+                        e.type_.unwrap_or_default(),
+                        on.unwrap_or_default(),
+                        e.note.unwrap_or_default()
+                    )
+                })
+                .collect();
+            if blocked == 1.0 && !warned.is_empty() {
+                Ok((blocked, warned))
+            } else {
+                Err(format!("blocked {blocked}, Events {warned:?}"))
+            }
+        })
+        .await;
+    eprintln!(
+        "take-over out of order: svcplane_takeover_blocked {blocked}; KubeControllerManagerStillRunning Events {warned:?}"
+    );
+    let owners_now =
+        sampler.with(|t| ["web", "hl", "ext"].map(|s| (s, t.owners(&format!("{ns}/{s}")))).to_vec());
+    eprintln!("take-over out of order, once blocked: slice owners {owners_now:?}");
+    // Undone with the hand-back procedure: kube-controller-manager restarted with
+    // its endpoint controllers (a Service whose slices svcplane deleted before the
+    // block lost them for good otherwise: kube-controller-manager re-creates only
+    // the slices its own process wrote), then svcplane deletes its slices again
+    // once kube-controller-manager's agree, its new replicas unblocked.
+    cluster.restart_controller_manager(KCM_WITH_ENDPOINT_CONTROLLERS).await.unwrap();
+    cluster.set_svcplane_migration(&client, Migration::HandBack).await.unwrap();
+    eventually("only kube-controller-manager's slices again", Duration::from_secs(120), || {
+        owned_by(Owner::KubeControllerManager)
+    })
+    .await;
+    took.push(("take-over out of order, undone", phase.elapsed()));
+    sampler.mark("undone");
+
+    // B. Take-over: kube-controller-manager without its endpoint controllers, then
+    // svcplane deletes its slices Service by Service once its own are written.
+    let phase = Instant::now();
+    sampler.mark("take-over");
+    cluster.restart_controller_manager(&kcm_default).await.unwrap();
+    cluster.set_svcplane_migration(&client, Migration::TakeOver).await.unwrap();
+    eventually("only svcplane's slices", Duration::from_secs(120), || owned_by(Owner::Svcplane)).await;
+    assert_eq!(leader_metric(&client, "svcplane_takeover_blocked", &[]).await.unwrap(), 0.0);
+    took.push(("take-over", phase.elapsed()));
+    sampler.mark("take-over settled");
+
+    // Off: the cluster's default again.
+    let phase = Instant::now();
+    sampler.mark("off");
+    cluster.set_svcplane_migration(&client, Migration::Off).await.unwrap();
+    eventually("svcplane's slices after --migration off", Duration::from_secs(60), || {
+        owned_by(Owner::Svcplane)
+    })
+    .await;
+    took.push(("off", phase.elapsed()));
+    sampler.mark("off settled");
+
+    let traffic = load.stop().await;
+    let now = Instant::now();
+    let (summary, gaps, overlaps, events_seen) =
+        sampler.with(|t| (t.summary(now), t.gaps().to_vec(), t.overlaps().to_vec(), t.events()));
+    eprintln!(
+        "migration cycle in {:?}: {}",
+        cycle.elapsed(),
+        took.iter().map(|(p, d)| format!("{p} {:.1} s", d.as_secs_f64())).collect::<Vec<_>>().join(", ")
+    );
+    eprintln!("slice events seen: {events_seen}; per phase:\n{summary}");
+    eprintln!(
+        "traffic: {} requests, {} failed; {} lookups, {} failed",
+        traffic.requests,
+        traffic.request_failures.len(),
+        traffic.lookups,
+        traffic.lookup_failures.len()
+    );
+    let watch_errors = sampler.errors();
+    assert!(
+        watch_errors.is_empty(),
+        "the slice watch failed, its timeline may miss events: {watch_errors:?}"
+    );
+    assert!(traffic.requests > 1000 && traffic.lookups > 500, "too little traffic to judge: {traffic:?}");
+    assert!(traffic.request_failures.is_empty(), "failed requests: {:#?}", traffic.request_failures);
+    assert!(traffic.lookup_failures.is_empty(), "failed lookups: {:#?}", traffic.lookup_failures);
+    assert!(gaps.is_empty(), "a Service with ready Pods had no ready endpoint: {gaps:?}");
+    let switches = ["hand-back", "take-over, out of order", "take-over"];
+    let stray: Vec<&Interval> =
+        overlaps.iter().filter(|i| i.end.is_none() || !switches.contains(&i.phase.as_str())).collect();
+    assert!(stray.is_empty(), "overlaps outside a switch or never ended: {stray:?}");
+    for switch in ["hand-back", "take-over"] {
+        let longest =
+            sampler.with(|t| t.longest_overlap_in(switch, now).map(|i| (i.service.clone(), i.length(now))));
+        assert!(longest.is_some(), "no overlap in {switch}: the two managers never both had slices?");
+    }
+    // The default state again: kube-controller-manager without its endpoint
+    // controllers, svcplane without --migration, no kube-controller-manager slice.
+    assert_eq!(cluster.controller_manager_controllers().unwrap(), kcm_default);
+    let deployment =
+        Api::<Deployment>::namespaced(client.clone(), SVCPLANE_NAMESPACE).get("svcplane").await.unwrap();
+    let args = deployment.spec.template.spec.unwrap().containers[0].args.clone().unwrap_or_default();
+    assert!(!args.iter().any(|a| a.starts_with("--migration")), "{args:?}");
 }
