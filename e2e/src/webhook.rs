@@ -177,6 +177,13 @@ pub fn mk_service(name: &str, kind: &str, ports: &[(i32, Option<i32>)]) -> Servi
     }
 }
 
+/// A ClusterIP Service asking for `ip`.
+pub fn with_cluster_ip(name: &str, ip: &str) -> Service {
+    let mut svc = mk_service(name, "ClusterIP", &[(80, None)]);
+    svc.spec.as_mut().expect("spec").cluster_ip = Some(ip.to_owned());
+    svc
+}
+
 /// A replica serving `args`, registered for a namespace of its own (`wh-<scope>`),
 /// once its effect shows there.
 pub async fn replica_for_scope(

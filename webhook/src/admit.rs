@@ -75,6 +75,8 @@ impl Denial {
             "Full"
         } else if self.message.contains("not in range") {
             "NotInRange"
+        } else if self.message.contains("no new ClusterIP is allocated") {
+            "ServiceCIDRDraining"
         } else {
             "Invalid"
         }

@@ -7,22 +7,26 @@
 //! `watches.rs` feeds it and `allocator.rs` turns picks into claims.
 //!
 //! A bit is set exactly when its value is claimed, held by a Service, or
-//! pending in a request of this replica. The bitmap is only an index for
-//! picking candidates quickly; the claim objects are the truth, and a pick is
-//! only kept once its claim create succeeded.
+//! pending in a request of this replica, in every pool that contains it
+//! (ServiceCIDRs may overlap). The pool of a ServiceCIDR being deleted stays
+//! until it is gone: its values stay valid and marked, but none is handed
+//! out. The bitmap is only an index for picking candidates quickly; the claim
+//! objects are the truth, and a pick is only kept once its claim create
+//! succeeded.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ipnetwork::IpNetwork;
 use svcplane_ipam::{
     ClusterIpAllocator, IpFamily, IpamError, NodePortAllocator, NodePortAssignment, NodePortError,
     NodePortNeeds, ServicePort, assign_node_ports,
 };
 
 use crate::claim::{Owner, Value};
-use crate::pools::PoolConfig;
+use crate::pools::{Draining, PoolConfig};
 
 /// What the index knows about a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +68,24 @@ impl Holder {
             Holder::Pending => "a concurrent request".to_owned(),
         }
     }
+}
+
+/// Why a requested value cannot be had.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// Outside every pool that gives values.
+    #[error(transparent)]
+    NotInRange(IpamError),
+    /// Only in pools that give no new values (a ServiceCIDR being deleted).
+    #[error("{ip} is in {cidr}, but {why}: no new ClusterIP is allocated from it")]
+    Draining {
+        /// The requested IP.
+        ip: IpAddr,
+        /// The draining CIDR it is in.
+        cidr: IpNetwork,
+        /// Which ServiceCIDR, and why.
+        why: Draining,
+    },
 }
 
 /// Usage of one pool, for metrics.
@@ -283,22 +305,53 @@ impl Index {
         self.pending.contains_key(&value).then_some(Holder::Pending)
     }
 
-    /// Whether `value` lies in a current pool, or the pool it is outside of.
-    pub fn check_in_range(&self, value: Value) -> Result<(), IpamError> {
-        let inside = match value {
+    /// Whether `value` may be requested: it lies in a pool that gives new
+    /// values. Else the pool it is outside of, or the draining pool it is in
+    /// (kube-apiserver's `MetaAllocator` only allocates a requested IP from a
+    /// ready ServiceCIDR not being deleted, and refuses it otherwise: `the
+    /// provided network does not match the current range`).
+    pub fn check_in_range(&self, value: Value) -> Result<(), RangeError> {
+        let ip = match value {
+            Value::Ip(ip) => ip,
+            Value::Port(port) if self.ports.contains(port) => return Ok(()),
+            Value::Port(_) => {
+                let range = self.ports.range().to_string();
+                return Err(RangeError::NotInRange(IpamError::NotInRange {
+                    value: value.to_string(),
+                    range,
+                }));
+            }
+        };
+        let mut draining = None;
+        for pool in self.ips.iter().filter(|pool| pool.contains(ip)) {
+            match self.config.draining(pool.cidr()) {
+                None => return Ok(()),
+                Some(why) => draining = draining.or(Some((pool.cidr(), why))),
+            }
+        }
+        if let Some((cidr, why)) = draining {
+            return Err(RangeError::Draining { ip, cidr, why: why.clone() });
+        }
+        // Every range that gives values, both families on a dual-stack
+        // cluster, so the user sees all valid choices.
+        let range = self
+            .ips
+            .iter()
+            .filter(|pool| self.config.draining(pool.cidr()).is_none())
+            .map(|pool| pool.cidr().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        Err(RangeError::NotInRange(IpamError::NotInRange { value: value.to_string(), range }))
+    }
+
+    /// Whether `value` lies in any pool, draining ones included: repair's
+    /// out-of-range test (kube-apiserver's `RepairIPAddress` counts every
+    /// ServiceCIDR that still exists, being deleted or not).
+    pub fn covers(&self, value: Value) -> bool {
+        match value {
             Value::Ip(ip) => self.ips.iter().any(|pool| pool.contains(ip)),
             Value::Port(port) => self.ports.contains(port),
-        };
-        if inside {
-            return Ok(());
         }
-        // Every range of the pool set, both families on a dual-stack cluster,
-        // so the user sees all valid choices.
-        let range = match value {
-            Value::Ip(_) => self.ips.iter().map(|pool| pool.cidr().to_string()).collect::<Vec<_>>().join(","),
-            Value::Port(_) => self.ports.range().to_string(),
-        };
-        Err(IpamError::NotInRange { value: value.to_string(), range })
     }
 
     /// Marks `value` as pending for a request (a static value being claimed).
@@ -319,17 +372,32 @@ impl Index {
     }
 
     /// Picks a free IP of `family` (dynamic, upstream's strategy) and holds
-    /// it pending. Pools of the family are tried in order.
+    /// it pending. The pools of the family that give new values are tried in
+    /// ServiceCIDR order (`kubernetes` first), moving on from a full one.
+    /// kube-apiserver tries them in Go map order, i.e. unspecified; a fixed
+    /// order allocates the same and is predictable. Overlapping pools are
+    /// safe: a taken IP is marked in every pool that contains it.
     pub fn pick_ip(&mut self, family: IpFamily) -> Result<IpAddr, IpamError> {
         let mut full = Vec::new();
-        for pool in self.ips.iter_mut().filter(|pool| pool.family() == family) {
+        let config = &self.config;
+        let usable = |pool: &&mut ClusterIpAllocator| {
+            pool.family() == family && config.draining(pool.cidr()).is_none()
+        };
+        let mut picked = None;
+        for pool in self.ips.iter_mut().filter(usable) {
             match pool.allocate_next() {
                 Ok(ip) => {
-                    *self.pending.entry(Value::Ip(ip)).or_default() += 1;
-                    return Ok(ip);
+                    picked = Some(ip);
+                    break;
                 }
                 Err(_) => full.push(pool.cidr().to_string()),
             }
+        }
+        if let Some(ip) = picked {
+            *self.pending.entry(Value::Ip(ip)).or_default() += 1;
+            // Marks it in the other pools that contain it.
+            self.sync(Value::Ip(ip));
+            return Ok(ip);
         }
         if full.is_empty() {
             full.push(format!("no {family} Service CIDR"));
@@ -395,8 +463,11 @@ impl Index {
             || self.held.contains_key(&value)
             || self.pending.contains_key(&value);
         match value {
+            // Every pool that contains it: overlapping CIDRs (a /24 inside a
+            // /16, a larger one added to extend the range) must not hand it
+            // out again from the other one.
             Value::Ip(ip) => {
-                if let Some(pool) = self.ips.iter_mut().find(|pool| pool.contains(ip)) {
+                for pool in self.ips.iter_mut().filter(|pool| pool.contains(ip)) {
                     if wanted && !pool.has(ip) {
                         // In range and free, so this cannot fail.
                         let _ = pool.allocate(ip);
@@ -449,7 +520,7 @@ pub(crate) mod tests {
     /// An index over `cidrs` (comma-separated) and the NodePort range `ports`.
     pub(crate) fn mk_index(cidrs: &str, ports: &str) -> Index {
         let cidrs = crate::pools::parse_cidrs(cidrs).unwrap();
-        Index::new(PoolConfig { cidrs, node_ports: ports.parse().unwrap() }).unwrap()
+        Index::new(PoolConfig::new(cidrs, ports.parse().unwrap())).unwrap()
     }
 
     /// The Service `ns/name`.
@@ -498,6 +569,67 @@ pub(crate) mod tests {
         index.set_pools(mk_index("10.1.0.0/24", "30000-30020").config().clone()).unwrap();
         assert_eq!(index.usage()[1].used, 1);
         assert!(index.check_in_range(Value::Ip("10.0.0.5".parse().unwrap())).is_err());
+    }
+
+    /// Every IP the index hands out with `pick_ip` until it is full.
+    fn pick_all(index: &mut Index) -> (Vec<IpAddr>, String) {
+        let mut picked = Vec::new();
+        loop {
+            match index.pick_ip(IpFamily::IPv4) {
+                Ok(ip) => picked.push(ip),
+                Err(error) => return (picked, error.to_string()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_draining_pool_keeps_its_values_valid_but_gives_and_accepts_no_new_ones() {
+        // Issue 18 item 5: a ServiceCIDR being deleted.
+        let doomed: ipnetwork::IpNetwork = "10.1.0.0/24".parse().unwrap();
+        let mut config = mk_index("10.0.0.0/30,10.1.0.0/24", "30000-30001").config().clone();
+        let why = Draining { service_cidr: "doomed".into(), deleting: true };
+        config.draining.push((doomed, why));
+        let mut index = Index::new(config).unwrap();
+        let held = Value::Ip("10.1.0.5".parse().unwrap());
+        index.apply_service(owner("old"), [held].into());
+        assert!(index.covers(held), "repair: not out of range while the ServiceCIDR exists");
+        assert_eq!(
+            index.check_in_range(Value::Ip("10.1.0.6".parse().unwrap())).unwrap_err().to_string(),
+            "10.1.0.6 is in 10.1.0.0/24, but ServiceCIDR doomed is being deleted: no new ClusterIP is \
+             allocated from it"
+        );
+        let (picked, full) = pick_all(&mut index);
+        assert_eq!(picked.len(), 2, "only 10.0.0.0/30's two addresses: {picked:?}");
+        assert_eq!(full, "range 10.0.0.0/30 is full");
+        let outside = index.check_in_range(Value::Ip("10.9.0.1".parse().unwrap())).unwrap_err();
+        assert_eq!(outside.to_string(), "10.9.0.1 is not in range 10.0.0.0/30", "valid choices only");
+        // Gone: out of range as before.
+        index.set_pools(mk_index("10.0.0.0/30", "30000-30001").config().clone()).unwrap();
+        assert!(!index.covers(held));
+        assert!(matches!(index.check_in_range(held), Err(RangeError::NotInRange(_))));
+    }
+
+    #[test]
+    fn an_ip_taken_is_marked_in_every_pool_that_contains_it() {
+        // The /27 extends the /28: the 14 addresses taken in the /28 are
+        // taken in the /27 as well, so it has exactly 16 more to give.
+        let mut index = mk_index("10.0.0.0/28", "30000-30001");
+        let in_28: BTreeSet<Value> = (1..=14).map(|i| Value::Ip(IpAddr::from([10, 0, 0, i]))).collect();
+        index.apply_service(owner("a"), in_28.clone());
+        index.set_pools(mk_index("10.0.0.0/28,10.0.0.0/27", "30000-30001").config().clone()).unwrap();
+        let (picked, full) = pick_all(&mut index);
+        let picked: BTreeSet<Value> = picked.into_iter().map(Value::Ip).collect();
+        assert_eq!((picked.len(), picked.intersection(&in_28).count()), (16, 0), "{picked:?}");
+        assert_eq!(full, "range 10.0.0.0/28,10.0.0.0/27 is full");
+        index.delete_service(&owner("a"));
+        let used: Vec<usize> = index.usage().iter().map(|u| u.used).collect();
+        assert_eq!(used, [0, 16, 0], "released in both pools");
+
+        // The larger pool first: its picks are marked in the /28 as well.
+        let mut index = mk_index("10.0.0.0/27,10.0.0.0/28", "30000-30001");
+        let (picked, _) = pick_all(&mut index);
+        assert_eq!(picked.iter().collect::<BTreeSet<_>>().len(), 30);
+        assert_eq!(index.usage()[1].used, 14);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod tls;
 pub mod watches;
 
 pub use claim::{AllocationClaim, AllocationClaimSpec, Owner, Value};
-pub use pools::PoolConfig;
+pub use pools::{Draining, PoolConfig};
 pub use server::WebhookServer;
 
 use svcplane_ipam::{IpamError, PortRange};
@@ -151,7 +151,7 @@ impl WebhookArgs {
     pub fn pool_config(&self) -> Result<PoolConfig, Error> {
         let cidrs = pools::parse_cidrs(&self.service_cidrs).map_err(Error::Flag)?;
         let node_ports: PortRange = self.node_port_range.parse().map_err(Error::Pools)?;
-        Ok(PoolConfig { cidrs, node_ports })
+        Ok(PoolConfig::new(cidrs, node_ports))
     }
 }
 

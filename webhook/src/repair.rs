@@ -43,7 +43,8 @@ pub struct RepairPlan {
     pub adopt: Vec<(Value, Owner)>,
     /// Values held by more than one Service: value and `(owner, field)`s.
     pub duplicates: Vec<(Value, Vec<(Owner, String)>)>,
-    /// Values outside every pool: value, owner, field.
+    /// Values outside every pool (a ServiceCIDR being deleted still counts
+    /// until it is gone, as upstream): value, owner, field.
     pub out_of_range: Vec<(Value, Owner, String)>,
 }
 
@@ -111,13 +112,7 @@ pub async fn repair_once(
     let services = list_all::<Service>(client).await?;
     let cidrs = list_all::<ServiceCIDR>(client).await?;
     let pools = Index::new(pools_from(&cidrs, fallback)).map_err(Error::Pools)?;
-    let plan = plan_repair(
-        &claims,
-        &services,
-        |v| pools.check_in_range(v).is_ok(),
-        Timestamp::now().as_millisecond(),
-        grace,
-    );
+    let plan = plan_repair(&claims, &services, |v| pools.covers(v), Timestamp::now().as_millisecond(), grace);
 
     for (value, uid) in &plan.release {
         match delete_claim(&claims_api, *value, uid.clone()).await {
@@ -252,6 +247,32 @@ pub(crate) mod tests {
         let claims = [mk_claim(port, "gone", 1_000), mk_claim(Value::Port(30002), "young", 9_500)];
         let plan = plan_repair(&claims, &[], |_| true, 10_000, Duration::from_secs(5));
         assert_eq!(plan.release, vec![(port, Some("uid-gone".into()))]);
+    }
+
+    #[test]
+    fn a_service_in_a_service_cidr_being_deleted_is_not_out_of_range_until_it_is_gone() {
+        // Issue 18 item 5: repair said "please recreate service" at once.
+        let mk = |name: &str, cidr: &str, deleting: bool| {
+            let mut c = ServiceCIDR {
+                metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+                spec: Some(k8s_openapi::api::networking::v1::ServiceCIDRSpec {
+                    cidrs: Some(vec![cidr.into()]),
+                }),
+                ..Default::default()
+            };
+            c.metadata.deletion_timestamp = deleting.then_some(Time(Timestamp::UNIX_EPOCH));
+            c
+        };
+        let flags = PoolConfig::new(Vec::new(), "30000-30001".parse().unwrap());
+        let services = [mk_service("old", &["10.1.0.5"], &[])];
+        let out_of_range = |cidrs: &[ServiceCIDR]| {
+            let pools = Index::new(pools_from(cidrs, &flags)).unwrap();
+            plan_repair(&[], &services, |v| pools.covers(v), 0, Duration::ZERO).out_of_range.len()
+        };
+        let kubernetes = mk("kubernetes", "10.0.0.0/24", false);
+        assert_eq!(out_of_range(&[kubernetes.clone(), mk("doomed", "10.1.0.0/24", true)]), 0);
+        assert_eq!(out_of_range(std::slice::from_ref(&kubernetes)), 1, "gone");
+        assert_eq!(out_of_range(&[kubernetes, mk("wide", "10.0.0.0/15", false)]), 0, "another covers it");
     }
 
     #[test]

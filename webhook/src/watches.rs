@@ -98,7 +98,7 @@ pub async fn run_watches(
             if let Err(error) = lock(&index).set_pools(pools.clone()) {
                 warn!(%error, "ignoring unusable Service CIDRs");
             } else {
-                info!(cidrs = ?pools.cidrs, node_ports = %pools.node_ports, "pools");
+                info!(cidrs = ?pools.cidrs, draining = ?pools.draining, node_ports = %pools.node_ports, "pools");
             }
             mark(2);
         }
