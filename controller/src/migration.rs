@@ -7,7 +7,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use k8s_openapi::api::core::v1::Endpoints;
@@ -122,32 +121,24 @@ pub fn hand_back(
     if theirs_agree { Plan::delete_all(ours.iter().map(|s| EndpointSlice::clone(s))) } else { plan }
 }
 
-type Deleted = (Timestamp, BTreeSet<String>);
-
 /// Tells a kube-controller-manager that still runs its endpoint controllers
-/// during a take-over, so svcplane never fights it: it remembers when svcplane
-/// deleted a Service's kube-controller-manager slices and which; a slice of that
-/// Service it did not know, created since, was written by a live controller.
-/// The first one blocks every further delete until svcplane restarts.
+/// during a take-over, so svcplane never fights it: it remembers which of a
+/// Service's kube-controller-manager slices svcplane deleted; a slice of that
+/// Service under a name svcplane never saw can only have been written since, by
+/// a live controller (a stopped one writes nothing). Names, not timestamps: no
+/// clock of svcplane's is compared with the apiserver's. The first one blocks
+/// every further delete until svcplane restarts.
 #[derive(Debug, Default)]
 pub struct TakeOverGuard {
-    /// Per owner: when svcplane last deleted kube-controller-manager's slices, and which.
-    deleted: Mutex<HashMap<(ControllerKind, Key), Deleted>>,
+    /// Per owner: the kube-controller-manager slices svcplane deleted.
+    deleted: Mutex<HashMap<(ControllerKind, Key), BTreeSet<String>>>,
     blocked: Mutex<Option<String>>,
 }
 
 impl TakeOverGuard {
-    /// Records that svcplane deleted `names` of `owner` at `at`.
-    pub fn deleted(
-        &self,
-        owner: (ControllerKind, &Key),
-        names: impl IntoIterator<Item = String>,
-        at: Timestamp,
-    ) {
-        let mut deleted = lock(&self.deleted);
-        let entry = deleted.entry((owner.0, owner.1.clone())).or_insert_with(|| (at, BTreeSet::new()));
-        entry.0 = at;
-        entry.1.extend(names);
+    /// Records that svcplane deleted `names` of `owner`.
+    pub fn deleted(&self, owner: (ControllerKind, &Key), names: impl IntoIterator<Item = String>) {
+        lock(&self.deleted).entry((owner.0, owner.1.clone())).or_default().extend(names);
     }
 
     /// Checks `theirs` (the slices of `owner` kube-controller-manager holds now):
@@ -161,14 +152,9 @@ impl TakeOverGuard {
         let mut blocked = lock(&self.blocked);
         let before = blocked.is_some();
         if blocked.is_none()
-            && let Some((at, names)) = lock(&self.deleted).get(&(owner.0, owner.1.clone()))
+            && let Some(names) = lock(&self.deleted).get(&(owner.0, owner.1.clone()))
         {
-            // creationTimestamp has whole seconds: compare at that precision.
-            let since = at.as_second();
-            let recreated = theirs.iter().find(|s| {
-                !names.contains(&s.name_any())
-                    && s.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0.as_second() >= since)
-            });
+            let recreated = theirs.iter().find(|s| !names.contains(&s.name_any()));
             if let Some(slice) = recreated {
                 *blocked = Some(format!(
                     "kube-controller-manager recreated EndpointSlice {}/{} after svcplane deleted its slices of {}: \
@@ -242,6 +228,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::discovery::v1::Endpoint;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use k8s_openapi::jiff::Timestamp;
 
     fn slice(name: &str, ips: &[&str], created: i64) -> Arc<EndpointSlice> {
         Arc::new(EndpointSlice {
@@ -302,14 +289,9 @@ mod tests {
             (None, false),
             "nothing deleted yet"
         );
-        guard.deleted(owner.clone(), ["kcm-1".to_string()], Timestamp::from_second(100).expect("time"));
+        guard.deleted(owner.clone(), ["kcm-1".to_string()]);
         let kept = guard.check(owner.clone(), &[slice("kcm-1", &[], 90)]);
         assert_eq!(kept, (None, false), "the deleted one, not yet gone");
-        assert_eq!(
-            guard.check(owner.clone(), &[slice("kcm-0", &[], 99)]),
-            (None, false),
-            "older than the delete"
-        );
         let (why, newly) = guard.check(owner.clone(), &[slice("kcm-2", &[], 100)]);
         let why = why.expect("blocked");
         assert!(newly && why.contains("ns/kcm-2") && why.contains("still run"), "{why}");

@@ -17,14 +17,21 @@ use svcplane_e2e::{
 };
 
 async fn setup(prefix: &str) -> TestNamespace {
-    shared_svcplane("endpoints", &["--controllers=endpoints"]);
+    // One worker and no batching: keys are synced one at a time in the order the
+    // watch delivered them, which `caught_up` relies on.
+    shared_svcplane(
+        "endpoints",
+        &["--controllers=endpoints", "--concurrency=1", "--min-sync-interval=0s", "--burst-batch-delay=0s"],
+    );
     let client = shared().client().await;
     ensure_node(&client, "node-a", "192.0.2.1", None).await;
     TestNamespace::new(&client, prefix).await
 }
 
 /// Creates a selector Service `marker` and waits for its Endpoints: once they
-/// exist, the controller has processed every earlier event of the namespace.
+/// exist, the controller has processed every earlier event of the namespace
+/// (one worker takes keys in the order the Service watch delivered them, and a
+/// sync completes before the next starts).
 async fn caught_up(ns: &TestNamespace, marker: &str) {
     ns.create(&mk_service(marker, &[("app", "m")], vec![mk_port("http", 80, "80")])).await;
     wait_endpoints(

@@ -433,21 +433,22 @@ async fn shadow_then_take_over_out_of_order_then_in_order_then_hand_back() {
         .await;
     }
     // A Service created while svcplane shadows: kube-controller-manager's slices
-    // may arrive after svcplane's first comparison, and their events compare
-    // again. (Its Endpoints are not checked: an Endpoints event does not queue
-    // the shadow Endpoints controller, so that verdict can stay "differs" until
-    // the Service or a Pod changes; reported on issue 16.)
+    // and Endpoints may arrive after svcplane's first comparison, and their
+    // events compare again (an Endpoints event queues the shadow Endpoints
+    // controller too).
     let late = TestNamespace::new(&client, "shadow-late").await;
     late.create(&mk_service("late", &[("app", "late")], vec![mk_port("http", 80, "8080")])).await;
     late.running_pod(mk_pod("late-0", &[("app", "late")], "node-a", &[]), &["10.30.9.1"], true).await;
-    eventually("shadow: endpointslice agrees on 3 Services", STEP, || async {
-        let got = (
-            shadow_gauge(&shadow, "endpointslice", "agrees").await,
-            shadow_gauge(&shadow, "endpointslice", "differs").await,
-        );
-        if got == (3.0, 0.0) { Ok(()) } else { Err(got) }
-    })
-    .await;
+    for controller in ["endpointslice", "endpoints"] {
+        eventually(&format!("shadow: {controller} agrees on 3 Services"), STEP, || async {
+            let got = (
+                shadow_gauge(&shadow, controller, "agrees").await,
+                shadow_gauge(&shadow, controller, "differs").await,
+            );
+            if got == (3.0, 0.0) { Ok(()) } else { Err(got) }
+        })
+        .await;
+    }
     let report = shadow_report(cp, &["-n", &ns.name]);
     let yes = |s: &str, c: &str| (s.to_owned(), c.to_owned(), true);
     let all_agree = vec![

@@ -279,7 +279,14 @@ pub fn start_watches(
             // Endpoints controller, as upstream's, only follows deletions (to write
             // its own object again): syncing on an add would delete a user's
             // Endpoints that arrives before its selectorless Service.
-            Change::Applied(ep) => queues.mirroring.iter().for_each(|q| q.add(Key::of(ep.as_ref()))),
+            Change::Applied(ep) => {
+                queues.mirroring.iter().for_each(|q| q.add(Key::of(ep.as_ref())));
+                // In shadow mode the Endpoints controller compares with the object
+                // kube-controller-manager writes: its changes change the verdict.
+                if migration == Migration::Shadow {
+                    queues.endpoints.iter().for_each(|q| q.add(Key::of(ep.as_ref())));
+                }
+            }
             Change::Deleted(ep) => {
                 let key = Key::of(ep.as_ref());
                 tracker.observed_deletion((ControllerKind::endpoints, &key), &key.name);

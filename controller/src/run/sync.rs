@@ -9,7 +9,6 @@ use k8s_openapi::{
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::Time,
-    jiff::Timestamp,
 };
 use kube::{Resource, ResourceExt, runtime::reflector::ObjectRef};
 
@@ -139,7 +138,7 @@ fn migrate(
             let deleting: Vec<String> =
                 plan.delete.iter().filter(|s| is_theirs(s, upstream)).map(|s| s.name_any()).collect();
             if !deleting.is_empty() {
-                ctx.takeover_guard.deleted(owner, deleting, Timestamp::now());
+                ctx.takeover_guard.deleted(owner, deleting);
             }
             Some(plan)
         }
