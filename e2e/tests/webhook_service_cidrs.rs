@@ -217,7 +217,7 @@ async fn a_service_cidr_added_at_runtime_is_used_at_once_when_the_others_are_ful
     let wanted = if cluster_ip(&after).to_string() == "10.98.1.9" { "10.98.1.10" } else { "10.98.1.9" };
     let requested = ns.create(&with_cluster_ip("requested", wanted)).await;
     assert_eq!(cluster_ip(&requested).to_string(), wanted);
-    println!("the added ServiceCIDR gave a ClusterIP {took:?} after its create");
+    println!("the added ServiceCIDR gave a ClusterIP {took:?} after its finalizer appeared");
     services.extend([after, requested]);
 
     delete_services(&ns, &names(&services), &server).await;
