@@ -229,7 +229,8 @@ pub async fn set_ready(pod: &Pod, ready: bool) {
 /// Pod's name, or why the request failed.
 pub async fn fetch_through(client: &Pod, target: &str, count: usize) -> Vec<Result<String, String>> {
     let addr = format!("{}:{TESTPOD_PORT}", pod_ip(client));
-    let timeout = Duration::from_secs(5 + 3 * count as u64);
+    // Each request may take the test pod's connect and answer timeouts (8.5 s).
+    let timeout = Duration::from_secs(10 + 9 * count as u64);
     match http_get(&addr, &format!("/fetch?target={target}&count={count}"), timeout).await {
         Ok((200, body)) => body
             .lines()
