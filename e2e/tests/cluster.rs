@@ -927,9 +927,19 @@ async fn endpoint_ownership_goes_to_kube_controller_manager_and_back_without_a_f
     // Endpoints), `hl` (headless, 2 Pods: what CoreDNS answers comes from its
     // slices) and `ext` (selectorless, a hand-written Endpoints listing web's Pods:
     // mirroring).
-    let (web_target, web) = web_behind_cluster_ip(&client, &ns, 3, json!({})).await;
+    // Probes that a loaded machine does not fail: a readiness flap is a real
+    // change of the endpoints (CoreDNS then answers without the Pod), which this
+    // test would count against the switch; probes themselves are another test's.
+    let steady = json!({ "readinessProbe": {
+        "httpGet": { "path": "/healthz", "port": "http" },
+        "periodSeconds": 1,
+        "timeoutSeconds": 5,
+        "failureThreshold": 5,
+        "successThreshold": 1,
+    } });
+    let (web_target, web) = web_behind_cluster_ip(&client, &ns, 3, steady.clone()).await;
     Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &testpod_deployment("hl", 2, json!({})))
+        .create(&PostParams::default(), &testpod_deployment("hl", 2, steady))
         .await
         .unwrap();
     let hl: Service = from_json(json!({
