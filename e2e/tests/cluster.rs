@@ -1169,13 +1169,14 @@ async fn endpoint_ownership_goes_to_kube_controller_manager_and_back_without_a_f
     let owners_now =
         sampler.with(|t| ["web", "hl", "ext"].map(|s| (s, t.owners(&format!("{ns}/{s}")))).to_vec());
     eprintln!("take-over out of order, once blocked: slice owners {owners_now:?}");
-    // Undone with the hand-back procedure: kube-controller-manager restarted with
-    // its endpoint controllers (a Service whose slices svcplane deleted before the
-    // block lost them for good otherwise: kube-controller-manager re-creates only
-    // the slices its own process wrote), then svcplane deletes its slices again
-    // once kube-controller-manager's agree, its new replicas unblocked.
-    cluster.restart_controller_manager(KCM_WITH_ENDPOINT_CONTROLLERS).await.unwrap();
+    // Undone: svcplane rolled to hand-back first, so that no replica deletes
+    // anything any more (a standby of the take-over rollout that became leader
+    // would not know the block and delete again), then kube-controller-manager
+    // restarted with its endpoint controllers: a new process syncs every Service
+    // and writes the slices svcplane deleted (the old one re-creates only those it
+    // wrote itself); svcplane then deletes its own once they agree.
     cluster.set_svcplane_migration(&client, Migration::HandBack).await.unwrap();
+    cluster.restart_controller_manager(KCM_WITH_ENDPOINT_CONTROLLERS).await.unwrap();
     eventually("only kube-controller-manager's slices again", Duration::from_secs(120), || {
         owned_by(Owner::KubeControllerManager)
     })
