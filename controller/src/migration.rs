@@ -185,6 +185,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub struct ShadowBook {
     verdicts: Mutex<HashMap<(ControllerKind, Key), Result<(), String>>>,
+    /// (agreeing, differing) per controller, kept with `verdicts` (each
+    /// record moves them by one Service, never a walk over all of them).
+    counts: Mutex<HashMap<ControllerKind, (usize, usize)>>,
 }
 
 impl ShadowBook {
@@ -197,29 +200,30 @@ impl ShadowBook {
         verdict: Option<Result<(), String>>,
     ) -> Option<String> {
         let mut verdicts = lock(&self.verdicts);
-        let id = (owner.0, owner.1.clone());
-        match verdict {
-            None => {
-                verdicts.remove(&id);
-                None
-            }
-            Some(verdict) => {
-                let new = verdicts.get(&id) != Some(&verdict);
-                let difference = verdict.as_ref().err().cloned().filter(|_| new);
-                verdicts.insert(id, verdict);
-                difference
-            }
+        let id = (owner.0.clone(), owner.1.clone());
+        let before = match &verdict {
+            None => verdicts.remove(&id),
+            Some(v) => verdicts.insert(id, v.clone()),
+        };
+        let mut counts = lock(&self.counts);
+        let (agree, differ) = counts.entry(owner.0).or_default();
+        match &before {
+            Some(Ok(())) => *agree -= 1,
+            Some(Err(_)) => *differ -= 1,
+            None => {}
         }
+        match &verdict {
+            Some(Ok(())) => *agree += 1,
+            Some(Err(_)) => *differ += 1,
+            None => {}
+        }
+        let new = before != verdict;
+        verdict.and_then(Result::err).filter(|_| new)
     }
 
     /// (agreeing, differing) Services of `controller`.
     pub fn counts(&self, controller: &ControllerKind) -> (usize, usize) {
-        let verdicts = lock(&self.verdicts);
-        let of = verdicts.iter().filter(|((c, _), _)| c == controller);
-        of.fold(
-            (0, 0),
-            |(agree, differ), (_, v)| if v.is_ok() { (agree + 1, differ) } else { (agree, differ + 1) },
-        )
+        lock(&self.counts).get(controller).copied().unwrap_or_default()
     }
 }
 

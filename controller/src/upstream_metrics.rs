@@ -274,23 +274,20 @@ impl UpstreamMetrics {
             }
             _ => self.addresses_skipped.observe(counts.skipped as f64),
         }
+        // The gauges move by this Service's change: no walk over every Service
+        // on each sync.
         let mut all = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         let id = (controller.clone(), key.clone());
-        match totals {
+        let before = match totals {
             Some(t) => all.insert(id, t),
             None => all.remove(&id),
-        };
-        let sum =
-            all.iter().filter(|((c, _), _)| c == controller).fold(ServiceTotals::default(), |acc, (_, t)| {
-                ServiceTotals {
-                    endpoints: acc.endpoints + t.endpoints,
-                    slices: acc.slices + t.slices,
-                    desired_slices: acc.desired_slices + t.desired_slices,
-                }
-            });
-        m.endpoints_desired.set(sum.endpoints as i64);
-        m.num_slices.set(sum.slices as i64);
-        m.desired_slices.set(sum.desired_slices as i64);
+        }
+        .unwrap_or_default();
+        let after = totals.unwrap_or_default();
+        let delta = |new: usize, old: usize| new as i64 - old as i64;
+        m.endpoints_desired.inc_by(delta(after.endpoints, before.endpoints));
+        m.num_slices.inc_by(delta(after.slices, before.slices));
+        m.desired_slices.inc_by(delta(after.desired_slices, before.desired_slices));
     }
 }
 

@@ -35,6 +35,21 @@ pub fn svcplane_bin() -> PathBuf {
 }
 
 impl ControlPlane {
+    /// Runs `<bin> --kubeconfig=<admin> <args>` (a CLI subcommand, or the
+    /// kubectl plugin name of the binary): (success, stdout, stderr).
+    pub fn run_cli(&self, bin: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin)
+            .arg(format!("--kubeconfig={}", self.kubeconfig_path.display()))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Starts `svcplane run <args>` with the admin kubeconfig and waits for /readyz.
     /// `name` names its log file.
     pub async fn svcplane(&self, name: &str, args: &[&str]) -> Svcplane {

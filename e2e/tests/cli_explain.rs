@@ -2,7 +2,7 @@
 //! EndpointSlice controller running: one Pod per reason a Pod can fail to be an
 //! endpoint, and the Service's slices from svcplane and from another manager.
 
-use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
     api::{
@@ -28,23 +28,9 @@ fn controller() {
     shared_svcplane("cli-explain", &["--controllers=endpointslice"]);
 }
 
-/// Runs `<bin> --kubeconfig=<admin> <args>` and returns (success, stdout, stderr).
-fn run_cli(bin: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin)
-        .arg(format!("--kubeconfig={}", shared().kubeconfig_path.display()))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn explain_json(ns: &str, service: &str) -> Value {
     let (ok, stdout, stderr) =
-        run_cli(&svcplane_bin(), &["explain", &format!("svc/{service}"), "-n", ns, "-o", "json"]);
+        shared().run_cli(&svcplane_bin(), &["explain", &format!("svc/{service}"), "-n", ns, "-o", "json"]);
     assert!(ok, "explain failed: {stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("explain -o json is not JSON ({e}): {stdout}"))
 }
@@ -213,7 +199,7 @@ async fn explain_names_every_reason_a_pod_is_not_an_endpoint() {
     assert!(managers.contains(&"by-hand.example.com"), "{managers:?}");
 
     // The table: one line per Pod, reasons in words, then the slices.
-    let (ok, table, stderr) = run_cli(&svcplane_bin(), &["explain", "svc/web", "-n", &ns.name]);
+    let (ok, table, stderr) = shared().run_cli(&svcplane_bin(), &["explain", "svc/web", "-n", &ns.name]);
     assert!(ok, "{stderr}");
     println!("{table}");
     assert!(table.lines().any(|l| l.starts_with("POD ") && l.contains("REASONS")), "{table}");
@@ -222,7 +208,8 @@ async fn explain_names_every_reason_a_pod_is_not_an_endpoint() {
     assert!(table.contains("by-hand.example.com"), "{table}");
 
     // YAML carries the same report.
-    let (ok, yaml, _) = run_cli(&svcplane_bin(), &["explain", "svc/web", "-n", &ns.name, "-o", "yaml"]);
+    let (ok, yaml, _) =
+        shared().run_cli(&svcplane_bin(), &["explain", "svc/web", "-n", &ns.name, "-o", "yaml"]);
     assert!(ok && yaml.contains("reason: SelectorMismatch"), "{yaml}");
 }
 
@@ -237,10 +224,12 @@ async fn kubectl_plugin_symlink_behaves_like_the_binary() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = dir.path().join("kubectl-svcplane");
     std::os::unix::fs::symlink(svcplane_bin(), &plugin).expect("symlink");
-    let (ok, via_plugin, stderr) = run_cli(&plugin, &["explain", "svc/web", "-n", &ns.name, "-o", "json"]);
+    let (ok, via_plugin, stderr) =
+        shared().run_cli(&plugin, &["explain", "svc/web", "-n", &ns.name, "-o", "json"]);
     assert!(ok, "{stderr}");
-    let (_, direct, _) = run_cli(&svcplane_bin(), &["explain", "svc/web", "-n", &ns.name, "-o", "json"]);
+    let (_, direct, _) =
+        shared().run_cli(&svcplane_bin(), &["explain", "svc/web", "-n", &ns.name, "-o", "json"]);
     assert_eq!(via_plugin, direct);
-    let (ok, _, stderr) = run_cli(&plugin, &["explain", "pod/web", "-n", &ns.name]);
+    let (ok, _, stderr) = shared().run_cli(&plugin, &["explain", "pod/web", "-n", &ns.name]);
     assert!(!ok && stderr.contains("expected svc/NAME"), "{stderr}");
 }

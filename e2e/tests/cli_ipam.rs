@@ -1,29 +1,13 @@
 //! `svcplane ipam status` and `svcplane ipam who` against a real kube-apiserver
 //! (dual-stack Service CIDRs, so a `kubernetes` ServiceCIDR object exists).
 
-use std::process::Command;
-
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::{Api, api::ListParams, core::ObjectMeta};
 use serde_json::Value;
 use svcplane_e2e::{TestNamespace, fixtures::labels, shared, svcplane::svcplane_bin};
 
-/// Runs `svcplane <args>`: (success, stdout, stderr).
-fn run_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(svcplane_bin())
-        .arg(format!("--kubeconfig={}", shared().kubeconfig_path.display()))
-        .args(args)
-        .output()
-        .expect("run svcplane");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn json(args: &[&str]) -> Value {
-    let (ok, stdout, stderr) = run_cli(args);
+    let (ok, stdout, stderr) = shared().run_cli(&svcplane_bin(), args);
     assert!(ok, "{args:?} failed: {stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
@@ -88,7 +72,7 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
     assert_eq!((ports["size"].as_u64(), ports["used"].as_u64()), (Some(2768), Some(node_ports_used as u64)));
     assert!(node_ports_used >= 3, "np's nodePort, lb's nodePort and healthCheckNodePort");
 
-    let (ok, table, _) = run_cli(&["ipam", "status"]);
+    let (ok, table, _) = shared().run_cli(&svcplane_bin(), &["ipam", "status"]);
     assert!(ok && table.starts_with("SOURCE") && table.contains("UTILISATION"), "{table}");
     println!("{table}");
 
@@ -111,13 +95,13 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
         (&holders[0]["service"], &holders[0]["field"]),
         (&Value::from("lb"), &Value::from("spec.healthCheckNodePort"))
     );
-    let (ok, table, _) = run_cli(&["ipam", "who", &web_ip]);
+    let (ok, table, _) = shared().run_cli(&svcplane_bin(), &["ipam", "who", &web_ip]);
     assert!(ok && table.contains("spec.clusterIPs[0]"), "{table}");
     println!("{table}");
 
     // Nobody, and nonsense.
-    let (ok, _, stderr) = run_cli(&["ipam", "who", "10.96.255.254"]);
+    let (ok, _, stderr) = shared().run_cli(&svcplane_bin(), &["ipam", "who", "10.96.255.254"]);
     assert!(!ok && stderr.contains("no Service holds 10.96.255.254"), "{stderr}");
-    let (ok, _, stderr) = run_cli(&["ipam", "who", "not-an-ip"]);
+    let (ok, _, stderr) = shared().run_cli(&svcplane_bin(), &["ipam", "who", "not-an-ip"]);
     assert!(!ok && stderr.contains("neither an IP address nor a port"), "{stderr}");
 }

@@ -22,8 +22,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::Path,
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -323,23 +321,10 @@ fn restart_controller_manager(cp: &ControlPlane, with_endpoint_controllers: bool
 /// `svcplane shadow report <args> -o json`, parsed; the command must succeed.
 fn shadow_report(cp: &ControlPlane, args: &[&str]) -> Vec<Value> {
     let (ok, stdout, stderr) =
-        run_cli(&svcplane_bin(), cp, &[&["shadow", "report", "-o", "json"], args].concat());
+        cp.run_cli(&svcplane_bin(), &[&["shadow", "report", "-o", "json"], args].concat());
     assert!(ok, "shadow report failed: {stderr}");
     serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("shadow report -o json is not JSON ({e}): {stdout}"))
-}
-
-fn run_cli(bin: &Path, cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig_path.display()))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `(service, controller, agrees)` of a report, sorted.
@@ -463,7 +448,7 @@ async fn shadow_then_take_over_out_of_order_then_in_order_then_hand_back() {
     let everywhere = shadow_report(cp, &["-A"]);
     assert!(report.iter().all(|r| everywhere.contains(r)), "-A misses some of -n:\n{everywhere:#?}");
     assert!(everywhere.iter().any(|r| r["namespace"] == late.name.as_str()), "{everywhere:#?}");
-    let (ok, table, _) = run_cli(&svcplane_bin(), cp, &["shadow", "report", "-n", &ns.name]);
+    let (ok, table, _) = cp.run_cli(&svcplane_bin(), &["shadow", "report", "-n", &ns.name]);
     assert!(ok && table.contains("AGREES") && table.ends_with("5 agree, 0 differ\n"), "{table}");
     assert_eq!(shadow.metric_sum("svcplane_changes_total", &[]).await, 0.0, "shadow mode wrote");
     assert!(slices_by(&client, false).await.is_empty(), "svcplane wrote slices in shadow mode");

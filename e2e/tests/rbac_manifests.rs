@@ -98,8 +98,9 @@ async fn apply_rbac(admin: &Client) {
     }
 }
 
-/// A kubeconfig holding a fresh token of the `svcplane` ServiceAccount.
-async fn service_account_kubeconfig(admin: &Client) -> PathBuf {
+/// A kubeconfig named `name` holding a fresh token of the `svcplane`
+/// ServiceAccount of `namespace`.
+async fn service_account_kubeconfig(admin: &Client, namespace: &str, name: &str) -> PathBuf {
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: Some(vec!["https://kubernetes.default.svc".into()]),
@@ -108,22 +109,21 @@ async fn service_account_kubeconfig(admin: &Client) -> PathBuf {
         }),
         ..Default::default()
     };
-    let token = Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE)
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
         .create_token_request("svcplane", &PostParams::default(), &request)
         .await
-        .expect("TokenRequest for svcplane")
+        .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/svcplane: {e}"))
         .status
-        .expect("token status")
-        .token
+        .and_then(|s| s.token)
         .expect("token");
-    shared().write_kubeconfig("svcplane-sa", &KubeconfigAuth::Token(token)).expect("write kubeconfig")
+    shared().write_kubeconfig(name, &KubeconfigAuth::Token(token)).expect("write kubeconfig")
 }
 
 #[tokio::test]
 async fn svcplane_works_with_only_the_manifests_rbac() {
     let admin = shared().client().await;
     apply_rbac(&admin).await;
-    let kubeconfig = service_account_kubeconfig(&admin).await;
+    let kubeconfig = service_account_kubeconfig(&admin, NAMESPACE, "svcplane-sa").await;
     let leader_ns = format!("--leader-election-namespace={NAMESPACE}");
     let svcplane = shared()
         .svcplane_with_kubeconfig(
@@ -513,26 +513,7 @@ async fn the_shadow_overlay_reads_what_shadow_mode_needs_and_can_write_nothing()
         .collect();
     assert!(args.iter().any(|a| a == "--migration=shadow"), "{args:?}");
     assert!(!args.iter().any(|a| a.starts_with("--leader-elect")), "{args:?}");
-    let token = {
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: Some(vec!["https://kubernetes.default.svc".into()]),
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        Api::<ServiceAccount>::namespaced(admin.clone(), SHADOW_NAMESPACE)
-            .create_token_request("svcplane", &PostParams::default(), &request)
-            .await
-            .expect("TokenRequest for the shadow ServiceAccount")
-            .status
-            .and_then(|s| s.token)
-            .expect("token")
-    };
-    let kubeconfig = shared()
-        .write_kubeconfig("svcplane-shadow-sa", &KubeconfigAuth::Token(token))
-        .expect("write kubeconfig");
+    let kubeconfig = service_account_kubeconfig(&admin, SHADOW_NAMESPACE, "svcplane-shadow-sa").await;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let svcplane = shared().svcplane_with_kubeconfig("shadow-rbac", &kubeconfig, &args).await;
 
