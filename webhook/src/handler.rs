@@ -18,7 +18,7 @@ use kube::core::admission::{
 };
 use tracing::{debug, info};
 
-use crate::admit::{Denial, Mode, Operation, Request, build_patch, plan_admission};
+use crate::admit::{Assigned, Denial, Mode, Operation, Plan, Request, build_patch, plan_admission};
 use crate::allocator::Allocator;
 use crate::metrics::Metrics;
 
@@ -97,7 +97,7 @@ async fn answer(state: &AppState, mode: Mode, request: &AdmissionRequest<Service
         Ok(plan) => plan,
         Err(denial) => return deny(response, &denial),
     };
-    match state.allocator.reserve(&plan, request.dry_run).await {
+    match reserve_to_completion(&state.allocator, &plan, request.dry_run).await {
         Ok(assigned) if mode == Mode::Mutate => {
             debug!(owner = %plan.owner, ?assigned, dry_run = request.dry_run, "assigned");
             response.with_patch(build_patch(&plan, &assigned)).unwrap_or_else(|error| {
@@ -111,6 +111,23 @@ async fn answer(state: &AppState, mode: Mode, request: &AdmissionRequest<Service
             deny(response, &denial)
         }
     }
+}
+
+/// Runs [`Allocator::reserve`] in its own task. hyper drops a handler's
+/// future when the apiserver closes the connection (its `timeoutSeconds`, a
+/// replica stopping): dropped between a claim create and its bookkeeping,
+/// the pick would stay pending on this replica for ever and the claim would
+/// not be tracked for release. A task finishes, and its claims are undone or
+/// tracked as for any request.
+async fn reserve_to_completion(
+    allocator: &Allocator,
+    plan: &Plan,
+    dry_run: bool,
+) -> Result<Assigned, Denial> {
+    let (allocator, plan) = (allocator.clone(), plan.clone());
+    tokio::spawn(async move { allocator.reserve(&plan, dry_run).await }).await.unwrap_or_else(|error| {
+        Err(Denial { code: 500, ..Denial::invalid("", format!("allocation failed: {error}")) })
+    })
 }
 
 fn deny(response: AdmissionResponse, denial: &Denial) -> AdmissionResponse {

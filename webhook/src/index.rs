@@ -406,9 +406,11 @@ impl Index {
     }
 
     /// Picks the nodePorts and healthCheckNodePort of `ports` with ipam's
-    /// [`assign_node_ports`] and holds them pending. Values already claimed
-    /// for `me` count as free for `me` (a reinvocation or the validating
-    /// call after the mutating one).
+    /// [`assign_node_ports`] and holds them pending. A requested value that
+    /// [`Index::other_holder`] gives to nobody else counts as free for `me`
+    /// (a reinvocation, the validating call after the mutating one, or an
+    /// update of a Service that carries it): the same rule a requested
+    /// ClusterIP is checked by.
     pub fn pick_node_ports(
         &mut self,
         ports: &[ServicePort],
@@ -419,12 +421,7 @@ impl Index {
         // (synchronous) assignment, then restore the bits.
         let mine: Vec<u16> = requested_ports(ports, needs)
             .into_iter()
-            .filter(|port| {
-                let value = Value::Port(*port);
-                self.claims.get(&value).is_some_and(|claim| claim.owner.matches(me))
-                    && self.held.get(&value).is_none_or(|holders| holders.iter().all(|o| o.matches(me)))
-                    && !self.pending.contains_key(&value)
-            })
+            .filter(|port| self.other_holder(Value::Port(*port), me).is_none())
             .collect();
         for port in &mine {
             self.ports.release(*port);
@@ -560,6 +557,39 @@ pub(crate) mod tests {
         index.release_pending(Value::Port(30005));
         assert!(index.claim(Value::Port(30005)).is_some());
         assert_eq!(index.usage()[1].used, 1);
+    }
+
+    /// The claim is the truth: a Service watch that lags behind a release
+    /// (the old holder deleted, its claim released and the port claimed
+    /// again for `web`) must not deny `web`'s validating call. A CI run of
+    /// the rollout-restart test was denied `31065 is already allocated to
+    /// another port of this Service` this way.
+    #[test]
+    fn a_node_port_claimed_for_its_owner_is_free_for_it_while_a_stale_holder_lingers() {
+        let mut index = mk_index("10.0.0.0/24", "30000-30010");
+        index.apply_service(owner("deleted"), [Value::Port(30005)].into());
+        index.apply_claim(Value::Port(30005), ClaimRecord { owner: owner("web"), uid: None });
+        let ports = [ServicePort { port: 80, protocol: Protocol::Tcp, requested_node_port: Some(30005) }];
+        let needs = NodePortNeeds { allocate_node_ports: true, health_check: None };
+        let got = index.pick_node_ports(&ports, needs, &owner("web")).unwrap();
+        assert_eq!(got.node_ports, vec![Some(30005)]);
+        assert!(index.pick_node_ports(&ports, needs, &owner("other")).is_err(), "claimed for web");
+    }
+
+    /// A Service that carries a nodePort without a claim yet (made before
+    /// svcplane, not repaired yet) keeps it on update, as its ClusterIP.
+    #[test]
+    fn a_node_port_its_service_carries_without_a_claim_is_free_for_that_service() {
+        let mut index = mk_index("10.0.0.0/24", "30000-30010");
+        index.apply_service(owner("web"), [Value::Port(30005)].into());
+        let ports = [ServicePort { port: 80, protocol: Protocol::Tcp, requested_node_port: Some(30005) }];
+        let needs = NodePortNeeds { allocate_node_ports: true, health_check: None };
+        assert_eq!(
+            index.pick_node_ports(&ports, needs, &owner("web")).unwrap().node_ports,
+            vec![Some(30005)]
+        );
+        let other = index.pick_node_ports(&ports, needs, &owner("other")).unwrap_err();
+        assert!(other.to_string().contains("30005"), "{other}");
     }
 
     #[test]
