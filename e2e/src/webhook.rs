@@ -17,6 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::ObjectMeta;
 use kube::{Client, CustomResourceExt};
+use svcplane_webhook::repair::{RepairPlan, repair_once};
+use svcplane_webhook::usage_alerts::UsageAlerts;
 use svcplane_webhook::{AllocationClaim, WebhookArgs, WebhookServer};
 
 /// Label that scopes a test's webhook configurations to its namespaces.
@@ -259,4 +261,23 @@ pub async fn wait_webhook_denies_held_ip(ns: &TestNamespace, held_ip: &str, hold
         }
     })
     .await;
+}
+
+/// One repair pass with `args`' pools and grace, as the leader runs it;
+/// `alerts` carries the pools' usage levels from pass to pass (a fresh
+/// `args.usage_alerts()` when the test does not look at them).
+pub async fn repair_pass(
+    client: &Client,
+    args: &WebhookArgs,
+    alerts: &mut UsageAlerts,
+) -> Result<RepairPlan, String> {
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter { controller: "e2e".into(), instance: None },
+    );
+    let pools = args.pool_config().map_err(|e| e.to_string())?;
+    let metrics = svcplane_webhook::metrics::Metrics::new();
+    repair_once(client, &pools, args.repair_grace, &metrics, &recorder, alerts)
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -4,7 +4,8 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::{Api, api::ListParams, core::ObjectMeta};
 use serde_json::Value;
-use svcplane_e2e::{TestNamespace, fixtures::labels, shared, svcplane::svcplane_bin};
+use svcplane_e2e::{TestNamespace, fixtures::labels, shared, svcplane::svcplane_bin, webhook::install_crd};
+use svcplane_webhook::{AllocationClaim, Owner, Value as Held, claim::build_claim};
 
 fn json(args: &[&str]) -> Value {
     let (ok, stdout, stderr) = shared().run_cli(&svcplane_bin(), args);
@@ -38,6 +39,15 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
     let web = ns.create(&service("web", "ClusterIP", None)).await;
     let np = ns.create(&service("np", "NodePort", Some(30080))).await;
     let lb = ns.create(&service("lb", "LoadBalancer", None)).await;
+    // A claim no Service carries (a leak, or a request in flight): counted as
+    // used, as the webhook counts it, and shown.
+    install_crd(&client).await;
+    let leaked = Held::Ip("10.96.255.253".parse().expect("ip"));
+    let owner = Owner { namespace: ns.name.clone(), name: "gone".into() };
+    Api::<AllocationClaim>::all(client.clone())
+        .create(&Default::default(), &build_claim(leaked, &owner))
+        .await
+        .expect("create a claim");
 
     // status: pools from the `kubernetes` ServiceCIDR; used = what Services hold.
     let all = Api::<Service>::all(client.clone()).list(&ListParams::default()).await.expect("list").items;
@@ -65,15 +75,16 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
     let v4 = pool("ClusterIP", "10.96.0.0/16");
     assert_eq!(v4["source"], "kubernetes", "the ServiceCIDR object, not the flag");
     assert_eq!(v4["size"], 65534);
-    assert_eq!(v4["used"], v4_used);
-    assert_eq!(v4["free"], 65534 - v4_used);
+    assert_eq!(v4["used"], v4_used + 1, "the Services' IPs and the leaked claim's");
+    assert_eq!(v4["free"], 65534 - v4_used - 1);
+    assert_eq!(v4["claimsWithoutService"], 1);
     pool("ClusterIP", "fd00:10:96::/112");
     let ports = pool("NodePort", "30000-32767");
     assert_eq!((ports["size"].as_u64(), ports["used"].as_u64()), (Some(2768), Some(node_ports_used as u64)));
     assert!(node_ports_used >= 3, "np's nodePort, lb's nodePort and healthCheckNodePort");
 
     let (ok, table, _) = shared().run_cli(&svcplane_bin(), &["ipam", "status"]);
-    assert!(ok && table.starts_with("SOURCE") && table.contains("UTILISATION"), "{table}");
+    assert!(ok && table.starts_with("SOURCE") && table.contains("CLAIMS WITHOUT SERVICE"), "{table}");
     println!("{table}");
 
     // who: an IP, a nodePort, a healthCheckNodePort.
@@ -98,6 +109,14 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
     let (ok, table, _) = shared().run_cli(&svcplane_bin(), &["ipam", "who", &web_ip]);
     assert!(ok && table.contains("spec.clusterIPs[0]"), "{table}");
     println!("{table}");
+
+    // A value only a claim names.
+    let holders = json(&["ipam", "who", "10.96.255.253", "-o", "json"]);
+    assert_eq!(
+        (&holders[0]["service"], &holders[0]["holder"], holders.as_array().map(Vec::len)),
+        (&Value::from("gone"), &Value::from("AllocationClaim/ip-10-96-255-253"), Some(1))
+    );
+    assert_eq!(holders[0]["namespace"], ns.name.as_str());
 
     // Nobody, and nonsense.
     let (ok, _, stderr) = shared().run_cli(&svcplane_bin(), &["ipam", "who", "10.96.255.254"]);

@@ -6,11 +6,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
 use svcplane_e2e::webhook::*;
 use svcplane_e2e::{shared, wait::eventually};
-use svcplane_webhook::metrics::{AdmissionLabels, Metrics};
-use svcplane_webhook::repair::repair_once;
+use svcplane_webhook::metrics::AdmissionLabels;
 use svcplane_webhook::{Value, WebhookArgs};
 
 fn node_ports(svc: &Service) -> Vec<i32> {
@@ -37,13 +35,8 @@ async fn repair_until(
     what: &str,
     done: impl Fn(&[String]) -> bool,
 ) {
-    let metrics = Metrics::new();
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "e2e".into(), instance: None });
-    let pools = args.pool_config().expect("pools");
     eventually(what, Duration::from_secs(30), || async {
-        repair_once(client, &pools, args.repair_grace, &metrics, &recorder)
-            .await
-            .map_err(|e| e.to_string())?;
+        repair_pass(client, args, &mut args.usage_alerts().expect("thresholds")).await?;
         let names = claim_names(client).await;
         if done(&names) { Ok(()) } else { Err(format!("{} claims", names.len())) }
     })

@@ -14,11 +14,8 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
 use svcplane_e2e::webhook::*;
 use svcplane_e2e::{shared, wait::eventually};
-use svcplane_webhook::metrics::Metrics;
-use svcplane_webhook::repair::repair_once;
 use svcplane_webhook::{AllocationClaim, Value};
 
 const SERVICES: usize = 500;
@@ -111,14 +108,10 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
     assert_eq!(seen.len(), SERVICES * 2 + 1, "one IP and one port each, and the holder's IP");
 
     // Repair: every held value ends up claimed by its Service.
-    let metrics = Metrics::new();
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "e2e".into(), instance: None });
-    let pools = args.pool_config().expect("pools");
     let claims: Api<AllocationClaim> = Api::all(client.clone());
+    let repair_args = svcplane_webhook::WebhookArgs { repair_grace: Duration::from_secs(3), ..args.clone() };
     eventually("every value claimed by its holder", Duration::from_secs(60), || async {
-        repair_once(&client, &pools, Duration::from_secs(3), &metrics, &recorder)
-            .await
-            .map_err(|e| e.to_string())?;
+        repair_pass(&client, &repair_args, &mut repair_args.usage_alerts().expect("thresholds")).await?;
         let by_value: BTreeMap<Value, String> = claims
             .list(&ListParams::default())
             .await

@@ -13,11 +13,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::ObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
 use svcplane_e2e::webhook::*;
 use svcplane_e2e::{ControlPlane, ControlPlaneOptions, TestNamespace, shared_with, wait::eventually};
-use svcplane_webhook::metrics::Metrics;
-use svcplane_webhook::repair::repair_once;
 use svcplane_webhook::{AllocationClaim, Owner, WebhookArgs, WebhookServer};
 
 /// The `kubernetes` ServiceCIDR: 14 addresses, the `kubernetes` Service holds one.
@@ -265,10 +262,8 @@ async fn a_service_cidr_deleted_while_services_hold_ips_in_it_drains_until_they_
     let holder =
         api.patch("holder", &PatchParams::default(), &Patch::Merge(&more_ports)).await.expect("update");
     assert_eq!(cluster_ip(&holder).to_string(), "10.98.2.5");
-    let metrics = Metrics::new();
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "e2e".into(), instance: None });
-    let pools = args.pool_config().expect("pools");
-    let plan = repair_once(&client, &pools, args.repair_grace, &metrics, &recorder).await.expect("repair");
+    let plan =
+        repair_pass(&client, &args, &mut args.usage_alerts().expect("thresholds")).await.expect("repair");
     let ours: Vec<_> = plan.out_of_range.iter().filter(|(_, owner, _)| owner.namespace == ns.name).collect();
     assert!(ours.is_empty(), "no false ClusterIPOutOfRange: {ours:?}");
     assert!(cidrs.get_opt("doomed").await.expect("get").is_some(), "kept while 10.98.2.5 is held");

@@ -1,19 +1,26 @@
 //! `svcplane ipam status` and `svcplane ipam who <ip|port>`.
 //!
-//! Reads Services (all namespaces) and networking.k8s.io/v1 ServiceCIDRs;
-//! writes nothing. `status` replays every Service's clusterIPs and nodePorts
-//! into svcplane-ipam's allocators (the ones the webhook allocates from) to
-//! report used, free and utilisation per pool. Pools are the ServiceCIDR
-//! objects when the cluster has any, else `--service-cluster-ip-range`; the
-//! NodePort pool is always `--service-node-port-range` (no API object holds it).
+//! Reads Services (all namespaces), the webhook's AllocationClaims and
+//! networking.k8s.io/v1 ServiceCIDRs; writes nothing. `status` counts usage
+//! with the webhook's own index (a value is used when a Service carries it or
+//! a claim names it, in every pool that contains it), so it shows what the
+//! webhook and its `pool_allocated` gauges see, and it counts the claims no
+//! Service carries (a request in flight, or a leak the repair pass releases
+//! after `--webhook-repair-grace`). Pools are the ServiceCIDR objects when the
+//! cluster has any, else `--service-cluster-ip-range`; the NodePort pool is
+//! always `--service-node-port-range` (no API object holds it). Both defaults
+//! are the webhook's.
 
-use std::net::IpAddr;
+use std::collections::BTreeSet;
 
 use anyhow::Context as _;
 use k8s_openapi::api::{core::v1::Service, networking::v1::ServiceCIDR};
-use kube::{Api, api::ListParams};
+use kube::{Api, ResourceExt, api::ListParams};
 use serde::Serialize;
-use svcplane_ipam::{ClusterIpAllocator, NodePortAllocator, PortRange};
+use svcplane_webhook::admit::{service_values, value_fields};
+use svcplane_webhook::index::Index;
+use svcplane_webhook::pools::{PoolConfig, parse_cidrs, pools_from};
+use svcplane_webhook::{AllocationClaim, DEFAULT_NODE_PORT_RANGE, DEFAULT_SERVICE_CIDRS, Value};
 
 use super::{OutputFormat, emit, table::Table};
 
@@ -24,10 +31,10 @@ pub struct IpamArgs {
     pub command: IpamCommand,
     /// Service CIDRs used when the cluster has no ServiceCIDR objects
     /// (kube-apiserver --service-cluster-ip-range, comma-separated).
-    #[arg(long, global = true, default_value = "10.96.0.0/12")]
+    #[arg(long, global = true, default_value = DEFAULT_SERVICE_CIDRS)]
     pub service_cluster_ip_range: String,
     /// The NodePort range (kube-apiserver --service-node-port-range).
-    #[arg(long, global = true, default_value = "30000-32767")]
+    #[arg(long, global = true, default_value = DEFAULT_NODE_PORT_RANGE)]
     pub service_node_port_range: String,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Table)]
@@ -39,7 +46,8 @@ pub struct IpamArgs {
 pub enum IpamCommand {
     /// Pools with used, free and utilisation.
     Status,
-    /// Which Service holds an IP (clusterIPs) or a port (nodePorts, healthCheckNodePort).
+    /// What holds an IP (clusterIPs) or a port (nodePorts, healthCheckNodePort):
+    /// Services and AllocationClaims.
     Who {
         /// An IP address or a port number.
         value: String,
@@ -58,12 +66,14 @@ pub struct PoolStatus {
     pub range: String,
     /// Allocatable values (the allocator's size: network/broadcast excluded).
     pub size: usize,
-    /// Values held by Services.
+    /// Values a Service carries or a claim names.
     pub used: usize,
     /// `size - used`.
     pub free: usize,
     /// `used / size` in percent.
     pub utilisation: f64,
+    /// Claims of values in this pool that no Service carries.
+    pub claims_without_service: usize,
 }
 
 /// One holder of a value.
@@ -74,8 +84,11 @@ pub struct Holder {
     pub namespace: String,
     /// The Service's name.
     pub service: String,
-    /// The field holding the value, e.g. `spec.ports[0].nodePort`.
+    /// The field holding the value, e.g. `spec.ports[0].nodePort`; for a
+    /// claim, `spec.value`.
     pub field: String,
+    /// `Service`, or `AllocationClaim/<name>`.
+    pub holder: String,
 }
 
 /// Runs `svcplane ipam`.
@@ -85,17 +98,24 @@ pub async fn run(args: IpamArgs, client: kube::Client) -> anyhow::Result<()> {
         .await
         .context("listing Services")?
         .items;
+    let claims = list_claims(&client).await?;
     match &args.command {
         IpamCommand::Status => {
-            let cidrs = pools(&client, &args.service_cluster_ip_range).await?;
-            let ports: PortRange = args
-                .service_node_port_range
-                .parse()
-                .with_context(|| format!("--service-node-port-range {:?}", args.service_node_port_range))?;
-            let report = build_status(&cidrs, ports, &services)?;
+            let cidrs = list_or_none(Api::<ServiceCIDR>::all(client.clone()), "ServiceCIDRs").await?;
+            let flags = flag_pools(&args)?;
+            let report = build_status(&cidrs, &flags, &claims, &services)?;
             emit(args.output, &report, |pools| {
-                let mut table =
-                    Table::new(&["SOURCE", "KIND", "RANGE", "SIZE", "USED", "FREE", "UTILISATION"]);
+                let headers = [
+                    "SOURCE",
+                    "KIND",
+                    "RANGE",
+                    "SIZE",
+                    "USED",
+                    "FREE",
+                    "UTILISATION",
+                    "CLAIMS WITHOUT SERVICE",
+                ];
+                let mut table = Table::new(&headers);
                 for p in pools {
                     table.row(vec![
                         p.source.clone(),
@@ -105,146 +125,128 @@ pub async fn run(args: IpamArgs, client: kube::Client) -> anyhow::Result<()> {
                         p.used.to_string(),
                         p.free.to_string(),
                         format!("{:.2}%", p.utilisation),
+                        p.claims_without_service.to_string(),
                     ]);
                 }
                 table.render()
             })
         }
         IpamCommand::Who { value } => {
-            let holders = find_holders(value, &services)?;
+            let holders = find_holders(value, &services, &claims)?;
             emit(args.output, &holders, |holders| {
-                let mut table = Table::new(&["NAMESPACE", "SERVICE", "FIELD"]);
+                let mut table = Table::new(&["NAMESPACE", "SERVICE", "FIELD", "HOLDER"]);
                 for h in holders {
-                    table.row(vec![h.namespace.clone(), h.service.clone(), h.field.clone()]);
+                    table.row(vec![
+                        h.namespace.clone(),
+                        h.service.clone(),
+                        h.field.clone(),
+                        h.holder.clone(),
+                    ]);
                 }
                 table.render()
             })?;
-            anyhow::ensure!(!holders.is_empty(), "no Service holds {value}");
+            anyhow::ensure!(!holders.is_empty(), "no Service holds {value} and no AllocationClaim names it");
             Ok(())
         }
     }
 }
 
-/// `(source, cidr)` of each pool: ServiceCIDR objects, else the flag.
-async fn pools(client: &kube::Client, flag: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let objects = match Api::<ServiceCIDR>::all(client.clone()).list(&ListParams::default()).await {
-        Ok(list) => list.items,
-        // An apiserver without the networking.k8s.io/v1 ServiceCIDR API.
-        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
-        Err(e) => return Err(e).context("listing ServiceCIDRs"),
-    };
-    let mut pools: Vec<(String, String)> = objects
-        .iter()
-        .flat_map(|o| {
-            let name = o.metadata.name.clone().unwrap_or_default();
-            o.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).map(move |c| (name.clone(), c.clone()))
-        })
-        .collect();
-    if pools.is_empty() {
-        pools = flag
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(|c| ("flag".into(), c.into()))
-            .collect();
-    }
-    Ok(pools)
+/// The pools of the flags (the webhook's defaults unless given).
+fn flag_pools(args: &IpamArgs) -> anyhow::Result<PoolConfig> {
+    let cidrs = parse_cidrs(&args.service_cluster_ip_range)
+        .map_err(|e| anyhow::anyhow!("--service-cluster-ip-range: {e}"))?;
+    let ports = args
+        .service_node_port_range
+        .parse()
+        .with_context(|| format!("--service-node-port-range {:?}", args.service_node_port_range))?;
+    Ok(PoolConfig::new(cidrs, ports))
 }
 
-/// Replays the Services into one allocator per pool (pure).
+/// The AllocationClaims; none where the webhook's CRD is not installed.
+async fn list_claims(client: &kube::Client) -> anyhow::Result<Vec<AllocationClaim>> {
+    list_or_none(Api::<AllocationClaim>::all(client.clone()), "AllocationClaims").await
+}
+
+/// Every object of `api`; none where the apiserver does not serve the kind.
+async fn list_or_none<K>(api: Api<K>, what: &str) -> anyhow::Result<Vec<K>>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list(&ListParams::default()).await {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("listing {what}")),
+    }
+}
+
+/// Usage per pool as the webhook's index counts it (pure): the pools of
+/// `cidrs` (else `flags`), each value a Service carries or a claim names.
 pub fn build_status(
-    cidrs: &[(String, String)],
-    node_ports: PortRange,
+    cidrs: &[ServiceCIDR],
+    flags: &PoolConfig,
+    claims: &[AllocationClaim],
     services: &[Service],
 ) -> anyhow::Result<Vec<PoolStatus>> {
-    let percent = |used: usize, size: usize| if size == 0 { 0.0 } else { used as f64 * 100.0 / size as f64 };
-    let mut report = Vec::new();
-    for (source, cidr) in cidrs {
-        let network = cidr.parse().with_context(|| format!("pool {source}: invalid CIDR {cidr:?}"))?;
-        let mut allocator =
-            ClusterIpAllocator::new(network).with_context(|| format!("pool {source}: CIDR {cidr}"))?;
-        for ip in services.iter().flat_map(cluster_ips) {
-            // Outside this pool or held twice: counted once, where it fits.
-            let _ = allocator.allocate(ip);
-        }
-        let (size, used) = (allocator.size(), allocator.used());
-        report.push(PoolStatus {
-            source: source.clone(),
-            kind: "ClusterIP",
-            range: cidr.clone(),
-            size,
-            used,
-            free: allocator.free(),
-            utilisation: percent(used, size),
-        });
-    }
-    let mut ports = NodePortAllocator::new(node_ports);
-    for port in services.iter().flat_map(node_ports_of) {
-        let _ = ports.allocate(port.1);
-    }
-    report.push(PoolStatus {
-        source: "flag".into(),
-        kind: "NodePort",
-        range: node_ports.to_string(),
-        size: ports.size(),
-        used: ports.used(),
-        free: ports.free(),
-        utilisation: percent(ports.used(), ports.size()),
-    });
-    Ok(report)
-}
-
-/// A Service's ClusterIPs (none for headless and ExternalName).
-fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
-    let spec = svc.spec.as_ref();
-    let ips = spec
-        .and_then(|s| s.cluster_ips.clone())
-        .or_else(|| spec.and_then(|s| s.cluster_ip.clone()).map(|ip| vec![ip]));
-    ips.into_iter().flatten().filter_map(|ip| ip.parse().ok()).collect()
-}
-
-/// `(field, port)` of each nodePort and the healthCheckNodePort.
-fn node_ports_of(svc: &Service) -> Vec<(String, u16)> {
-    let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
-    let mut out: Vec<(String, u16)> = spec
-        .ports
-        .iter()
-        .flatten()
-        .enumerate()
-        .filter_map(|(i, p)| Some((format!("spec.ports[{i}].nodePort"), u16::try_from(p.node_port?).ok()?)))
-        .collect();
-    if let Some(port) = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()) {
-        out.push(("spec.healthCheckNodePort".into(), port));
-    }
-    out
-}
-
-/// Every Service field holding `value`, an IP or a port (pure).
-pub fn find_holders(value: &str, services: &[Service]) -> anyhow::Result<Vec<Holder>> {
-    let holder = |svc: &Service, field: String| Holder {
-        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
-        service: svc.metadata.name.clone().unwrap_or_default(),
-        field,
+    let config = pools_from(cidrs, flags);
+    let index = Index::listed(config.clone(), claims, services).context("building the pools")?;
+    let carried: BTreeSet<Value> = services.iter().flat_map(service_values).collect();
+    let unheld: Vec<Value> =
+        claims.iter().filter_map(|c| Value::from_spec(&c.spec)).filter(|v| !carried.contains(v)).collect();
+    let source = |range: &str| {
+        let names =
+            |c: &&ServiceCIDR| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).any(|c| c == range);
+        cidrs.iter().find(names).map_or_else(|| "flag".to_owned(), ResourceExt::name_any)
     };
-    let mut holders = Vec::new();
-    if let Ok(ip) = value.parse::<IpAddr>() {
-        for svc in services {
-            for (i, held) in cluster_ips(svc).into_iter().enumerate() {
-                if held == ip {
-                    holders.push(holder(svc, format!("spec.clusterIPs[{i}]")));
-                }
-            }
+    let report = index.usage().into_iter().map(|usage| {
+        let ip_pool = config.cidrs.iter().find(|cidr| cidr.to_string() == usage.pool);
+        let in_pool = |value: &&Value| match (value, ip_pool) {
+            (Value::Ip(ip), Some(cidr)) => cidr.contains(*ip),
+            (Value::Port(port), None) => config.node_ports.contains(*port),
+            _ => false,
+        };
+        let size = usage.used + usage.free;
+        PoolStatus {
+            source: source(&usage.pool),
+            kind: if ip_pool.is_some() { "ClusterIP" } else { "NodePort" },
+            size,
+            used: usage.used,
+            free: usage.free,
+            utilisation: if size == 0 { 0.0 } else { usage.used as f64 * 100.0 / size as f64 },
+            claims_without_service: unheld.iter().filter(in_pool).count(),
+            range: usage.pool,
         }
-    } else if let Ok(port) = value.parse::<u16>() {
-        for svc in services {
-            for (field, held) in node_ports_of(svc) {
-                if held == port {
-                    holders.push(holder(svc, field));
-                }
-            }
-        }
+    });
+    Ok(report.collect())
+}
+
+/// Every Service field carrying `value`, an IP or a port, then every claim
+/// naming it (pure).
+pub fn find_holders(
+    value: &str,
+    services: &[Service],
+    claims: &[AllocationClaim],
+) -> anyhow::Result<Vec<Holder>> {
+    let wanted = if let Ok(ip) = value.parse() {
+        Value::Ip(ip)
+    } else if let Ok(port) = value.parse() {
+        Value::Port(port)
     } else {
         anyhow::bail!("{value:?} is neither an IP address nor a port number");
+    };
+    let mut holders = Vec::new();
+    for svc in services {
+        for (_, field) in value_fields(svc).into_iter().filter(|(v, _)| *v == wanted) {
+            let (namespace, service) = (svc.namespace().unwrap_or_default(), svc.name_any());
+            holders.push(Holder { namespace, service, field, holder: "Service".into() });
+        }
+    }
+    for claim in claims.iter().filter(|c| Value::from_spec(&c.spec) == Some(wanted)) {
+        holders.push(Holder {
+            namespace: claim.spec.namespace.clone(),
+            service: claim.spec.service.clone(),
+            field: "spec.value".into(),
+            holder: format!("AllocationClaim/{}", claim.name_any()),
+        });
     }
     Ok(holders)
 }

@@ -25,7 +25,11 @@ use svcplane_ipam::{
     NodePortNeeds, ServicePort, assign_node_ports,
 };
 
-use crate::claim::{Owner, Value};
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+
+use crate::admit::{service_owner, service_values};
+use crate::claim::{AllocationClaim, Owner, Value, claim_owner};
 use crate::pools::{Draining, PoolConfig};
 
 /// What the index knows about a claim.
@@ -35,6 +39,15 @@ pub struct ClaimRecord {
     pub owner: Owner,
     /// The claim object's uid, for delete preconditions.
     pub uid: Option<String>,
+}
+
+impl ClaimRecord {
+    /// The value a claim object holds and what the index keeps of it;
+    /// `None` for a claim whose spec names no value.
+    pub fn of(claim: &AllocationClaim) -> Option<(Value, Self)> {
+        let record = Self { owner: claim_owner(claim), uid: claim.uid() };
+        Value::from_spec(&claim.spec).map(|value| (value, record))
+    }
 }
 
 /// A claim this replica created for a request that no Service has been seen
@@ -118,6 +131,20 @@ impl Index {
         let (ips, ports) = build_allocators(&config)?;
         let (claims, held, services, pending, unconfirmed) = Default::default();
         Ok(Self { config, ips, ports, claims, held, services, pending, unconfirmed })
+    }
+
+    /// The index a replica's watches build from listing `claims` and
+    /// `services`: what the repair pass and `svcplane ipam status` count
+    /// usage from, so they count as the webhook does.
+    pub fn listed(
+        config: PoolConfig,
+        claims: &[AllocationClaim],
+        services: &[Service],
+    ) -> Result<Self, IpamError> {
+        let mut index = Self::new(config)?;
+        index.replace_claims(claims.iter().filter_map(ClaimRecord::of));
+        index.replace_services(services.iter().map(|s| (service_owner(s), service_values(s))));
+        Ok(index)
     }
 
     /// The current pools.

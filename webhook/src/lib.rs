@@ -9,6 +9,7 @@
 //! - [`watches`]: keep the index in step with the cluster; early releases.
 //! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
 //! - [`repair`]: the leader's reconcile of claims against Services.
+//! - [`usage_alerts`]: which pools reached a usage threshold (no I/O).
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! See README.md for the design and its failure analysis.
@@ -29,6 +30,7 @@ pub mod pools;
 pub mod repair;
 pub mod server;
 pub mod tls;
+pub mod usage_alerts;
 pub mod watches;
 
 pub use claim::{AllocationClaim, AllocationClaimSpec, Owner, Value};
@@ -86,10 +88,10 @@ pub struct WebhookArgs {
     pub validating_configuration: Option<String>,
     /// Service CIDRs used when the cluster has no ServiceCIDR objects
     /// (comma-separated, default family first).
-    #[arg(long = "webhook-service-cidrs", default_value = "10.96.0.0/16")]
+    #[arg(long = "webhook-service-cidrs", default_value = DEFAULT_SERVICE_CIDRS)]
     pub service_cidrs: String,
     /// NodePort range (the apiserver's --service-node-port-range).
-    #[arg(long = "webhook-node-port-range", default_value = "30000-32767")]
+    #[arg(long = "webhook-node-port-range", default_value = DEFAULT_NODE_PORT_RANGE)]
     pub node_port_range: String,
     /// Largest AdmissionReview body accepted.
     #[arg(long = "webhook-max-body-bytes", default_value_t = 1 << 20)]
@@ -105,6 +107,11 @@ pub struct WebhookArgs {
         action = clap::ArgAction::Set
     )]
     pub release_on_delete: bool,
+    /// Pool utilisation, in percent, at which the repair leader records a
+    /// Warning Event (`PoolUsageHigh`), once per threshold reached; a Normal
+    /// `PoolUsageNormal` when a pool is back under the lowest.
+    #[arg(long = "webhook-pool-usage-warnings", value_delimiter = ',', default_value = "80,95")]
+    pub pool_usage_warnings: Vec<u8>,
     /// Time between repair passes.
     #[arg(long = "webhook-repair-interval", default_value = "30s", value_parser = humantime::parse_duration)]
     pub repair_interval: Duration,
@@ -134,6 +141,13 @@ impl Default for WebhookArgs {
     }
 }
 
+/// Service CIDRs when the cluster has no ServiceCIDR object and no flag says
+/// otherwise (the webhook's and `svcplane ipam`'s).
+pub const DEFAULT_SERVICE_CIDRS: &str = "10.96.0.0/16";
+
+/// The NodePort range unless a flag says otherwise (kube-apiserver's default).
+pub const DEFAULT_NODE_PORT_RANGE: &str = "30000-32767";
+
 /// Name of the shared CA Secret unless `--webhook-ca-secret` says otherwise.
 pub const DEFAULT_CA_SECRET: &str = "svcplane-webhook-ca";
 
@@ -152,6 +166,13 @@ impl WebhookArgs {
         let cidrs = pools::parse_cidrs(&self.service_cidrs).map_err(Error::Flag)?;
         let node_ports: PortRange = self.node_port_range.parse().map_err(Error::Pools)?;
         Ok(PoolConfig::new(cidrs, node_ports))
+    }
+
+    /// The pool usage thresholds of `--webhook-pool-usage-warnings`.
+    pub fn usage_alerts(&self) -> Result<usage_alerts::UsageAlerts, Error> {
+        let thresholds =
+            usage_alerts::Thresholds::new(self.pool_usage_warnings.clone()).map_err(Error::Flag)?;
+        Ok(usage_alerts::UsageAlerts::new(thresholds))
     }
 }
 
@@ -220,8 +241,9 @@ pub async fn run_repair_with_metrics(
     metrics: Arc<metrics::Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let pools = args.pool_config()?;
-    repair::repair_loop(client, pools, args.repair_interval, args.repair_grace, metrics, shutdown).await;
+    let (pools, alerts) = (args.pool_config()?, args.usage_alerts()?);
+    let timing = (args.repair_interval, args.repair_grace);
+    repair::repair_loop(client, pools, alerts, timing, metrics, shutdown).await;
     Ok(())
 }
 

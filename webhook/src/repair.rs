@@ -11,7 +11,11 @@
 //!   webhook was down or bypassed);
 //! - reports duplicates and out-of-range values as Warning Events on the
 //!   Service and as `repair_findings{type}`; those cannot be fixed here
-//!   (upstream says "please recreate service").
+//!   (upstream says "please recreate service");
+//! - counts each pool's usage as a replica's index does and records the
+//!   Events [`UsageAlerts`] calls for: on the ServiceCIDR of an IP pool, and
+//!   on the `default/kubernetes` Service (the apiserver's own) for the
+//!   NodePort range and pools from flags, which have no object.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -33,6 +37,7 @@ use crate::claim::{AllocationClaim, Owner, Value, build_claim};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::pools::{PoolConfig, pools_from};
+use crate::usage_alerts::{Alert, UsageAlerts};
 
 /// What one pass should do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -100,15 +105,17 @@ pub fn plan_repair(
 }
 
 /// Runs one repair pass against the cluster; returns the plan it applied.
+/// `alerts` carries the pools' usage levels from pass to pass.
 pub async fn repair_once(
     client: &Client,
     fallback: &PoolConfig,
     grace: Duration,
     metrics: &Metrics,
     recorder: &Recorder,
+    alerts: &mut UsageAlerts,
 ) -> Result<RepairPlan, Error> {
     let claims_api: Api<AllocationClaim> = Api::all(client.clone());
-    let claims = list_all::<AllocationClaim>(client).await?;
+    let mut claims = list_all::<AllocationClaim>(client).await?;
     let services = list_all::<Service>(client).await?;
     let cidrs = list_all::<ServiceCIDR>(client).await?;
     let pools = Index::new(pools_from(&cidrs, fallback)).map_err(Error::Pools)?;
@@ -160,7 +167,48 @@ pub async fn repair_once(
             publish(recorder, by_owner.get(owner).copied(), reason, note).await;
         }
     }
+    // Usage after this pass: the released claims are gone.
+    claims.retain(|claim| !plan.release.iter().any(|(_, uid)| uid.is_some() && *uid == claim.uid()));
+    let usage = Index::listed(pools.config().clone(), &claims, &services).map_err(Error::Pools)?.usage();
+    for alert in alerts.observe(&usage) {
+        publish_usage(client, &alert, &cidrs).await;
+    }
     Ok(plan)
+}
+
+/// Records `alert` on the ServiceCIDR naming its pool (the `kubernetes` one
+/// first), else on the `default/kubernetes` Service. Each alert is a new
+/// Event: a long-lived Recorder would turn the 95 % Warning into a repeat of
+/// the 80 % one and keep the 80 % note (kube-runtime's series keep the first
+/// note), and alerts are rare (one per threshold crossed).
+async fn publish_usage(client: &Client, alert: &Alert, cidrs: &[ServiceCIDR]) {
+    let recorder = Recorder::new(client.clone(), repair_reporter());
+    let names_pool =
+        |c: &&ServiceCIDR| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).any(|c| *c == alert.pool);
+    let mut naming: Vec<&ServiceCIDR> = cidrs.iter().filter(names_pool).collect();
+    naming.sort_by_key(|c| (c.name_any() != "kubernetes", c.name_any()));
+    let reference = match naming.first() {
+        Some(service_cidr) => service_cidr.object_ref(&()),
+        None => ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: Some("default".into()),
+            name: Some("kubernetes".into()),
+            ..ObjectReference::default()
+        },
+    };
+    let type_ = if alert.reached.is_some() { EventType::Warning } else { EventType::Normal };
+    let event = Event {
+        type_,
+        reason: alert.reason().into(),
+        note: Some(alert.note()),
+        action: "Allocate".into(),
+        secondary: None,
+    };
+    match recorder.publish(&event, &reference).await {
+        Ok(()) => info!(pool = %alert.pool, reason = alert.reason(), "pool usage Event"),
+        Err(error) => warn!(%error, pool = %alert.pool, "could not publish a pool usage Event"),
+    }
 }
 
 /// Every `K` in the cluster; the error names the kind ("list Services").
@@ -188,23 +236,25 @@ async fn publish(recorder: &Recorder, service: Option<&Service>, reason: &str, n
     }
 }
 
-/// Runs [`repair_once`] every `interval` until `shutdown`.
+/// Who records the repair pass's Events.
+fn repair_reporter() -> Reporter {
+    Reporter { controller: "svcplane-webhook-repair".to_owned(), instance: std::env::var("POD_NAME").ok() }
+}
+
+/// Runs [`repair_once`] every `interval` until `shutdown`; `grace` as there.
 pub async fn repair_loop(
     client: Client,
     fallback: PoolConfig,
-    interval: Duration,
-    grace: Duration,
+    mut alerts: UsageAlerts,
+    (interval, grace): (Duration, Duration),
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
-    let reporter = Reporter {
-        controller: "svcplane-webhook-repair".to_owned(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let recorder = Recorder::new(client.clone(), reporter);
+    let recorder = Recorder::new(client.clone(), repair_reporter());
     let passes = async {
         loop {
-            if let Err(error) = repair_once(&client, &fallback, grace, &metrics, &recorder).await {
+            if let Err(error) = repair_once(&client, &fallback, grace, &metrics, &recorder, &mut alerts).await
+            {
                 metrics.repair("error");
                 warn!(%error, "repair pass failed");
             }

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::admit::{service_owner, service_values};
 use crate::allocator::{delete_claim, release_claims};
-use crate::claim::{AllocationClaim, Owner, Value, build_claim, claim_owner};
+use crate::claim::{AllocationClaim, Owner, Value, build_claim};
 use crate::index::{ClaimRecord, Index, lock};
 use crate::pools::{PoolConfig, pools_from};
 
@@ -155,16 +155,14 @@ where
 
 /// Folds a claim change into `index`; true when it was a complete list.
 fn fold_claims(index: &mut Index, change: Change<AllocationClaim>) -> bool {
-    let record = |claim: &AllocationClaim| {
-        Value::from_spec(&claim.spec)
-            .map(|v| (v, ClaimRecord { owner: claim_owner(claim), uid: claim.uid() }))
-    };
     match change {
         Change::Listed(claims) => {
-            index.replace_claims(claims.iter().filter_map(|claim| record(claim)));
+            index.replace_claims(claims.iter().filter_map(|claim| ClaimRecord::of(claim)));
             return true;
         }
-        Change::Applied(claim) => record(&claim).into_iter().for_each(|(v, r)| index.apply_claim(v, r)),
+        Change::Applied(claim) => {
+            ClaimRecord::of(&claim).into_iter().for_each(|(v, r)| index.apply_claim(v, r))
+        }
         Change::Deleted(claim) => {
             Value::from_spec(&claim.spec).into_iter().for_each(|v| index.delete_claim(v))
         }
