@@ -7,6 +7,7 @@
 //! printed, when a test panics.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -135,6 +136,9 @@ pub struct ControlPlane {
     /// The options it was started with.
     pub options: ControlPlaneOptions,
     children: Mutex<Vec<(String, Child)>>,
+    /// Each component's binary and flags, so [`ControlPlane::start_again`] starts it
+    /// unchanged (same ports, data directory, certificates).
+    commands: Mutex<BTreeMap<String, (PathBuf, Vec<String>)>>,
     etcd_url: String,
 }
 
@@ -245,6 +249,7 @@ impl ControlPlane {
             ca,
             options,
             children: Mutex::new(Vec::new()),
+            commands: Mutex::new(BTreeMap::new()),
             etcd_url: String::new(),
             dir,
         };
@@ -360,14 +365,19 @@ impl ControlPlane {
             "--log-level=warn".to_string(),
         ];
         self.spawn("etcd", etcd, &args)?;
-        self.etcd_url = client_url.clone();
-        let health = format!("127.0.0.1:{client_port}");
+        self.etcd_url = client_url;
+        self.wait_etcd_healthy().await
+    }
+
+    /// Waits until etcd answers /health with 200.
+    async fn wait_etcd_healthy(&self) -> Result<(), HarnessError> {
+        let health = self.etcd_url.trim_start_matches("http://");
         let log = self.log_path("etcd");
         poll_until(Duration::from_secs(30), Duration::from_millis(100), || async {
             if let Some(status) = self.exited("etcd") {
                 return Err(format!("etcd exited: {status}"));
             }
-            Ok(http_get_ok(&health, "/health").await)
+            Ok(http_get_ok(health, "/health").await)
         })
         .await
         .map_err(|detail| HarnessError::NotReady {
@@ -449,7 +459,17 @@ impl ControlPlane {
             kubeconfig_yaml(&self.server, &self.apiserver_ca_pem, &KubeconfigAuth::Cert(admin.clone())),
         )
         .map_err(|e| HarnessError::Setup(e.to_string()))?;
+        self.wait_apiserver_ready().await
+    }
 
+    /// Waits until kube-apiserver is ready and its own objects exist.
+    async fn wait_apiserver_ready(&self) -> Result<(), HarnessError> {
+        let not_ready = |detail: String| HarnessError::NotReady {
+            component: "kube-apiserver".into(),
+            timeout: Duration::from_secs(60),
+            detail,
+            log: self.log_path("kube-apiserver"),
+        };
         let client = self.try_client().await.map_err(|e| not_ready(e.to_string()))?;
         poll_until(Duration::from_secs(60), Duration::from_millis(100), || async {
             if let Some(status) = self.exited("kube-apiserver") {
@@ -511,6 +531,44 @@ impl ControlPlane {
             .spawn()
             .map_err(|source| HarnessError::Spawn { component: component.to_string(), source })?;
         self.lock_children().push((component.to_string(), child));
+        let command = (bin.to_path_buf(), args.to_vec());
+        self.commands.lock().unwrap_or_else(|p| p.into_inner()).insert(component.to_string(), command);
+        Ok(())
+    }
+
+    /// Kills `component` (`etcd` or `kube-apiserver`) with SIGKILL, as a crash or an
+    /// OOM kill does, while everything else (svcplane too) keeps running;
+    /// [`Self::start_again`] brings it back. Not SIGTERM: kube-apiserver's graceful
+    /// stop waited over 30 s for open watches here.
+    pub fn stop_for_restart(&self, component: &str) -> Result<(), HarnessError> {
+        if !self.pids().iter().any(|(name, _)| name == component) {
+            return Err(HarnessError::Setup(format!("{component} is not running")));
+        }
+        self.stop_component(component);
+        Ok(())
+    }
+
+    /// Starts `component` again after [`Self::stop_for_restart`], with the same
+    /// binary and flags: kube-apiserver on the same port and etcd, with the
+    /// serving certificate it wrote at first start; etcd on the same ports and data
+    /// directory. Returns once it serves and kube-apiserver is ready again.
+    pub async fn start_again(&self, component: &str) -> Result<(), HarnessError> {
+        let command = self.commands.lock().unwrap_or_else(|p| p.into_inner()).get(component).cloned();
+        let (bin, args) =
+            command.ok_or_else(|| HarnessError::Setup(format!("{component} was never started")))?;
+        self.spawn(component, &bin, &args)?;
+        if let Some((_, pid)) = self.pids().into_iter().find(|(name, _)| name == component) {
+            self.track_pid(pid);
+        }
+        if component == "etcd" {
+            self.wait_etcd_healthy().await?;
+        }
+        self.wait_apiserver_ready().await?;
+        // Clients (svcplane's kubeconfig) trust the first certificate only.
+        let crt = fs::read_to_string(self.dir.join("certs/apiserver.crt")).unwrap_or_default();
+        if crt != self.apiserver_ca_pem {
+            return Err(HarnessError::Setup("kube-apiserver wrote a new serving certificate".into()));
+        }
         Ok(())
     }
 

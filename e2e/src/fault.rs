@@ -7,6 +7,9 @@
 //! The proxy runs on its own thread and tokio runtime, so it keeps relaying while a
 //! test blocks, and outlives the runtime of the test that started it; it stops
 //! (closing every connection) on drop.
+//!
+//! The other fault, restarting kube-apiserver or etcd under a running svcplane,
+//! is [`ControlPlane::stop_for_restart`] and [`ControlPlane::start_again`].
 
 use std::{
     net::SocketAddr,

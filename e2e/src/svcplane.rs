@@ -122,6 +122,25 @@ impl Svcplane {
         sum_metric(&self.metrics_text().await, name, filters)
     }
 
+    /// Waits until metric `name` (samples matching `filters`) has not changed for
+    /// `quiet`, polling with a 30 s deadline, and returns its value; panics, naming
+    /// `what`, while it still grows (a hot loop). Choose `quiet` longer than any
+    /// retry that may legitimately still be pending.
+    pub async fn metric_settles(&self, what: &str, name: &str, filters: &[&str], quiet: Duration) -> f64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (mut value, mut since) = (self.metric_sum(name, filters).await, std::time::Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self.metric_sum(name, filters).await;
+            if now != value {
+                (value, since) = (now, std::time::Instant::now());
+            } else if since.elapsed() >= quiet {
+                return value;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what} still growing after 30s (now {value})");
+        }
+    }
+
     /// Kills the process with SIGKILL (a crash) and waits for it.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -19,7 +19,7 @@ use kube::core::ObjectMeta;
 use kube::{Client, CustomResourceExt};
 use svcplane_webhook::repair::{RepairPlan, repair_once};
 use svcplane_webhook::usage_alerts::UsageAlerts;
-use svcplane_webhook::{AllocationClaim, WebhookArgs, WebhookServer};
+use svcplane_webhook::{AllocationClaim, Value, WebhookArgs, WebhookServer};
 
 /// Label that scopes a test's webhook configurations to its namespaces.
 pub const SCOPE_LABEL: &str = "svcplane.dev/webhook-test";
@@ -143,14 +143,29 @@ pub async fn register(
 /// Waits until a dry-run create in `ns` reaches the replica (its dry-run
 /// counter moves): the apiserver has picked up the configuration.
 pub async fn wait_webhook_active(ns: &TestNamespace, server: &WebhookServer) {
-    let before = server.metrics.dry_runs.get();
+    wait_dry_runs_counted(ns, || async { server.metrics.dry_runs.get() as f64 }).await;
+}
+
+/// Like [`wait_webhook_active`] for a replica running as a `svcplane run` process,
+/// whose dry-run counter is read from its /metrics.
+pub async fn wait_process_webhook_active(ns: &TestNamespace, process: &crate::svcplane::Svcplane) {
+    wait_dry_runs_counted(ns, || process.metric_sum("svcplane_webhook_dry_runs_total", &[])).await;
+}
+
+/// Dry-run creates a marker in `ns` until `dry_runs` grows.
+async fn wait_dry_runs_counted<F, Fut>(ns: &TestNamespace, dry_runs: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let before = dry_runs().await;
     let api: Api<Service> = ns.api();
     eventually("webhook called for a dry-run marker", Duration::from_secs(30), || async {
         let marker = mk_service("marker", "ClusterIP", &[(80, None)]);
         api.create(&PostParams { dry_run: true, ..Default::default() }, &marker)
             .await
             .map_err(|e| e.to_string())?;
-        if server.metrics.dry_runs.get() > before { Ok(()) } else { Err("not called yet".to_owned()) }
+        if dry_runs().await > before { Ok(()) } else { Err("not called yet".to_owned()) }
     })
     .await;
 }
@@ -201,6 +216,21 @@ pub async fn replica_for_scope(
     (server, ns)
 }
 
+/// Each ClusterIP and NodePort `services` hold, with its holder (`namespace/name`);
+/// panics naming both holders of a value held twice.
+pub fn holders_of_values(services: &[Service]) -> BTreeMap<Value, String> {
+    let mut holders = BTreeMap::new();
+    for svc in services {
+        let owner = svcplane_webhook::admit::service_owner(svc).to_string();
+        for value in svcplane_webhook::admit::service_values(svc) {
+            if let Some(other) = holders.insert(value, owner.clone()) {
+                panic!("{value} held by both {other} and {owner}");
+            }
+        }
+    }
+    holders
+}
+
 /// The claim names that exist now.
 pub async fn claim_names(client: &Client) -> Vec<String> {
     claim_names_where(client, |_| true).await
@@ -225,25 +255,32 @@ async fn claim_names_where(client: &Client, keep: impl Fn(&AllocationClaim) -> b
         .collect()
 }
 
-/// Starts a webhook replica as a real `svcplane run --roles=webhook` process (so a
-/// test can SIGKILL it) serving `args`' certificate on a free loopback port;
-/// returns the process and its webhook address.
+/// A free loopback address for a replica that must know its URL before it starts.
+pub fn free_loopback_addr() -> std::net::SocketAddr {
+    let port = crate::ports::free_port().expect("free port");
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Starts a webhook replica as a real `svcplane run --roles=<roles>` process (so a
+/// test can SIGKILL it; `roles` include webhook) serving `args`' certificate on a
+/// free loopback port; returns the process and its webhook address.
 pub async fn spawn_replica_process(
     cp: &ControlPlane,
     name: &str,
     args: &WebhookArgs,
+    roles: &str,
 ) -> (crate::svcplane::Svcplane, std::net::SocketAddr) {
-    let port = crate::ports::free_port().expect("free port");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let addr = free_loopback_addr();
     let flag = |name: &str, path: &Option<std::path::PathBuf>| {
         format!("--{name}={}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
     };
-    let (bind, cert, key) = (
+    let (roles, bind, cert, key) = (
+        format!("--roles={roles}"),
         format!("--webhook-bind-address={addr}"),
         flag("webhook-tls-cert-file", &args.tls_cert_file),
         flag("webhook-tls-key-file", &args.tls_key_file),
     );
-    let process = cp.svcplane(name, &["--roles=webhook", &bind, &cert, &key]).await;
+    let process = cp.svcplane(name, &[&roles, &bind, &cert, &key]).await;
     (process, addr)
 }
 

@@ -11,7 +11,7 @@
 //! the cluster with another svcplane (one that was not cut off would repair what the
 //! test checks).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
@@ -25,7 +25,6 @@ use svcplane_e2e::{
     fixtures::{ensure_node, mk_pod, mk_port, mk_service},
     shared_with,
     slices::{SVCPLANE, normalize, slices_of},
-    svcplane::Svcplane,
     wait::eventually,
 };
 
@@ -87,23 +86,6 @@ where
     proxy.restore();
 }
 
-/// Waits until metric `name` (samples matching `filters`) has not changed for
-/// `quiet` (longer than svcplane's 500ms stale-cache retry), polling with a deadline.
-async fn stops_growing(sp: &Svcplane, what: &str, name: &str, filters: &[&str], quiet: Duration) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (mut value, mut since) = (sp.metric_sum(name, filters).await, Instant::now());
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = sp.metric_sum(name, filters).await;
-        if now != value {
-            (value, since) = (now, Instant::now());
-        } else if since.elapsed() >= quiet {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} still growing after 30s (now {value})");
-    }
-}
-
 /// Issue 18: a slice deleted while svcplane was cut off, and so missed by the
 /// watch, which re-listed. Before the fix the re-list's InitDone was ignored: the
 /// Service was never synced again (its slice stayed missing), and had svcplane's
@@ -135,7 +117,7 @@ async fn a_slice_deleted_during_a_relist_is_recreated_and_the_service_settles() 
     })
     .await;
     let first_name = first.metadata.name.clone().expect("name");
-    stops_growing(&sp, "endpointslice syncs", "svcplane_syncs_total", &[], Duration::from_secs(1)).await;
+    sp.metric_settles("endpointslice syncs", "svcplane_syncs_total", &[], Duration::from_secs(1)).await;
 
     delete_while_cut_off(&proxy, &api, &first_name).await;
 
@@ -154,16 +136,14 @@ async fn a_slice_deleted_during_a_relist_is_recreated_and_the_service_settles() 
 
     // The Service settles: no more reconciles, no stale-cache retries.
     let endpointslice = "controller=\"endpointslice\"";
-    stops_growing(
-        &sp,
+    sp.metric_settles(
         "stale-cache skips",
         "svcplane_stale_cache_skips_total",
         &[endpointslice],
         Duration::from_secs(2),
     )
     .await;
-    stops_growing(
-        &sp,
+    sp.metric_settles(
         "endpointslice syncs",
         "svcplane_syncs_total",
         &[endpointslice],
@@ -205,13 +185,12 @@ async fn endpoints_deleted_during_a_relist_are_written_again() {
         }
     };
     eventually("svcplane's Endpoints of api", Duration::from_secs(30), addresses).await;
-    stops_growing(&sp, "syncs", "svcplane_syncs_total", &[], Duration::from_secs(1)).await;
+    sp.metric_settles("syncs", "svcplane_syncs_total", &[], Duration::from_secs(1)).await;
 
     delete_while_cut_off(&proxy, &api, "api").await;
 
     eventually("api's Endpoints written again", Duration::from_secs(60), addresses).await;
-    stops_growing(
-        &sp,
+    sp.metric_settles(
         "endpoints syncs",
         "svcplane_syncs_total",
         &["controller=\"endpoints\""],

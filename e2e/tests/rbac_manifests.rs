@@ -1,6 +1,9 @@
 //! The shipped manifests against a real kube-apiserver:
-//! - svcplane runs with nothing but the manifests' RBAC (a ServiceAccount token,
-//!   no admin): its controllers write slices and Endpoints and it takes the Lease;
+//! - each role of svcplane runs with nothing but the manifests' RBAC (a
+//!   ServiceAccount token, no admin) and does its real work with no denial in its
+//!   log: the controllers write slices and Endpoints and take the Lease; the
+//!   webhook makes the shared CA, sets the caBundle and allocates; the repair loop
+//!   leads, adopts, releases and publishes a Warning Event;
 //! - the rules are least-privilege (no wildcards; of Secrets only the webhook's
 //!   CA, which it may create and read by name);
 //! - `kubectl kustomize manifests/base` is accepted by server-side dry-run and
@@ -33,8 +36,11 @@ use svcplane_e2e::{
     fixtures::{ensure_node, labels, mk_pod},
     shared,
     slices::{SVCPLANE, SVCPLANE_MIRROR, slices_of},
+    svcplane::Svcplane,
     wait::eventually,
+    webhook,
 };
+use svcplane_webhook::{AllocationClaim, Owner, Value, claim::build_claim};
 
 const NAMESPACE: &str = "svcplane-system";
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -197,8 +203,7 @@ async fn svcplane_works_with_only_the_manifests_rbac() {
     // `POD_NAME_<per-process suffix>`.
     assert_eq!(holder.split('_').next(), Some("svcplane-rbac"), "holder {holder}");
 
-    let log = std::fs::read_to_string(&svcplane.log).unwrap_or_default();
-    assert!(!log.contains("forbidden"), "svcplane hit an RBAC denial: {}", svcplane.log.display());
+    worked_without_denial(&svcplane, &["caches synced", "leading: starting workers"]).await;
 
     // Least privilege, seen from the ServiceAccount itself.
     let sa = Client::try_from(
@@ -233,6 +238,132 @@ async fn svcplane_works_with_only_the_manifests_rbac() {
     );
     let denied = Api::<Lease>::namespaced(sa, "default").get_opt("svcplane").await;
     assert!(matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403), "Leases elsewhere: {denied:?}");
+}
+
+/// Waits until `svcplane`'s log shows each of `proofs` (lines of the work its role
+/// did), then checks that no line is an RBAC denial. A missing or empty log
+/// proves nothing and fails.
+async fn worked_without_denial(svcplane: &Svcplane, proofs: &[&str]) {
+    let path = svcplane.log.display();
+    let log = eventually(&format!("{proofs:?} in {path}"), TIMEOUT, || async {
+        let log = std::fs::read_to_string(&svcplane.log).map_err(|e| e.to_string())?;
+        let missing: Vec<&&str> = proofs.iter().filter(|p| !log.contains(**p)).collect();
+        if missing.is_empty() && !log.is_empty() { Ok(log) } else { Err(format!("missing {missing:?}")) }
+    })
+    .await;
+    let denials: Vec<&str> = log.lines().filter(|l| l.to_lowercase().contains("forbidden")).collect();
+    assert!(denials.is_empty(), "RBAC denials in {path}: {denials:#?}");
+}
+
+/// The webhook role, self-signed as the Deployment runs it, with the manifests'
+/// RBAC: it creates or reads the shared CA Secret, writes the caBundle of the
+/// configurations named `svcplane` (the only ones it may touch), builds its index
+/// from claims, Services and ServiceCIDRs, and allocates for a real create.
+#[tokio::test]
+async fn the_webhook_role_allocates_with_only_the_manifests_rbac() {
+    let admin = shared().client().await;
+    apply_rbac(&admin).await;
+    webhook::install_crd(&admin).await;
+    let scope = "rbac-webhook";
+    let ns = webhook::scoped_namespace(&admin, scope, scope).await;
+    let addr = webhook::free_loopback_addr();
+    // Named as in manifests/base, scoped to the test's namespace; registered with
+    // the test CA, which the webhook must replace with its own.
+    webhook::register(&admin, shared(), "svcplane", addr, scope).await;
+    let kubeconfig = service_account_kubeconfig(&admin, NAMESPACE, "svcplane-webhook-sa").await;
+    let flags = [
+        "--roles=webhook".to_owned(),
+        format!("--webhook-bind-address={addr}"),
+        "--webhook-self-signed".to_owned(),
+        "--webhook-self-signed-names=127.0.0.1".to_owned(),
+        "--webhook-mutating-configuration=svcplane".to_owned(),
+        "--webhook-validating-configuration=svcplane".to_owned(),
+        format!("--webhook-ca-secret-namespace={NAMESPACE}"),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let svcplane = shared().svcplane_with_kubeconfig("rbac-webhook", &kubeconfig, &flags).await;
+    webhook::wait_process_webhook_active(&ns, &svcplane).await;
+
+    let web = ns.create(&webhook::mk_service("web", "NodePort", &[(80, None)])).await;
+    let values = svcplane_webhook::admit::service_values(&web);
+    assert_eq!(values.len(), 2, "a ClusterIP and a NodePort: {values:?}");
+    let claims = Api::<AllocationClaim>::all(admin.clone());
+    for value in values {
+        let claim = claims.get(&value.claim_name()).await.unwrap_or_else(|e| panic!("claim of {value}: {e}"));
+        assert_eq!((claim.spec.namespace, claim.spec.service), (ns.name.clone(), "web".to_owned()));
+    }
+    assert!(svcplane.metric_sum("svcplane_webhook_allocations_total", &[]).await >= 2.0);
+    worked_without_denial(&svcplane, &["set caBundle to the shared CA", "webhook serving"]).await;
+}
+
+/// The repair role as the Deployment runs it (only the Lease holder repairs) with
+/// the manifests' RBAC, given one finding of each kind it writes for: a value
+/// held without a claim (adopted), a claim no Service holds (released after the
+/// grace period) and a NodePort outside its pool (a Warning Event on the Service).
+#[tokio::test]
+async fn the_repair_role_repairs_with_only_the_manifests_rbac() {
+    use k8s_openapi::api::events::v1::Event;
+    let admin = shared().client().await;
+    apply_rbac(&admin).await;
+    webhook::install_crd(&admin).await;
+    // No webhook serves this namespace: the apiserver allocates.
+    let ns = TestNamespace::new(&admin, "rbac-repair").await;
+    let held = ns.create(&webhook::mk_service("held", "ClusterIP", &[(80, None)])).await;
+    ns.create(&webhook::mk_service("outside", "NodePort", &[(80, Some(32500))])).await;
+    let claims = Api::<AllocationClaim>::all(admin.clone());
+    let gone = Owner { namespace: ns.name.clone(), name: "deleted-long-ago".into() };
+    let leaked = build_claim(Value::Ip("10.96.250.250".parse().expect("IP")), &gone);
+    claims.create(&PostParams::default(), &leaked).await.expect("create the leaked claim");
+
+    let kubeconfig = service_account_kubeconfig(&admin, NAMESPACE, "svcplane-repair-sa").await;
+    let leader_ns = format!("--leader-election-namespace={NAMESPACE}");
+    let flags = [
+        "--roles=repair",
+        "--leader-elect",
+        &leader_ns,
+        // Its own Lease: the controller test holds `svcplane` meanwhile.
+        "--leader-election-id=svcplane-rbac-repair",
+        "--webhook-repair-interval=1s",
+        // Longer than any admission-to-persist time of the other tests' Services.
+        "--webhook-repair-grace=5s",
+        // 32500 is outside: an out-of-range finding.
+        "--webhook-node-port-range=30000-32000",
+    ];
+    let svcplane = shared().svcplane_with_kubeconfig("rbac-repair", &kubeconfig, &flags).await;
+
+    let ip = held.spec.and_then(|s| s.cluster_ip).expect("held's ClusterIP");
+    let adopted = Value::Ip(ip.parse().expect("IP")).claim_name();
+    eventually("held's ClusterIP adopted", TIMEOUT, || async {
+        match claims.get_opt(&adopted).await {
+            Ok(Some(claim)) if claim.spec.service == "held" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let leaked = leaked.metadata.name.expect("name");
+    eventually("the leaked claim released", TIMEOUT, || async {
+        match claims.get_opt(&leaked).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let events = ns.api::<Event>();
+    eventually("a PortOutOfRange Event on outside", TIMEOUT, || async {
+        let events = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
+        let on_outside = |e: &Event| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("outside");
+        match events.iter().find(|e| e.reason.as_deref() == Some("PortOutOfRange") && on_outside(e)) {
+            Some(_) => Ok(()),
+            None => Err(format!("{events:?}")),
+        }
+    })
+    .await;
+    let proofs = [
+        "leading: starting the IPAM repair loop",
+        "adopted a value held without a claim",
+        "released a claim no Service holds",
+    ];
+    worked_without_denial(&svcplane, &proofs).await;
 }
 
 #[test]
@@ -554,8 +685,7 @@ async fn the_shadow_overlay_reads_what_shadow_mode_needs_and_can_write_nothing()
     .await;
     assert!(svcplane.metric_sum("svcplane_shadow_services", &["agreement=\"differs\""]).await >= 3.0);
     assert_eq!(svcplane.metric_sum("svcplane_changes_total", &[]).await, 0.0, "shadow mode wrote");
-    let text = std::fs::read_to_string(&svcplane.log).unwrap_or_default();
-    assert!(!text.contains("forbidden"), "an RBAC denial: {}", svcplane.log.display());
+    worked_without_denial(&svcplane, &["shadow: svcplane"]).await;
     let slices = ns.api::<EndpointSlice>();
     for (svc, by) in [("web", SVCPLANE), ("db", SVCPLANE_MIRROR)] {
         assert!(

@@ -241,12 +241,6 @@ async fn a_restart_reallocates_nothing_and_malformed_reviews_get_400() {
     restarted.kill();
 }
 
-/// A free loopback address for a replica that must know its URL before it starts.
-fn free_loopback_addr() -> std::net::SocketAddr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    format!("127.0.0.1:{port}").parse().expect("addr")
-}
-
 #[tokio::test]
 async fn self_signed_replicas_share_one_ca_from_a_secret_and_the_bundle_is_exactly_it() {
     use k8s_openapi::api::admissionregistration::v1::{

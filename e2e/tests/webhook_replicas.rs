@@ -43,7 +43,7 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
     // A Service holding an IP lets the test see the process's webhook answer.
     let holder = namespaces[1].create(&mk_service("holder", "ClusterIP", &[(80, None)])).await;
     let held_ip = holder.spec.and_then(|s| s.cluster_ip).expect("holder IP");
-    let (process, process_addr) = spawn_replica_process(cp, "webhook-replica-0", &args).await;
+    let (process, process_addr) = spawn_replica_process(cp, "webhook-replica-0", &args, "webhook").await;
     register(&client, cp, "svcplane-replica-0", process_addr, "replica-0").await;
     wait_webhook_denies_held_ip(&ns0, &held_ip, &format!("{}/holder", namespaces[1].name)).await;
 
@@ -92,19 +92,7 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
         .collect();
     // The creates plus the IP holder.
     assert_eq!(services.len(), SERVICES + 1);
-    let mut seen: BTreeMap<Value, String> = BTreeMap::new();
-    for svc in &services {
-        let owner = format!(
-            "{}/{}",
-            svc.metadata.namespace.clone().unwrap_or_default(),
-            svc.metadata.name.clone().unwrap_or_default()
-        );
-        for value in svcplane_webhook::admit::service_values(svc) {
-            if let Some(other) = seen.insert(value, owner.clone()) {
-                panic!("{value} held by both {other} and {owner}");
-            }
-        }
-    }
+    let seen = holders_of_values(&services);
     assert_eq!(seen.len(), SERVICES * 2 + 1, "one IP and one port each, and the holder's IP");
 
     // Repair: every held value ends up claimed by its Service.
