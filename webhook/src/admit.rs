@@ -142,6 +142,9 @@ pub struct Plan {
     /// create the apiserver rejected after admission, now retried) are
     /// released first, so a retry loop does not drain the pool.
     pub supersede: bool,
+    /// The object has no `spec` (the apiserver defaults one, so only a request
+    /// from elsewhere lacks it): the patch adds one before writing into it.
+    pub add_spec: bool,
 }
 
 impl Plan {
@@ -189,7 +192,8 @@ pub fn plan_admission(request: &Request<'_>) -> Result<Plan, Denial> {
     };
     let owner = Owner { namespace: request.namespace.to_owned(), name };
     let supersede = request.operation == Operation::Create && request.mode == Mode::Mutate;
-    let mut plan = Plan { owner, supersede, ..Plan::default() };
+    let add_spec = request.service.spec.is_none();
+    let mut plan = Plan { owner, supersede, add_spec, ..Plan::default() };
     let default_spec = ServiceSpec::default();
     let spec = request.service.spec.as_ref().unwrap_or(&default_spec);
     let kind = service_type(spec);
@@ -337,6 +341,9 @@ fn plan_ports(spec: &ServiceSpec, old_spec: Option<&ServiceSpec>, kind: &str) ->
 /// Writes the assigned values into the Service, as the apiserver would.
 pub fn build_patch(plan: &Plan, assigned: &Assigned) -> json_patch::Patch {
     let mut ops: Vec<Json> = Vec::new();
+    if plan.add_spec {
+        ops.push(json!({"op": "add", "path": "/spec", "value": {}}));
+    }
     if let Some(fields) = &plan.ip_fields {
         let ips: Vec<String> =
             fields.kept.iter().cloned().chain(assigned.ips.iter().map(IpAddr::to_string)).collect();
@@ -536,6 +543,22 @@ mod tests {
         assert!(text.contains(r#""path":"/spec/clusterIP","value":"10.96.3.4""#), "{text}");
         assert!(text.contains(r#""path":"/spec/ipFamilies","value":["IPv4"]"#), "{text}");
         assert!(text.contains(r#""path":"/spec/ports/0/nodePort","value":31000"#), "{text}");
+    }
+
+    /// Found by `fuzz_webhook`: the patch wrote into a `/spec` the object
+    /// did not have, so it did not apply.
+    #[test]
+    fn patch_of_a_service_without_spec_adds_the_spec_first() {
+        let svc = Service {
+            metadata: ObjectMeta { name: Some("web".into()), ..Default::default() },
+            spec: None,
+            status: None,
+        };
+        let plan = plan(&svc, None, Mode::Mutate).unwrap();
+        let assigned = Assigned { ips: vec!["10.96.0.11".parse().unwrap()], node_ports: None };
+        let mut object = serde_json::to_value(&svc).unwrap();
+        json_patch::patch(&mut object, &build_patch(&plan, &assigned)).unwrap();
+        assert_eq!(object["spec"]["clusterIPs"], json!(["10.96.0.11"]));
     }
 
     #[test]
