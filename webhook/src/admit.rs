@@ -22,8 +22,8 @@ use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use kube::ResourceExt;
 use serde_json::{Value as Json, json};
 use svcplane_ipam::{
-    IpFamily, IpFamilyPolicy, NodePortAssignment, NodePortNeeds, Protocol, ServiceIpFields, ServicePort,
-    plan_ip_families,
+    FieldError, FieldErrorKind, IpFamily, IpFamilyPolicy, NodePortAssignment, NodePortNeeds, Protocol,
+    ServiceIpFields, ServicePort, plan_ip_families,
 };
 
 use crate::claim::{Owner, Value};
@@ -224,7 +224,18 @@ fn plan_ips(
         let primary = IpFamily::of(first);
         let secondary = primary.other();
         if old_ips.len() == 1 && dual && request.families.contains(&secondary) {
-            let requested = new_ips.get(1).and_then(|ip| ip.parse().ok());
+            let requested: Option<IpAddr> = new_ips.get(1).and_then(|ip| ip.parse().ok());
+            // The apiserver validates before it allocates: a second IP of the
+            // primary's family is refused, not claimed.
+            if requested.is_some_and(|ip| IpFamily::of(ip) != secondary) {
+                let error = FieldError {
+                    field: "spec.clusterIPs".to_owned(),
+                    kind: FieldErrorKind::Invalid,
+                    value: json!(new_ips).to_string(),
+                    detail: "may specify no more than one IP for each IP family".to_owned(),
+                };
+                return Err(Denial::invalid("", error.to_string()));
+            }
             plan.ips.push(IpNeed { field: "spec.clusterIPs[1]".to_owned(), family: secondary, requested });
             let policy = spec.ip_family_policy.as_deref().and_then(|p| p.parse().ok());
             plan.ip_fields = Some(IpFields {
@@ -525,6 +536,23 @@ mod tests {
         assert_eq!(plan.ips.len(), 1);
         assert_eq!(plan.ips[0].family, IpFamily::IPv6);
         assert_eq!(plan.ip_fields.unwrap().kept, vec!["10.96.0.10".to_owned()]);
+    }
+
+    /// Found by `fuzz_webhook`: the upgrade claimed the primary's IP again as
+    /// the secondary and patched `clusterIPs` to the same IP twice.
+    #[test]
+    fn upgrade_to_dual_stack_refuses_a_second_ip_of_the_primary_family() {
+        let mut old = mk_service("ClusterIP", &[(80, None)]);
+        old.spec.as_mut().unwrap().cluster_ips = Some(vec!["fd00::3".into()]);
+        let mut new = old.clone();
+        let spec = new.spec.as_mut().unwrap();
+        spec.ip_family_policy = Some("PreferDualStack".into());
+        spec.cluster_ips = Some(vec!["10.96.0.3".into(), "fd00::3".into()]);
+        let denial = plan(&new, Some(&old), Mode::Mutate).unwrap_err();
+        assert_eq!(
+            denial.to_string(),
+            r#"spec.clusterIPs: Invalid value: ["10.96.0.3","fd00::3"]: may specify no more than one IP for each IP family"#
+        );
     }
 
     #[test]
