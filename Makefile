@@ -8,9 +8,11 @@ CARGO ?= cargo
 BUILD := $(CARGO) build --workspace --locked --bins --tests
 BUILD_RELEASE := $(CARGO) build --workspace --locked --release --bins
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+# Seconds each fuzz target runs in `make fuzz`.
+FUZZ_SECONDS ?= 60
 
 .DEFAULT_GOAL := help
-.PHONY: help setup controlplane lint unit e2e test test-datapath test-cluster cluster cluster-down cluster-images demo bench bench-ipam bench-webhook bench-datapath fmt
+.PHONY: help setup controlplane lint unit e2e test test-datapath test-cluster cluster cluster-down cluster-images demo bench bench-ipam bench-webhook bench-datapath fmt fuzz
 # The static svcplane in the cluster's image (as the Dockerfile builds it).
 MUSL_TARGET := x86_64-unknown-linux-musl
 IMAGE_BIN := $(TARGET_DIR)/$(MUSL_TARGET)/release/svcplane
@@ -34,6 +36,9 @@ lint: ## rustfmt check and clippy with warnings denied
 
 unit: ## Unit and property tests (no control plane)
 	$(CARGO) test --workspace --locked --lib --bins
+
+fuzz: ## Fuzz the webhook's request path and the three planners, FUZZ_SECONDS (60) each; prints inputs per target (not in make test)
+	SVCPLANE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --workspace --locked --lib fuzz_ -- --nocapture --test-threads=1
 
 e2e: setup ## End-to-end tests against a real kube-apiserver + etcd
 	$(BUILD)

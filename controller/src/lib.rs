@@ -9,6 +9,8 @@ pub mod compare;
 pub mod eligibility;
 pub mod endpoints;
 pub mod endpointslice;
+#[cfg(test)]
+mod fuzz;
 pub mod index;
 pub mod ip;
 pub mod labels;

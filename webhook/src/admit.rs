@@ -22,8 +22,8 @@ use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use kube::ResourceExt;
 use serde_json::{Value as Json, json};
 use svcplane_ipam::{
-    IpFamily, IpFamilyPolicy, NodePortAssignment, NodePortNeeds, Protocol, ServiceIpFields, ServicePort,
-    plan_ip_families,
+    FieldError, FieldErrorKind, IpFamily, IpFamilyPolicy, NodePortAssignment, NodePortNeeds, Protocol,
+    ServiceIpFields, ServicePort, plan_ip_families,
 };
 
 use crate::claim::{Owner, Value};
@@ -142,6 +142,9 @@ pub struct Plan {
     /// create the apiserver rejected after admission, now retried) are
     /// released first, so a retry loop does not drain the pool.
     pub supersede: bool,
+    /// The object has no `spec` (the apiserver defaults one, so only a request
+    /// from elsewhere lacks it): the patch adds one before writing into it.
+    pub add_spec: bool,
 }
 
 impl Plan {
@@ -189,7 +192,8 @@ pub fn plan_admission(request: &Request<'_>) -> Result<Plan, Denial> {
     };
     let owner = Owner { namespace: request.namespace.to_owned(), name };
     let supersede = request.operation == Operation::Create && request.mode == Mode::Mutate;
-    let mut plan = Plan { owner, supersede, ..Plan::default() };
+    let add_spec = request.service.spec.is_none();
+    let mut plan = Plan { owner, supersede, add_spec, ..Plan::default() };
     let default_spec = ServiceSpec::default();
     let spec = request.service.spec.as_ref().unwrap_or(&default_spec);
     let kind = service_type(spec);
@@ -220,7 +224,18 @@ fn plan_ips(
         let primary = IpFamily::of(first);
         let secondary = primary.other();
         if old_ips.len() == 1 && dual && request.families.contains(&secondary) {
-            let requested = new_ips.get(1).and_then(|ip| ip.parse().ok());
+            let requested: Option<IpAddr> = new_ips.get(1).and_then(|ip| ip.parse().ok());
+            // The apiserver validates before it allocates: a second IP of the
+            // primary's family is refused, not claimed.
+            if requested.is_some_and(|ip| IpFamily::of(ip) != secondary) {
+                let error = FieldError {
+                    field: "spec.clusterIPs".to_owned(),
+                    kind: FieldErrorKind::Invalid,
+                    value: json!(new_ips).to_string(),
+                    detail: "may specify no more than one IP for each IP family".to_owned(),
+                };
+                return Err(Denial::invalid("", error.to_string()));
+            }
             plan.ips.push(IpNeed { field: "spec.clusterIPs[1]".to_owned(), family: secondary, requested });
             let policy = spec.ip_family_policy.as_deref().and_then(|p| p.parse().ok());
             plan.ip_fields = Some(IpFields {
@@ -337,6 +352,9 @@ fn plan_ports(spec: &ServiceSpec, old_spec: Option<&ServiceSpec>, kind: &str) ->
 /// Writes the assigned values into the Service, as the apiserver would.
 pub fn build_patch(plan: &Plan, assigned: &Assigned) -> json_patch::Patch {
     let mut ops: Vec<Json> = Vec::new();
+    if plan.add_spec {
+        ops.push(json!({"op": "add", "path": "/spec", "value": {}}));
+    }
     if let Some(fields) = &plan.ip_fields {
         let ips: Vec<String> =
             fields.kept.iter().cloned().chain(assigned.ips.iter().map(IpAddr::to_string)).collect();
@@ -520,6 +538,23 @@ mod tests {
         assert_eq!(plan.ip_fields.unwrap().kept, vec!["10.96.0.10".to_owned()]);
     }
 
+    /// Found by `fuzz_webhook`: the upgrade claimed the primary's IP again as
+    /// the secondary and patched `clusterIPs` to the same IP twice.
+    #[test]
+    fn upgrade_to_dual_stack_refuses_a_second_ip_of_the_primary_family() {
+        let mut old = mk_service("ClusterIP", &[(80, None)]);
+        old.spec.as_mut().unwrap().cluster_ips = Some(vec!["fd00::3".into()]);
+        let mut new = old.clone();
+        let spec = new.spec.as_mut().unwrap();
+        spec.ip_family_policy = Some("PreferDualStack".into());
+        spec.cluster_ips = Some(vec!["10.96.0.3".into(), "fd00::3".into()]);
+        let denial = plan(&new, Some(&old), Mode::Mutate).unwrap_err();
+        assert_eq!(
+            denial.to_string(),
+            r#"spec.clusterIPs: Invalid value: ["10.96.0.3","fd00::3"]: may specify no more than one IP for each IP family"#
+        );
+    }
+
     #[test]
     fn patch_sets_ip_fields_and_node_ports() {
         let svc = mk_service("NodePort", &[(80, None)]);
@@ -536,6 +571,22 @@ mod tests {
         assert!(text.contains(r#""path":"/spec/clusterIP","value":"10.96.3.4""#), "{text}");
         assert!(text.contains(r#""path":"/spec/ipFamilies","value":["IPv4"]"#), "{text}");
         assert!(text.contains(r#""path":"/spec/ports/0/nodePort","value":31000"#), "{text}");
+    }
+
+    /// Found by `fuzz_webhook`: the patch wrote into a `/spec` the object
+    /// did not have, so it did not apply.
+    #[test]
+    fn patch_of_a_service_without_spec_adds_the_spec_first() {
+        let svc = Service {
+            metadata: ObjectMeta { name: Some("web".into()), ..Default::default() },
+            spec: None,
+            status: None,
+        };
+        let plan = plan(&svc, None, Mode::Mutate).unwrap();
+        let assigned = Assigned { ips: vec!["10.96.0.11".parse().unwrap()], node_ports: None };
+        let mut object = serde_json::to_value(&svc).unwrap();
+        json_patch::patch(&mut object, &build_patch(&plan, &assigned)).unwrap();
+        assert_eq!(object["spec"]["clusterIPs"], json!(["10.96.0.11"]));
     }
 
     #[test]

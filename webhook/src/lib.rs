@@ -23,6 +23,8 @@ use std::time::Duration;
 pub mod admit;
 pub mod allocator;
 pub mod claim;
+#[cfg(test)]
+mod fuzz;
 pub mod handler;
 pub mod index;
 pub mod metrics;
