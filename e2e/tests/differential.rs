@@ -599,9 +599,9 @@ async fn with_traffic_distribution(ns: &TestNamespace, value: &str, base: u8) {
     let mut svc = mk_service("s", &[("app", "s")], vec![mk_port("http", 80, "8080")]);
     svc.spec.as_mut().expect("spec").traffic_distribution = Some(value.into());
     ns.create(&svc).await;
-    pod(&ns, "a", "s", "node-a", &[], &[&format!("10.20.{base}.1")], true).await;
-    pod(&ns, "b", "s", "node-b", &[], &[&format!("10.20.{base}.2")], true).await;
-    pod(&ns, "c", "s", "node-b", &[], &[&format!("10.20.{base}.3")], false).await;
+    pod(ns, "a", "s", "node-a", &[], &[&format!("10.20.{base}.1")], true).await;
+    pod(ns, "b", "s", "node-b", &[], &[&format!("10.20.{base}.2")], true).await;
+    pod(ns, "c", "s", "node-b", &[], &[&format!("10.20.{base}.3")], false).await;
 }
 
 #[tokio::test]
@@ -650,8 +650,8 @@ async fn topology_auto(ns: &TestNamespace, traffic_distribution: Option<&str>, p
     svc.spec.as_mut().expect("spec").traffic_distribution = traffic_distribution.map(Into::into);
     ns.create(&svc).await;
     for i in 0..per_zone {
-        pod(&ns, &format!("a{i}"), "s", "node-a", &[], &[&format!("10.20.{base}.{}", i + 1)], true).await;
-        pod(&ns, &format!("b{i}"), "s", "node-b", &[], &[&format!("10.20.{base}.{}", i + 101)], true).await;
+        pod(ns, &format!("a{i}"), "s", "node-a", &[], &[&format!("10.20.{base}.{}", i + 1)], true).await;
+        pod(ns, &format!("b{i}"), "s", "node-b", &[], &[&format!("10.20.{base}.{}", i + 101)], true).await;
     }
 }
 

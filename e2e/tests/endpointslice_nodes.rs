@@ -5,6 +5,8 @@
 //! Pod or Service event. svcplane re-syncs the Services of the Pods on that Node:
 //! a deliberate difference, listed in the README.
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -14,15 +16,42 @@ use svcplane_e2e::{
     fixtures::{ensure_node, mk_pod, mk_port, mk_service},
     shared_with,
     slices::{Normalized, SVCPLANE, UPSTREAM, normalize, slices_of},
-    svcplane::shared_svcplane,
-    wait::eventually,
+    svcplane::{Svcplane, shared_svcplane, sum_metric},
+    wait::{eventually, poll_until},
 };
+
+/// Held by each test for its whole run (see [`svcplane_idle`]).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn setup(prefix: &str) -> TestNamespace {
     let cp =
         shared_with(|| ControlPlaneOptions::default().with_controller_manager(&["endpointslice-controller"]));
-    shared_svcplane("nodes", &["--controllers=endpointslice"]);
+    svcplane();
     TestNamespace::new(&cp.client().await, prefix).await
+}
+
+fn svcplane() -> &'static Svcplane {
+    shared_svcplane("nodes", &["--controllers=endpointslice"])
+}
+
+/// Waits until svcplane has nothing queued and has run no sync between two
+/// scrapes: the sync that its own last slice write triggers (through its slice
+/// watch) is over, so a later sync is caused by the Node change alone. Without
+/// this the Node change can race that sync and the test pass without the Node
+/// watch doing anything.
+///
+/// Each test holds [`SERIAL`] throughout: another test's Service retrying with
+/// backoff would keep the queue busy.
+async fn svcplane_idle() {
+    let last = std::cell::Cell::new(f64::NAN);
+    poll_until(CONVERGE, Duration::from_millis(300), || async {
+        let text = svcplane().metrics_text().await;
+        let syncs = sum_metric(&text, "svcplane_syncs_total", &["controller=\"endpointslice\""]);
+        let queued = sum_metric(&text, "svcplane_queue_depth", &[]);
+        Ok(queued == 0.0 && last.replace(syncs) == syncs)
+    })
+    .await
+    .expect("svcplane to go idle");
 }
 
 /// Both controllers' normalised slices of Service `s`.
@@ -58,6 +87,7 @@ async fn service_with_pods(ns: &TestNamespace, pods: &[(&str, &str, &str)]) {
 
 #[tokio::test]
 async fn a_node_relabelled_to_another_zone_moves_its_endpoints_to_that_zone() {
+    let _serial = SERIAL.lock().await;
     let ns = setup("relabel").await;
     let node = "relabel-node";
     ensure_node(&ns.client, node, "192.0.2.31", Some("zone-a")).await;
@@ -66,6 +96,7 @@ async fn a_node_relabelled_to_another_zone_moves_its_endpoints_to_that_zone() {
         zone_count(u, "zone-a") == 2 && zone_count(s, "zone-a") == 2
     })
     .await;
+    svcplane_idle().await;
 
     Api::<Node>::all(ns.client.clone())
         .patch(
@@ -84,6 +115,7 @@ async fn a_node_relabelled_to_another_zone_moves_its_endpoints_to_that_zone() {
 
 #[tokio::test]
 async fn a_node_deleted_and_created_again_under_running_pods_is_followed() {
+    let _serial = SERIAL.lock().await;
     let ns = setup("recreate").await;
     let (gone, stays) = ("recreated-node", "stable-node");
     ensure_node(&ns.client, gone, "192.0.2.32", Some("zone-a")).await;
@@ -101,8 +133,11 @@ async fn a_node_deleted_and_created_again_under_running_pods_is_followed() {
         s.endpoint_count() == 1 && zone_count(s, "zone-b") == 1
     })
     .await;
-    let (upstream, _) = both(&ns).await;
-    assert_eq!(upstream.endpoint_count(), 2, "kube-controller-manager stays stale: {upstream:?}");
+    // kube-controller-manager is not asserted here: it usually keeps the Pod
+    // until the Service's next sync, but a run was seen where it synced first.
+    // svcplane now retries this Service with backoff (a Pod on a missing Node),
+    // and a retry would also see the Node come back: the re-creation below shows
+    // the result, the deletion above showed the Node watch.
 
     ensure_node(&ns.client, gone, "192.0.2.32", Some("zone-d")).await;
     wait_both(&ns, "svcplane to publish the Pod again, in its Node's new zone", |_, s| {

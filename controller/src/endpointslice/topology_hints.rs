@@ -196,12 +196,9 @@ fn giving_and_receiving_zones(
         }
     }
     let (mut giving, mut receiving) = (BTreeMap::new(), BTreeMap::new());
-    loop {
-        let (Some((give_zone, to_give)), Some((receive_zone, to_receive))) =
-            (most(&giving_desired), most(&receiving_desired))
-        else {
-            break;
-        };
+    while let (Some((give_zone, to_give)), Some((receive_zone, to_receive))) =
+        (most(&giving_desired), most(&receiving_desired))
+    {
         if (to_give < 1.0 && to_receive < 1.0) || to_give < 0.5 || to_receive < 0.5 {
             break;
         }
