@@ -153,8 +153,7 @@ impl SelectorIndex {
     }
 
     /// The Services that select a Pod, by name.
-    #[cfg(test)]
-    fn services_of_pod(&self, namespace: &str, pod: &str) -> Vec<String> {
+    pub fn services_of_pod(&self, namespace: &str, pod: &str) -> Vec<String> {
         self.namespaces
             .get(namespace)
             .and_then(|ns| ns.memberships.get(pod))

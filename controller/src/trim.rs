@@ -5,23 +5,39 @@
 //! which never holds the rest.
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Service},
+    core::v1::{Endpoints, Node, NodeCondition, NodeStatus, Service},
     discovery::v1::EndpointSlice,
 };
 
-/// Keeps the name, labels and a zone label only: the planner reads a Node's existence
-/// and zone.
+#[cfg(doc)]
+use crate::endpointslice::NodeInfo;
+use crate::endpointslice::{EXCLUDED_ROLE_LABELS, ZONE_LABEL};
+
+/// Keeps what [`NodeInfo::of`] reads: the zone and control-plane role labels, the
+/// `Ready` condition's status and the allocatable CPU. A status heartbeat then
+/// leaves the stored Node as it was.
 pub fn trim_node(node: &mut Node) {
     node.metadata.managed_fields = None;
     node.metadata.annotations = None;
     node.metadata.owner_references = None;
-    node.metadata.labels = node
-        .metadata
-        .labels
-        .take()
-        .map(|labels| labels.into_iter().filter(|(k, _)| k == "topology.kubernetes.io/zone").collect());
+    node.metadata.labels = node.metadata.labels.take().map(|labels| {
+        labels
+            .into_iter()
+            .filter(|(k, _)| k == ZONE_LABEL || EXCLUDED_ROLE_LABELS.contains(&k.as_str()))
+            .collect()
+    });
     node.spec = None;
-    node.status = None;
+    node.status = node.status.take().map(|status| NodeStatus {
+        allocatable: status.allocatable.map(|a| a.into_iter().filter(|(k, _)| k == "cpu").collect()),
+        conditions: status.conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| NodeCondition { type_: c.type_, status: c.status, ..NodeCondition::default() })
+                .collect()
+        }),
+        ..NodeStatus::default()
+    });
 }
 
 /// Drops managedFields and the last-applied annotation.

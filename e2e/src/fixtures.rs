@@ -12,7 +12,10 @@ use k8s_openapi::{
         Container, ContainerPort, Namespace, Node, NodeAddress, NodeCondition, NodeStatus, Pod, PodCondition,
         PodIP, PodSpec, PodStatus,
     },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{ObjectMeta, Time},
+    },
     jiff::Timestamp,
 };
 use kube::{
@@ -202,7 +205,10 @@ fn pod_status(ips: &[&str], ready: bool, phase: &str) -> PodStatus {
 }
 
 /// Creates (or leaves) a Node named `name` with an InternalIP and, if given, a zone
-/// label, and marks it Ready. Nodes are cluster-wide: tests share them by name.
+/// label, and marks it Ready with 4 allocatable CPUs (topology-mode Auto reads
+/// them; kube-controller-manager reads a Node's CPU only when its readiness or
+/// zone changes, so it is set together with Ready). Nodes are cluster-wide:
+/// tests share them by name.
 pub async fn ensure_node(client: &Client, name: &str, internal_ip: &str, zone: Option<&str>) -> Node {
     let api = Api::<Node>::all(client.clone());
     let mut labels = BTreeMap::from([("kubernetes.io/hostname".to_string(), name.to_string())]);
@@ -218,8 +224,11 @@ pub async fn ensure_node(client: &Client, name: &str, internal_ip: &str, zone: O
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => panic!("create node {name}: {e}"),
     }
+    let cpu = BTreeMap::from([("cpu".to_string(), Quantity(NODE_CPU.into()))]);
     let status = NodeStatus {
         addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: internal_ip.to_string() }]),
+        allocatable: Some(cpu.clone()),
+        capacity: Some(cpu),
         conditions: Some(vec![NodeCondition {
             type_: "Ready".into(),
             status: "True".into(),
@@ -231,6 +240,9 @@ pub async fn ensure_node(client: &Client, name: &str, internal_ip: &str, zone: O
         .await
         .unwrap_or_else(|e| panic!("patch status of node {name}: {e}"))
 }
+
+/// Allocatable CPUs of every Node [`ensure_node`] makes.
+pub const NODE_CPU: &str = "4";
 
 /// Labels as a map, for builders.
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

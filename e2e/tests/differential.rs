@@ -13,11 +13,12 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use svcplane_e2e::{
     ControlPlaneOptions, TestNamespace,
-    differential::{converge_endpoints, converge_mirrored, converge_slices},
+    differential::{CONVERGE, converge_endpoints, converge_mirrored, converge_slices},
     fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_phase, set_pod_ready},
     shared_with,
     slices::Normalized,
     svcplane::shared_svcplane,
+    wait::eventually,
 };
 
 fn options() -> ControlPlaneOptions {
@@ -592,6 +593,131 @@ async fn d37_pending_pod_with_an_ip_is_a_not_ready_endpoint() {
         .await
         .expect("touch the Service");
     check(&ns, "s", count(1)).await;
+}
+
+async fn with_traffic_distribution(ns: &TestNamespace, value: &str, base: u8) {
+    let mut svc = mk_service("s", &[("app", "s")], vec![mk_port("http", 80, "8080")]);
+    svc.spec.as_mut().expect("spec").traffic_distribution = Some(value.into());
+    ns.create(&svc).await;
+    pod(ns, "a", "s", "node-a", &[], &[&format!("10.20.{base}.1")], true).await;
+    pod(ns, "b", "s", "node-b", &[], &[&format!("10.20.{base}.2")], true).await;
+    pod(ns, "c", "s", "node-b", &[], &[&format!("10.20.{base}.3")], false).await;
+}
+
+#[tokio::test]
+async fn d38_traffic_distribution_prefer_same_zone() {
+    let ns = setup("d38").await;
+    with_traffic_distribution(&ns, "PreferSameZone", 38).await;
+    // Ready endpoints get their own zone only; the not-ready one gets nothing.
+    check(&ns, "s", |n| {
+        has("hints=zones=zone-a nodes=", 1)(n)
+            && has("hints=zones=zone-b nodes=", 1)(n)
+            && has("hints=-", 1)(n)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn d39_traffic_distribution_prefer_same_node() {
+    let ns = setup("d39").await;
+    with_traffic_distribution(&ns, "PreferSameNode", 39).await;
+    check(&ns, "s", |n| {
+        has("hints=zones=zone-a nodes=node-a", 1)(n)
+            && has("hints=zones=zone-b nodes=node-b", 1)(n)
+            && has("hints=-", 1)(n)
+    })
+    .await;
+    // Back to PreferSameZone: the node hints go.
+    ns.api::<Service>()
+        .patch(
+            "s",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"trafficDistribution": "PreferSameZone"}})),
+        )
+        .await
+        .expect("patch trafficDistribution");
+    check(&ns, "s", |n| has("hints=zones=zone-a nodes=", 1)(n) && has("hints=zones=zone-b nodes=", 1)(n))
+        .await;
+}
+
+/// A Service `s` with `service.kubernetes.io/topology-mode: Auto` (and, if given,
+/// a `trafficDistribution` the annotation overrides) and `per_zone` ready Pods on
+/// each of node-a (zone-a) and node-b (zone-b), which have 4 CPUs each.
+async fn topology_auto(ns: &TestNamespace, traffic_distribution: Option<&str>, per_zone: u8, base: u8) {
+    let mut svc = mk_service("s", &[("app", "s")], vec![mk_port("http", 80, "8080")]);
+    svc.metadata.annotations =
+        Some([("service.kubernetes.io/topology-mode".to_string(), "Auto".to_string())].into());
+    svc.spec.as_mut().expect("spec").traffic_distribution = traffic_distribution.map(Into::into);
+    ns.create(&svc).await;
+    for i in 0..per_zone {
+        pod(ns, &format!("a{i}"), "s", "node-a", &[], &[&format!("10.20.{base}.{}", i + 1)], true).await;
+        pod(ns, &format!("b{i}"), "s", "node-b", &[], &[&format!("10.20.{base}.{}", i + 101)], true).await;
+    }
+}
+
+#[tokio::test]
+async fn d40_topology_auto_hints_then_removed_when_too_few_endpoints() {
+    // Issue 18 item 4: svcplane used to remove every topology-mode Auto hint.
+    let ns = setup("d40").await;
+    topology_auto(&ns, None, 2, 40).await;
+    // Two zones of 4 CPUs each, two ready endpoints per zone: every endpoint is
+    // hinted for its own zone (asserted on kube-controller-manager's slices, so
+    // that this cannot pass with no hints on either side).
+    check(&ns, "s", |n| has("hints=zones=zone-a nodes=", 2)(n) && has("hints=zones=zone-b nodes=", 2)(n))
+        .await;
+    // Down to one endpoint for two zones: upstream removes the hints
+    // ("Insufficient number of endpoints").
+    for name in ["a1", "b0", "b1"] {
+        ns.finish_pod_deletion(name).await;
+    }
+    check(&ns, "s", |n| n.endpoint_count() == 1 && has("hints=-", 1)(n)).await;
+    let message = "Insufficient number of endpoints (1 endpoints, 2 zones), addressType: IPv4";
+    hints_disabled_event_from_both(&ns, message).await;
+}
+
+#[tokio::test]
+async fn d41_topology_auto_overrides_traffic_distribution() {
+    // The annotation wins over trafficDistribution: with one endpoint per zone
+    // Auto hints each for its own zone; with one endpoint left Auto gives none,
+    // although PreferClose alone would hint it for zone-a.
+    let ns = setup("d41").await;
+    topology_auto(&ns, Some("PreferClose"), 1, 41).await;
+    check(&ns, "s", |n| has("hints=zones=zone-a nodes=", 1)(n) && has("hints=zones=zone-b nodes=", 1)(n))
+        .await;
+    ns.finish_pod_deletion("b0").await;
+    check(&ns, "s", |n| n.endpoint_count() == 1 && has("hints=-", 1)(n)).await;
+}
+
+/// Waits until kube-controller-manager recorded a `TopologyAwareHintsDisabled`
+/// Warning with `message` on Service `s`, and svcplane one with that reason.
+/// svcplane's shared Event recorder folds Events of one reason into the first
+/// one's series, note included, so its note may be an earlier sync's.
+async fn hints_disabled_event_from_both(ns: &TestNamespace, message: &str) {
+    use k8s_openapi::api::core::v1::Event;
+    let events: kube::Api<Event> = ns.api();
+    eventually(&format!("TopologyAwareHintsDisabled from both controllers in {}", ns.name), CONVERGE, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.map_err(|e| e.to_string())?;
+            let disabled = |e: &&Event| e.reason.as_deref() == Some("TopologyAwareHintsDisabled");
+            let upstream = list.items.iter().filter(disabled).any(|e| {
+                e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("endpoint-slice-controller")
+                    && e.message.as_deref() == Some(message)
+            });
+            let svcplane = list
+                .items
+                .iter()
+                .filter(disabled)
+                .any(|e| e.reporting_component.as_deref() == Some("svcplane"));
+            let notes: Vec<_> =
+                list.items.iter().map(|e| (&e.reason, &e.message, &e.reporting_component)).collect();
+            match (upstream, svcplane) {
+                (true, true) => Ok(()),
+                seen => Err(format!("(kube-controller-manager, svcplane): {seen:?}; events: {notes:?}")),
+            }
+        }
+    })
+    .await;
 }
 
 // ---- Mirroring (selectorless Service + hand-written Endpoints) --------------------

@@ -254,16 +254,10 @@ async fn list_objects(client: &kube::Client, namespace: Option<&str>) -> anyhow:
     slices.iter_mut().for_each(trim::trim_slice);
     let mut endpoints: Vec<Endpoints> = list(client, namespace, &all, "Endpoints").await?;
     endpoints.iter_mut().for_each(trim::trim_endpoints);
-    // Every Node: the planner needs each Pod's Node's existence and zone.
-    let mut node_list = Api::<Node>::all(client.clone()).list(&all).await.context("listing Nodes")?.items;
-    node_list.iter_mut().for_each(trim::trim_node);
-    let nodes = node_list
-        .into_iter()
-        .map(|node| {
-            let zone = node.labels().get("topology.kubernetes.io/zone").cloned();
-            (node.name_any(), NodeInfo { zone })
-        })
-        .collect();
+    // Every Node: the planner needs each Pod's Node's existence and zone, and
+    // the CPU per zone for topology-mode Auto.
+    let node_list = Api::<Node>::all(client.clone()).list(&all).await.context("listing Nodes")?.items;
+    let nodes = node_list.iter().map(|node| (node.name_any(), NodeInfo::of(node))).collect();
     Ok(Objects { services, pods, nodes, slices, endpoints })
 }
 

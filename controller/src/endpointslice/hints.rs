@@ -1,21 +1,26 @@
-//! Endpoint hints for `spec.trafficDistribution` and their removal. Pure.
+//! Which hints a Service's endpoints get: topology-aware hints
+//! (`service.kubernetes.io/topology-mode: Auto`, in [`super::topology_hints`]),
+//! else `spec.trafficDistribution` hints, else none. Pure.
 //!
 //! Upstream: `trafficdist.ReconcileHints`, `topologycache.RemoveHintsFromSlices`
-//! and the hint branch of `reconcileByAddressType`. Topology-aware hints
-//! (`service.kubernetes.io/topology-mode: Auto`) need Node CPU capacity, which
-//! this planner does not get: an `Auto` Service is treated as upstream treats it
-//! when Node information is insufficient, i.e. its hints are removed.
+//! and the hint branch of `reconcileByAddressType`.
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointHints, EndpointSlice, ForNode, ForZone};
+
+use super::NodeLookup;
+use super::topology_hints::add_hints;
+use crate::ip::IpFamily;
+use crate::plan::Warning;
 
 /// `service.kubernetes.io/topology-aware-hints`: deprecated, wins when present.
 const TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
 /// `service.kubernetes.io/topology-mode`.
 const TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 
-/// Upstream `hintsEnabled`: the topology annotation is `Auto` or `auto`.
-fn topology_hints_enabled(svc: &Service) -> bool {
+/// Upstream `hintsEnabled`: the topology annotation is `Auto` or `auto` (the
+/// deprecated `topology-aware-hints` wins when both are set).
+pub fn topology_hints_enabled(svc: &Service) -> bool {
     let annotations = svc.metadata.annotations.as_ref();
     let value = annotations
         .and_then(|a| a.get(TOPOLOGY_AWARE_HINTS).or_else(|| a.get(TOPOLOGY_MODE)))
@@ -36,16 +41,21 @@ fn traffic_distribution(svc: &Service) -> Option<bool> {
     }
 }
 
-/// Sets or removes hints on the slices being written, and moves unchanged slices
-/// whose hints are wrong into `update` (as copies).
+/// Sets or removes hints on the slices of one address type being written, and
+/// moves unchanged slices whose hints are wrong into `update` (as copies).
+/// Returns the Warning upstream records when topology-aware hints are refused.
 pub(super) fn reconcile_hints(
     svc: &Service,
+    nodes: &impl NodeLookup,
+    family: IpFamily,
     create: &mut [EndpointSlice],
     update: &mut Vec<EndpointSlice>,
     unchanged: &[&EndpointSlice],
-) {
-    // The annotation wins over the field (KEP-4444).
-    let heuristic = traffic_distribution(svc).filter(|_| !topology_hints_enabled(svc));
+) -> Option<Warning> {
+    if topology_hints_enabled(svc) {
+        return add_hints(nodes.zone_shares().as_deref(), family, create, update, unchanged);
+    }
+    let heuristic = traffic_distribution(svc);
     let needs_update = |slice: &EndpointSlice| match heuristic {
         Some(node_hints) => endpoints(slice).iter().any(|e| wrong_hints(e, node_hints)),
         None => endpoints(slice).iter().any(|e| e.hints.is_some()),
@@ -59,6 +69,7 @@ pub(super) fn reconcile_hints(
             }
         }
     }
+    None
 }
 
 /// A slice's endpoints.

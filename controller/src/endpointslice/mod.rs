@@ -10,16 +10,19 @@
 //! - [`desired`]: which endpoints each (address type, port set) group wants.
 //! - [`meta`]: slice labels, ownership, the placeholder slice.
 //! - [`reconcile`]: upstream's minimal-write packing and create→update recycling.
-//! - [`hints`]: `trafficDistribution` hints.
+//! - [`hints`]: which hints, and `trafficDistribution` hints.
+//! - [`topology_hints`]: `topology-mode: Auto` hints.
+//! - [`nodes`]: what is read from Nodes (zone, and CPU per zone).
 
 mod desired;
 mod hints;
 mod meta;
+mod nodes;
 mod reconcile;
 #[cfg(test)]
 mod tests;
+mod topology_hints;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::stored_pod::StoredPod;
@@ -31,6 +34,9 @@ use crate::labels::SVCPLANE_SLICE_CONTROLLER;
 use crate::plan::Plan;
 
 pub use desired::service_address_families;
+pub use hints::topology_hints_enabled;
+pub use nodes::{EXCLUDED_ROLE_LABELS, NodeInfo, NodeLookup, ZONE_LABEL, ZoneCpu, ZoneShares};
+pub use topology_hints::REASON_HINTS_DISABLED;
 
 /// Upstream `--max-endpoints-per-slice` default.
 pub const DEFAULT_MAX_ENDPOINTS_PER_SLICE: usize = 100;
@@ -56,25 +62,6 @@ impl Default for SliceConfig {
             managed_by: SVCPLANE_SLICE_CONTROLLER.to_owned(),
             delete_when_unselected: false,
         }
-    }
-}
-
-/// What the planner needs to know about a Node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeInfo {
-    /// The `topology.kubernetes.io/zone` label, if set.
-    pub zone: Option<String>,
-}
-
-/// Looks Nodes up by name; `None` means the Node does not exist (NotFound).
-pub trait NodeLookup {
-    /// The Node called `name`, if it exists.
-    fn node(&self, name: &str) -> Option<NodeInfo>;
-}
-
-impl NodeLookup for BTreeMap<String, NodeInfo> {
-    fn node(&self, name: &str) -> Option<NodeInfo> {
-        self.get(name).cloned()
     }
 }
 

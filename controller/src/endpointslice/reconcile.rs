@@ -62,6 +62,7 @@ pub(super) fn reconcile(
         plan.endpoints.removed += writes.endpoints.removed;
         plan.endpoints.desired += writes.endpoints.desired;
         plan.endpoints.desired_slices += writes.endpoints.desired_slices;
+        plan.warnings.append(&mut writes.warnings);
     }
     plan.delete.extend(unsupported);
     if !missing_nodes.is_empty() {
@@ -134,7 +135,9 @@ fn reconcile_family(
         .copied()
         .filter(|s| !changed.contains(s.metadata.name.as_deref().unwrap_or_default()))
         .collect();
-    hints::reconcile_hints(svc, &mut writes.create, &mut writes.update, &unchanged);
+    let warning =
+        hints::reconcile_hints(svc, nodes, family, &mut writes.create, &mut writes.update, &unchanged);
+    writes.warnings.extend(warning);
     writes
 }
 

@@ -74,7 +74,7 @@ fn mk_pods(n: usize) -> Vec<Arc<StoredPod>> {
 }
 
 fn mk_nodes() -> BTreeMap<String, NodeInfo> {
-    BTreeMap::from([("node-1".to_owned(), NodeInfo { zone: Some("zone-a".into()) })])
+    BTreeMap::from([("node-1".to_owned(), NodeInfo { zone: Some("zone-a".into()), ..NodeInfo::default() })])
 }
 
 fn arcs(slices: Vec<EndpointSlice>) -> Vec<Arc<EndpointSlice>> {
@@ -591,7 +591,10 @@ fn zone_change_updates_the_endpoint_in_place() {
     let svc = mk_service("foo");
     let pods = mk_pods(3);
     let state = synced(&svc, &pods);
-    let nodes = BTreeMap::from([("node-1".to_owned(), NodeInfo { zone: Some("zone-b".into()) })]);
+    let nodes = BTreeMap::from([(
+        "node-1".to_owned(),
+        NodeInfo { zone: Some("zone-b".into()), ..NodeInfo::default() },
+    )]);
     let plan = plan_slices(Some(&svc), &pods, &nodes, &state, None, &SliceConfig::default());
     assert_eq!(writes(&plan), (0, 1, 0));
     assert_eq!((plan.endpoints.added, plan.endpoints.removed), (0, 0));
@@ -924,4 +927,52 @@ proptest! {
         );
         prop_assert_eq!(plan1_shuffled, plan1);
     }
+}
+
+#[test]
+fn topology_auto_hints_follow_the_cpu_per_zone_of_ready_nodes() {
+    // Issue 18 item 4: `topology-mode: Auto` gets upstream's hints (before: removed).
+    let mut svc = mk_service("foo");
+    svc.metadata.annotations =
+        Some(BTreeMap::from([("service.kubernetes.io/topology-mode".into(), "Auto".into())]));
+    let pods: Vec<Arc<StoredPod>> = (0..4)
+        .map(|i| {
+            let mut pod = mk_pod(i, true);
+            pod.spec.as_mut().unwrap().node_name = Some(if i < 2 { "node-1" } else { "node-2" }.into());
+            Arc::new(pod)
+        })
+        .collect();
+    let node = |zone: &str| NodeInfo {
+        zone: Some(zone.into()),
+        ready: true,
+        allocatable_milli_cpu: 2000,
+        control_plane: false,
+    };
+    let mut nodes =
+        BTreeMap::from([("node-1".to_owned(), node("zone-a")), ("node-2".to_owned(), node("zone-b"))]);
+    let first = plan_slices(Some(&svc), &pods, &nodes, &[], None, &SliceConfig::default());
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    for endpoint in endpoints_of(&first.create) {
+        let zones = endpoint.hints.as_ref().and_then(|h| h.for_zones.clone()).unwrap();
+        assert_eq!(Some(&zones[0].name), endpoint.zone.as_ref());
+    }
+    let state = arcs(apply_plan(NO_SLICES, &first));
+    assert!(plan_slices(Some(&svc), &pods, &nodes, &state, None, &SliceConfig::default()).is_empty());
+    // One zone's Node not ready: one zone left, hints removed with upstream's reason.
+    nodes.get_mut("node-2").unwrap().ready = false;
+    let removed = plan_slices(Some(&svc), &pods, &nodes, &state, None, &SliceConfig::default());
+    assert_eq!(writes(&removed), (0, 1, 0));
+    assert!(endpoints_of(&removed.update).iter().all(|e| e.hints.is_none()));
+    assert_eq!(removed.warnings[0].reason, "TopologyAwareHintsDisabled");
+    // The deprecated annotation wins over the current one.
+    svc.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("service.kubernetes.io/topology-aware-hints".into(), "disabled".into());
+    nodes.get_mut("node-2").unwrap().ready = true;
+    let disabled = plan_slices(Some(&svc), &pods, &nodes, &state, None, &SliceConfig::default());
+    assert!(disabled.warnings.is_empty());
+    assert!(endpoints_of(&disabled.update).iter().all(|e| e.hints.is_none()));
+    assert_eq!(writes(&disabled), (0, 1, 0));
 }

@@ -135,7 +135,8 @@ pub(super) async fn run(ctx: Arc<Context>, grace: Duration) {
             }
             let key = Key::of(svc.as_ref());
             let pods = ctx.indexes.members(&ctx.stores, &key);
-            let Some(summary) = summarize(&svc, &pods, &ctx.stores.nodes) else {
+            let summary = summarize(&svc, &pods, &*super::state::read(&ctx.indexes.nodes));
+            let Some(summary) = summary else {
                 continue;
             };
             if let Some(notice) = tracker.observe(&key, &summary, now, || limiter.check().is_ok())

@@ -25,11 +25,12 @@ use tokio::sync::watch;
 
 use super::{Key, queue::WorkQueue};
 use crate::{
-    endpointslice::{NodeInfo, NodeLookup},
+    endpointslice::{NodeInfo, topology_hints_enabled},
     index::SelectorIndex,
     labels,
     metrics::ControllerKind,
     migration::Migration,
+    node_index::NodeIndex,
     stored_pod::StoredPod,
     tracker::WriteTracker,
     trim,
@@ -42,7 +43,7 @@ pub struct Stores {
     pub services: Store<Service>,
     /// All Pods (only the fields the controllers read).
     pub pods: Store<StoredPod>,
-    /// All Nodes (name and zone only).
+    /// All Nodes (what [`NodeInfo::of`] reads only).
     pub nodes: Store<Node>,
     /// Slices managed by svcplane (both managed-by values), and while migrating
     /// those of kube-controller-manager.
@@ -69,6 +70,11 @@ pub struct Indexes {
     pub selectors: RwLock<SelectorIndex>,
     /// (namespace, service-name label, managed-by) → slice names.
     pub slices_by_owner: RwLock<HashMap<(String, String, String), BTreeSet<String>>>,
+    /// Nodes as the planner reads them, CPU per zone, and Pods per Node.
+    pub nodes: RwLock<NodeIndex>,
+    /// Services with `topology-mode: Auto`: planned again when the CPU share per
+    /// zone changes.
+    pub topology_auto: RwLock<BTreeSet<Key>>,
 }
 
 impl Indexes {
@@ -98,13 +104,6 @@ pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
-}
-
-impl NodeLookup for Store<Node> {
-    fn node(&self, name: &str) -> Option<NodeInfo> {
-        self.get(&ObjectRef::new(name))
-            .map(|node| NodeInfo { zone: node.labels().get("topology.kubernetes.io/zone").cloned() })
-    }
 }
 
 /// Starts the five watches; returns the stores, the indexes, a signal that turns
@@ -155,11 +154,19 @@ pub fn start_watches(
                 Change::Applied(svc) => {
                     let key = Key::of(svc.as_ref());
                     write(&indexes.selectors).upsert_service(&svc);
+                    let mut auto = write(&indexes.topology_auto);
+                    if topology_hints_enabled(&svc) {
+                        auto.insert(key.clone());
+                    } else {
+                        auto.remove(&key);
+                    }
+                    drop(auto);
                     queues.all(&key);
                 }
                 Change::Deleted(svc) => {
                     let key = Key::of(svc.as_ref());
                     write(&indexes.selectors).remove_service(&key.namespace, &key.name);
+                    write(&indexes.topology_auto).remove(&key);
                     queues.all(&key);
                 }
                 // The objects of a re-list were queued before the store held them:
@@ -191,8 +198,11 @@ pub fn start_watches(
             };
             let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
             let affected = if deleted {
+                write(&indexes.nodes).remove_pod(&ns, &name);
                 write(&indexes.selectors).remove_pod(&ns, &name)
             } else {
+                let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                write(&indexes.nodes).upsert_pod(&ns, &name, node);
                 write(&indexes.selectors).upsert_pod(&ns, &name, pod.metadata.labels.as_ref())
             };
             for svc in affected {
@@ -201,15 +211,37 @@ pub fn start_watches(
         })));
     }
 
-    // Nodes: a store only. Upstream does not resync Services on Node events (only
-    // for topology hints), so neither does svcplane: the results stay identical.
+    // Nodes: the Services of the Pods on a Node whose zone or existence changed,
+    // and every topology-mode Auto Service when the CPU share per zone changed.
+    // Upstream follows only the latter (and only for overloaded zones): a Node
+    // relabelled, or deleted and created again, leaves its Pods' endpoints stale
+    // there (kubernetes#123401); svcplane does not.
     {
-        let synced = synced.clone();
+        let (indexes, queues, synced) = (indexes.clone(), queues.clone(), synced.clone());
         let stream = reflector::reflector(
             node_writer,
             watcher(Api::<Node>::all(client.clone()), all.clone()).default_backoff().modify(trim::trim_node),
         );
-        tasks.push(tokio::spawn(route(stream, "nodes", stores.nodes.clone(), synced, |_| {})));
+        tasks.push(tokio::spawn(route(stream, "nodes", stores.nodes.clone(), synced, move |change| {
+            let change = match change {
+                Change::Applied(node) => {
+                    write(&indexes.nodes).upsert_node(&node.name_any(), NodeInfo::of(&node))
+                }
+                Change::Deleted(node) => write(&indexes.nodes).remove_node(&node.name_any()),
+                Change::Listed => return,
+            };
+            let Some(q) = &queues.slices else { return };
+            let selectors = read(&indexes.selectors);
+            for (namespace, pod) in &change.pods {
+                for name in selectors.services_of_pod(namespace, pod) {
+                    q.add(Key { namespace: namespace.clone(), name });
+                }
+            }
+            drop(selectors);
+            if change.shares_changed {
+                read(&indexes.topology_auto).iter().for_each(|key| q.add(key.clone()));
+            }
+        })));
     }
 
     // svcplane's slices: index by owner, trigger the owning controller.

@@ -16,7 +16,7 @@ use super::{
     Context, Error, Key,
     apply::{Observed, apply, observed},
     service,
-    state::TriggerTimes,
+    state::{TriggerTimes, read},
 };
 use crate::{
     endpoints::desired_endpoints,
@@ -41,10 +41,15 @@ pub async fn slices(key: &Key, ctx: &Context) -> Result<(), Error> {
     }
     let svc = service(ctx, key);
     let (pods, trigger) = members(ctx, key, svc.as_ref(), &ctx.slice_trigger_times);
-    let plan = plan_slices(svc.as_deref(), &pods, &ctx.stores.nodes, &existing, trigger, &ctx.slice_config);
-    let from_scratch = || plan_slices(svc.as_deref(), &pods, &ctx.stores.nodes, &[], None, &ctx.slice_config);
     let events_on = svc.as_ref().map(|svc| svc.object_ref(&()));
-    if let Some(plan) = migrate(ctx, &kind, key, plan, &existing, from_scratch, events_on.is_some()) {
+    // The Node index is read-locked while planning only: never across a write.
+    let plan = {
+        let nodes = read(&ctx.indexes.nodes);
+        let plan = plan_slices(svc.as_deref(), &pods, &*nodes, &existing, trigger, &ctx.slice_config);
+        let from_scratch = || plan_slices(svc.as_deref(), &pods, &*nodes, &[], None, &ctx.slice_config);
+        migrate(ctx, &kind, key, plan, &existing, from_scratch, events_on.is_some())
+    };
+    if let Some(plan) = plan {
         apply(ctx, kind, key, &observed, plan, events_on).await?;
     }
     timer.success();
