@@ -1,6 +1,10 @@
 //! Kubernetes resource quantities ("4", "3500m", "2.5", "1Ki", "1e3") read as
 //! milli-units, as apimachinery's `Quantity.MilliValue` does: rounded up, never
 //! negative here (a Node's allocatable CPU cannot be). Pure.
+//!
+//! Written here because the maintained parser, `kube_quantity` 0.9, depends on
+//! an older k8s-openapi than the workspace's 0.29 (`v1_37`) and would bring a
+//! second copy of it, for one function the topology cache needs.
 
 /// `text` in thousandths, rounded up; `None` when it is not a quantity.
 /// Saturates at `u64::MAX`; a negative quantity reads as 0.
