@@ -2,9 +2,10 @@
 //! milli-units, as apimachinery's `Quantity.MilliValue` does: rounded up, never
 //! negative here (a Node's allocatable CPU cannot be). Pure.
 //!
-//! Written here because the maintained parser, `kube_quantity` 0.9, depends on
-//! an older k8s-openapi than the workspace's 0.29 (`v1_37`) and would bring a
-//! second copy of it, for one function the topology cache needs.
+//! Written here because the maintained parser, `kube_quantity` 0.9, has no
+//! milli conversion: its integer conversions (`to_bytes_i64` …) refuse a value
+//! with a negative scale such as `3500m`, the usual way a Node's allocatable
+//! CPU is written, and none rounds up as `MilliValue` does.
 
 /// `text` in thousandths, rounded up; `None` when it is not a quantity.
 /// Saturates at `u64::MAX`; a negative quantity reads as 0.
