@@ -285,7 +285,15 @@ fn fuzz_endpointslice_planner() {
             return Ok(Outcome::Refused);
         };
         let Some(existing) = listed(slices) else { return Ok(Outcome::Refused) };
-        let nodes = BTreeMap::from([("node-1".to_owned(), NodeInfo { zone: Some("zone-a".into()) })]);
+        let nodes = BTreeMap::from([(
+            "node-1".to_owned(),
+            NodeInfo {
+                zone: Some("zone-a".into()),
+                ready: true,
+                allocatable_milli_cpu: 4000,
+                control_plane: false,
+            },
+        )]);
         let config = SliceConfig { max_endpoints_per_slice: *max, ..SliceConfig::default() };
         check_converges(&existing, *max, true, |existing| {
             plan_slices(svc.as_ref(), &pods, &nodes, existing, trigger(*trigger_set), &config)
