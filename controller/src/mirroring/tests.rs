@@ -80,21 +80,32 @@ fn subset(
     EndpointSubset { addresses: Some(ready), not_ready_addresses: Some(not_ready), ports: Some(ports) }
 }
 
+/// Port http 80/TCP and the ready address of pod-1: upstream's one-subset fixture.
+fn http_80_of_pod_1() -> EndpointSubset {
+    subset(vec![port("http", 80, "TCP")], vec![pod_addr("10.0.0.1", "pod-1", "node-1")], vec![])
+}
+
 /// The two-subset fixture most upstream cases share.
 fn two_subsets() -> Vec<EndpointSubset> {
+    two_subsets_with(["10.0.0.1", "10.0.0.2"], ["10.0.1.1", "10.0.1.2", "10.0.1.3"])
+}
+
+/// Upstream's two-subset fixture with other addresses: pod-1 and pod-2 on
+/// http 80 / https 443, pod-11 to pod-13 on 3000 / 3001, all ready.
+fn two_subsets_with(first: [&str; 2], second: [&str; 3]) -> Vec<EndpointSubset> {
+    let addresses = |ips: &[&str], pods: &[&str]| {
+        let on = |i: usize| format!("node-{}", i + 1);
+        ips.iter().zip(pods).enumerate().map(|(i, (ip, pod))| pod_addr(ip, pod, &on(i))).collect()
+    };
     vec![
         subset(
             vec![port("http", 80, "TCP"), port("https", 443, "UDP")],
-            vec![pod_addr("10.0.0.1", "pod-1", "node-1"), pod_addr("10.0.0.2", "pod-2", "node-2")],
+            addresses(&first, &["pod-1", "pod-2"]),
             vec![],
         ),
         subset(
             vec![port("http", 3000, "TCP"), port("https", 3001, "UDP")],
-            vec![
-                pod_addr("10.0.1.1", "pod-11", "node-1"),
-                pod_addr("10.0.1.2", "pod-12", "node-2"),
-                pod_addr("10.0.1.3", "pod-13", "node-3"),
-            ],
+            addresses(&second, &["pod-11", "pod-12", "pod-13"]),
             vec![],
         ),
     ]
@@ -162,6 +173,8 @@ fn plan(endpoints: &Endpoints, existing: &[EndpointSlice], max: usize) -> Plan<E
 
 use crate::plan::{NO_SLICES, applied as apply};
 
+/// One row of upstream's table; `max` 0 is the default maximum per subset.
+#[derive(Default)]
 struct Case {
     name: &'static str,
     subsets: Vec<EndpointSubset>,
@@ -179,27 +192,6 @@ struct Case {
     want_updates: usize,
 }
 
-impl Default for Case {
-    fn default() -> Self {
-        Case {
-            name: "",
-            subsets: Vec::new(),
-            existing: Vec::new(),
-            max: DEFAULT_MAX_ENDPOINTS_PER_SUBSET,
-            deletion_pending: false,
-            want_slices: 0,
-            want_writes: 0,
-            want_desired: 0,
-            want_added: 0,
-            want_updated: 0,
-            want_removed: 0,
-            want_skipped: 0,
-            want_created: 0,
-            want_updates: 0,
-        }
-    }
-}
-
 #[test]
 fn reconcile_matches_upstream_table() {
     let cases = vec![
@@ -211,11 +203,7 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 1 subset, port, and address",
-            subsets: vec![subset(
-                vec![port("http", 80, "TCP")],
-                vec![pod_addr("10.0.0.1", "pod-1", "node-1")],
-                vec![],
-            )],
+            subsets: vec![http_80_of_pod_1()],
             want_slices: 1,
             want_writes: 1,
             want_desired: 1,
@@ -226,7 +214,7 @@ fn reconcile_matches_upstream_table() {
         Case {
             name: "Endpoints with 2 subset, different port and address",
             subsets: vec![
-                subset(vec![port("http", 80, "TCP")], vec![pod_addr("10.0.0.1", "pod-1", "node-1")], vec![]),
+                http_80_of_pod_1(),
                 subset(
                     vec![port("https", 443, "TCP")],
                     vec![pod_addr("10.0.0.2", "pod-2", "node-1")],
@@ -243,7 +231,7 @@ fn reconcile_matches_upstream_table() {
         Case {
             name: "Endpoints with 2 subset, different port and same address",
             subsets: vec![
-                subset(vec![port("http", 80, "TCP")], vec![pod_addr("10.0.0.1", "pod-1", "node-1")], vec![]),
+                http_80_of_pod_1(),
                 subset(
                     vec![port("https", 443, "TCP")],
                     vec![pod_addr("10.0.0.1", "pod-1", "node-1")],
@@ -260,7 +248,7 @@ fn reconcile_matches_upstream_table() {
         Case {
             name: "Endpoints with 2 subset, different address and same port",
             subsets: vec![
-                subset(vec![port("http", 80, "TCP")], vec![pod_addr("10.0.0.1", "pod-1", "node-1")], vec![]),
+                http_80_of_pod_1(),
                 subset(vec![port("http", 80, "TCP")], vec![pod_addr("10.0.0.2", "pod-2", "node-1")], vec![]),
             ],
             want_slices: 1,
@@ -272,11 +260,7 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 1 subset, port, and address, pending deletion",
-            subsets: vec![subset(
-                vec![port("http", 80, "TCP")],
-                vec![pod_addr("10.0.0.1", "pod-1", "node-1")],
-                vec![],
-            )],
+            subsets: vec![http_80_of_pod_1()],
             deletion_pending: true,
             want_desired: 1,
             want_added: 1,
@@ -284,11 +268,7 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 1 subset, port, and address and existing slice with same fields",
-            subsets: vec![subset(
-                vec![port("http", 80, "TCP")],
-                vec![pod_addr("10.0.0.1", "pod-1", "node-1")],
-                vec![],
-            )],
+            subsets: vec![http_80_of_pod_1()],
             existing: vec![mk_slice(
                 "test-ep-1",
                 "IPv4",
@@ -301,11 +281,7 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 1 subset, port, and address and existing slice with same fields but different OwnerReferences",
-            subsets: vec![subset(
-                vec![port("http", 80, "TCP")],
-                vec![pod_addr("10.0.0.1", "pod-1", "node-1")],
-                vec![],
-            )],
+            subsets: vec![http_80_of_pod_1()],
             existing: vec![{
                 let mut s = mk_slice(
                     "test-ep-1",
@@ -326,11 +302,7 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 1 subset, port, and address and existing slice with an additional annotation",
-            subsets: vec![subset(
-                vec![port("http", 80, "TCP")],
-                vec![pod_addr("10.0.0.1", "pod-1", "node-1")],
-                vec![],
-            )],
+            subsets: vec![http_80_of_pod_1()],
             existing: vec![{
                 let mut s = mk_slice(
                     "test-ep-1",
@@ -426,25 +398,10 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 2 subsets, multiple ports, and dual stack addresses",
-            subsets: vec![
-                subset(
-                    vec![port("http", 80, "TCP"), port("https", 443, "UDP")],
-                    vec![
-                        pod_addr("2001:db8:2222:3333:4444:5555:6666:7777", "pod-1", "node-1"),
-                        pod_addr("10.0.0.2", "pod-2", "node-2"),
-                    ],
-                    vec![],
-                ),
-                subset(
-                    vec![port("http", 3000, "TCP"), port("https", 3001, "UDP")],
-                    vec![
-                        pod_addr("10.0.1.1", "pod-11", "node-1"),
-                        pod_addr("10.0.1.2", "pod-12", "node-2"),
-                        pod_addr("2001:db8:3333:4444:5555:6666:7777:8888", "pod-13", "node-3"),
-                    ],
-                    vec![],
-                ),
-            ],
+            subsets: two_subsets_with(
+                ["2001:db8:2222:3333:4444:5555:6666:7777", "10.0.0.2"],
+                ["10.0.1.1", "10.0.1.2", "2001:db8:3333:4444:5555:6666:7777:8888"],
+            ),
             want_slices: 4,
             want_writes: 4,
             want_desired: 5,
@@ -454,25 +411,14 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 2 subsets, multiple ports, some invalid addresses",
-            subsets: vec![
-                subset(
-                    vec![port("http", 80, "TCP"), port("https", 443, "UDP")],
-                    vec![
-                        pod_addr("2001:db8:2222:3333:4444:5555:6666:7777", "pod-1", "node-1"),
-                        pod_addr("this-is-not-an-ip", "pod-2", "node-2"),
-                    ],
-                    vec![],
-                ),
-                subset(
-                    vec![port("http", 3000, "TCP"), port("https", 3001, "UDP")],
-                    vec![
-                        pod_addr("this-is-also-not-an-ip", "pod-11", "node-1"),
-                        pod_addr("2001:db8:4444:3333:4444:5555:6666:7777", "pod-12", "node-2"),
-                        pod_addr("2001:db8:5555:3333:4444:5555:6666:7777", "pod-13", "node-3"),
-                    ],
-                    vec![],
-                ),
-            ],
+            subsets: two_subsets_with(
+                ["2001:db8:2222:3333:4444:5555:6666:7777", "this-is-not-an-ip"],
+                [
+                    "this-is-also-not-an-ip",
+                    "2001:db8:4444:3333:4444:5555:6666:7777",
+                    "2001:db8:5555:3333:4444:5555:6666:7777",
+                ],
+            ),
             want_slices: 2,
             want_writes: 2,
             want_desired: 3,
@@ -483,25 +429,10 @@ fn reconcile_matches_upstream_table() {
         },
         Case {
             name: "Endpoints with 2 subsets, multiple ports, all invalid addresses",
-            subsets: vec![
-                subset(
-                    vec![port("http", 80, "TCP"), port("https", 443, "UDP")],
-                    vec![
-                        pod_addr("this-is-not-an-ip1", "pod-1", "node-1"),
-                        pod_addr("this-is-not-an-ip12", "pod-2", "node-2"),
-                    ],
-                    vec![],
-                ),
-                subset(
-                    vec![port("http", 3000, "TCP"), port("https", 3001, "UDP")],
-                    vec![
-                        pod_addr("this-is-not-an-ip11", "pod-11", "node-1"),
-                        pod_addr("this-is-not-an-ip12", "pod-12", "node-2"),
-                        pod_addr("this-is-not-an-ip3", "pod-13", "node-3"),
-                    ],
-                    vec![],
-                ),
-            ],
+            subsets: two_subsets_with(
+                ["this-is-not-an-ip1", "this-is-not-an-ip12"],
+                ["this-is-not-an-ip11", "this-is-not-an-ip12", "this-is-not-an-ip3"],
+            ),
             want_skipped: 5,
             ..Case::default()
         },
@@ -519,7 +450,10 @@ fn reconcile_matches_upstream_table() {
         },
     ];
 
-    for case in cases {
+    for mut case in cases {
+        if case.max == 0 {
+            case.max = DEFAULT_MAX_ENDPOINTS_PER_SUBSET;
+        }
         let mut endpoints = mk_endpoints(case.subsets.clone());
         if case.deletion_pending {
             endpoints.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
@@ -578,11 +512,7 @@ fn assert_mirrored_shape(endpoints: &Endpoints, slice: &EndpointSlice, max: usiz
 }
 
 fn one_address() -> Endpoints {
-    mk_endpoints(vec![subset(
-        vec![port("http", 80, "TCP")],
-        vec![pod_addr("10.0.0.1", "pod-1", "node-1")],
-        vec![],
-    )])
+    mk_endpoints(vec![http_80_of_pod_1()])
 }
 
 fn annotated(pairs: &[(&str, &str)]) -> Endpoints {
