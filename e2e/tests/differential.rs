@@ -688,10 +688,9 @@ async fn d41_topology_auto_overrides_traffic_distribution() {
     check(&ns, "s", |n| n.endpoint_count() == 1 && has("hints=-", 1)(n)).await;
 }
 
-/// Waits until kube-controller-manager recorded a `TopologyAwareHintsDisabled`
-/// Warning with `message` on Service `s`, and svcplane one with that reason.
-/// svcplane's shared Event recorder folds Events of one reason into the first
-/// one's series, note included, so its note may be an earlier sync's.
+/// Waits until kube-controller-manager and svcplane each recorded a
+/// `TopologyAwareHintsDisabled` Warning with `message` on Service `s` (an
+/// earlier sync's Event with another note may be there too, on both sides).
 async fn hints_disabled_event_from_both(ns: &TestNamespace, message: &str) {
     use k8s_openapi::api::core::v1::Event;
     let events: kube::Api<Event> = ns.api();
@@ -704,11 +703,9 @@ async fn hints_disabled_event_from_both(ns: &TestNamespace, message: &str) {
                 e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("endpoint-slice-controller")
                     && e.message.as_deref() == Some(message)
             });
-            let svcplane = list
-                .items
-                .iter()
-                .filter(disabled)
-                .any(|e| e.reporting_component.as_deref() == Some("svcplane"));
+            let svcplane = list.items.iter().filter(disabled).any(|e| {
+                e.reporting_component.as_deref() == Some("svcplane") && e.message.as_deref() == Some(message)
+            });
             let notes: Vec<_> =
                 list.items.iter().map(|e| (&e.reason, &e.message, &e.reporting_component)).collect();
             match (upstream, svcplane) {

@@ -223,7 +223,7 @@ async fn publish(ctx: &Context, on: &ObjectReference, reason: &str, note: String
         action: "Sync".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, on).await {
+    if let Err(e) = ctx.events.publish(&event, on).await {
         tracing::warn!(error = %e, reason, "failed to publish event");
     }
 }

@@ -7,6 +7,7 @@
 //! - `mirroring`: selectorless Service + hand-written Endpoints → mirrored slices.
 
 mod apply;
+mod events;
 mod no_ready;
 pub mod queue;
 pub mod state;
@@ -15,10 +16,7 @@ mod sync;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Service;
-use kube::{
-    Client,
-    runtime::events::{Recorder, Reporter},
-};
+use kube::{Client, runtime::events::Reporter};
 use tokio::sync::watch;
 
 use crate::{
@@ -127,7 +125,7 @@ pub struct Context {
     /// Metrics.
     pub metrics: Metrics,
     /// Events on Services and Endpoints.
-    pub recorder: Recorder,
+    pub events: events::Events,
     /// Slice planner settings.
     pub slice_config: SliceConfig,
     /// Mirroring planner settings.
@@ -230,7 +228,7 @@ pub async fn run(
     let (stores, indexes, mut synced, watch_tasks) =
         state::start_watches(&client, queues.clone(), tracker.clone(), args.migration);
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter()),
+        events: events::Events::new(client.clone(), reporter()),
         client,
         stores,
         indexes,
