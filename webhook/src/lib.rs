@@ -5,6 +5,7 @@
 //! - [`index`]: the in-memory bitmap index of one replica (no I/O).
 //! - [`claim`]: the claim object and value naming (no I/O).
 //! - [`pools`]: the pools from flags and ServiceCIDRs (no I/O).
+//! - [`service_ip_pools`]: ServiceIPPools, which Services they select (no I/O).
 //! - [`allocator`]: a request's claims, create/delete (409 is the lock).
 //! - [`watches`]: keep the index in step with the cluster; early releases.
 //! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod pools;
 pub mod repair;
 pub mod server;
+pub mod service_ip_pools;
 pub mod tls;
 pub mod usage_alerts;
 pub mod watches;
