@@ -8,6 +8,8 @@
 //! - [`service_ip_pools`]: ServiceIPPools, which Services they select (no I/O).
 //! - [`allocator`]: a request's claims, create/delete (409 is the lock).
 //! - [`watches`]: keep the index in step with the cluster; early releases.
+//! - [`pool_status`]: the leader writes each ServiceIPPool's `Ready` condition.
+//! - [`pool_watches`]: the ServiceIPPools and Namespace labels in the index.
 //! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
 //! - [`repair`]: the leader's reconcile of claims against Services.
 //! - [`usage_alerts`]: which pools reached a usage threshold (no I/O).
@@ -29,6 +31,8 @@ mod fuzz;
 pub mod handler;
 pub mod index;
 pub mod metrics;
+pub mod pool_status;
+pub mod pool_watches;
 pub mod pools;
 pub mod repair;
 pub mod server;
