@@ -112,31 +112,48 @@ async fn delete_services(ns: &TestNamespace, prefix: &str, count: usize) {
     }
 }
 
-#[tokio::test]
-async fn two_tenants_draw_from_their_pools_and_a_third_namespace_from_the_service_cidr_outside_them() {
-    let _turn = POOLS.lock().await;
+/// One test's turn: the pools to itself, the CRDs installed, and a replica
+/// serving `scope`'s namespaces (`ns`, the tenant, and `other`, a bystander).
+struct Turn {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    _certs: tempfile::TempDir,
+    client: kube::Client,
+    server: svcplane_webhook::WebhookServer,
+    ns: TestNamespace,
+    other: TestNamespace,
+}
+
+async fn take_turn(scope: &str) -> Turn {
+    let turn = POOLS.lock().await;
     let cp = control_plane();
     let client = cp.client().await;
     install_crd(&client).await;
     install_pool_crd(&client).await;
-    let (_certs, args) = serving_cert(cp);
-    let (server, ns_a) = replica_for_scope(cp, &client, &args, "tenants").await;
-    let ns_b = scoped_namespace(&client, "wh-tenant-b", "tenants").await;
-    let ns_c = scoped_namespace(&client, "wh-other", "tenants").await;
+    let (certs, args) = serving_cert(cp);
+    let (server, ns) = replica_for_scope(cp, &client, &args, scope).await;
+    let other = scoped_namespace(&client, &format!("wh-{scope}-other"), scope).await;
+    Turn { _turn: turn, _certs: certs, client, server, ns, other }
+}
+
+#[tokio::test]
+async fn two_tenants_draw_from_their_pools_and_a_third_namespace_from_the_service_cidr_outside_them() {
+    let turn = take_turn("tenants").await;
+    let Turn { client, ns: ns_a, other: ns_c, .. } = &turn;
+    let ns_b = scoped_namespace(client, "wh-tenant-b", "tenants").await;
     let labelled = serde_json::json!({"metadata": {"labels": {"tenant": "b"}}});
     Api::<Namespace>::all(client.clone())
         .patch(&ns_b.name, &PatchParams::default(), &Patch::Merge(&labelled))
         .await
         .expect("label tenant b");
-    create_pool(&client, "tenant-a", POOL_A, for_namespace(&ns_a.name)).await;
+    create_pool(client, "tenant-a", POOL_A, for_namespace(&ns_a.name)).await;
     let by_label =
         PoolLabelSelector { match_labels: [("tenant".into(), "b".into())].into(), ..Default::default() };
     let tenant_b = ServiceAllocation { namespace_selectors: vec![by_label], ..Default::default() };
-    create_pool(&client, "tenant-b", POOL_B, Some(tenant_b)).await;
-    wait_pool_reserves(&ns_c, "10.99.0.20", "tenant-a (10.99.0.16/28)").await;
-    wait_pool_reserves(&ns_c, "10.99.0.40", "tenant-b (10.99.0.32/28)").await;
+    create_pool(client, "tenant-b", POOL_B, Some(tenant_b)).await;
+    wait_pool_reserves(ns_c, "10.99.0.20", "tenant-a (10.99.0.16/28)").await;
+    wait_pool_reserves(ns_c, "10.99.0.40", "tenant-b (10.99.0.32/28)").await;
 
-    for (ns, pool) in [(&ns_a, POOL_A), (&ns_b, POOL_B)] {
+    for (ns, pool) in [(ns_a, POOL_A), (&ns_b, POOL_B)] {
         for i in 0..3 {
             let created = ns.create(&mk_service(&format!("t-{i}"), "ClusterIP", &[(80, None)])).await;
             let ip = cluster_ip(&created);
@@ -145,7 +162,7 @@ async fn two_tenants_draw_from_their_pools_and_a_third_namespace_from_the_servic
     }
     // The third namespace fills the ServiceCIDR outside the pools, never
     // taking a pool's address; the tenants still get theirs afterwards.
-    let (ips, full) = fill(&ns_c, "c").await;
+    let (ips, full) = fill(ns_c, "c").await;
     let in_pool: Vec<_> =
         ips.iter().filter(|ip| net(POOL_A).contains(**ip) || net(POOL_B).contains(**ip)).collect();
     assert_eq!(in_pool, Vec::<&IpAddr>::new(), "reserved for the tenants");
@@ -157,25 +174,19 @@ async fn two_tenants_draw_from_their_pools_and_a_third_namespace_from_the_servic
     let after = ns_a.create(&mk_service("t-late", "ClusterIP", &[(80, None)])).await;
     assert!(net(POOL_A).contains(cluster_ip(&after)), "{after:?}");
 
-    delete_services(&ns_c, "c", ips.len()).await;
-    delete_pools(&client, &["tenant-a", "tenant-b"]).await;
-    server.kill();
+    delete_services(ns_c, "c", ips.len()).await;
+    delete_pools(client, &["tenant-a", "tenant-b"]).await;
+    turn.server.kill();
 }
 
 #[tokio::test]
 async fn a_full_pool_is_denied_naming_the_pool_and_its_usage() {
-    let _turn = POOLS.lock().await;
-    let cp = control_plane();
-    let client = cp.client().await;
-    install_crd(&client).await;
-    install_pool_crd(&client).await;
-    let (_certs, args) = serving_cert(cp);
-    let (server, ns_a) = replica_for_scope(cp, &client, &args, "full-pool").await;
-    let ns_c = scoped_namespace(&client, "wh-outsider", "full-pool").await;
-    create_pool(&client, "tenant-a", POOL_A, for_namespace(&ns_a.name)).await;
-    wait_pool_reserves(&ns_c, "10.99.0.20", "tenant-a (10.99.0.16/28)").await;
+    let turn = take_turn("full-pool").await;
+    let Turn { client, ns: ns_a, other: ns_c, .. } = &turn;
+    create_pool(client, "tenant-a", POOL_A, for_namespace(&ns_a.name)).await;
+    wait_pool_reserves(ns_c, "10.99.0.20", "tenant-a (10.99.0.16/28)").await;
 
-    let (ips, full) = fill(&ns_a, "a").await;
+    let (ips, full) = fill(ns_a, "a").await;
     assert!(!ips.is_empty() && ips.iter().all(|ip| net(POOL_A).contains(*ip)), "{ips:?}");
     assert!(
         full.contains("spec.clusterIPs[0]: pool tenant-a (10.99.0.16/28) is full; 14 of 14 used"),
@@ -184,49 +195,43 @@ async fn a_full_pool_is_denied_naming_the_pool_and_its_usage() {
     // Not a full cluster: another namespace still gets an address.
     ns_c.create(&mk_service("outside", "ClusterIP", &[(80, None)])).await;
 
-    delete_services(&ns_a, "a", ips.len()).await;
-    delete_pools(&client, &["tenant-a"]).await;
-    server.kill();
+    delete_services(ns_a, "a", ips.len()).await;
+    delete_pools(client, &["tenant-a"]).await;
+    turn.server.kill();
 }
 
 #[tokio::test]
 async fn a_pool_added_at_runtime_is_used_and_one_removed_frees_its_range() {
-    let _turn = POOLS.lock().await;
-    let cp = control_plane();
-    let client = cp.client().await;
-    install_crd(&client).await;
-    install_pool_crd(&client).await;
-    let (_certs, args) = serving_cert(cp);
-    let (server, ns_a) = replica_for_scope(cp, &client, &args, "runtime").await;
-    let ns_c = scoped_namespace(&client, "wh-bystander", "runtime").await;
-    dry_run_static(&ns_c, "10.99.0.21").await.expect("no pool yet: anyone may ask for 10.99.0.21");
+    let turn = take_turn("runtime").await;
+    let Turn { client, ns: ns_a, other: ns_c, .. } = &turn;
+    dry_run_static(ns_c, "10.99.0.21").await.expect("no pool yet: anyone may ask for 10.99.0.21");
 
-    create_pool(&client, "tenant-a", POOL_A, for_namespace(&ns_a.name)).await;
-    wait_pool_reserves(&ns_c, "10.99.0.21", "tenant-a (10.99.0.16/28)").await;
+    create_pool(client, "tenant-a", POOL_A, for_namespace(&ns_a.name)).await;
+    wait_pool_reserves(ns_c, "10.99.0.21", "tenant-a (10.99.0.16/28)").await;
     let created = ns_a.create(&mk_service("in-pool", "ClusterIP", &[(80, None)])).await;
     assert!(net(POOL_A).contains(cluster_ip(&created)), "{created:?}");
 
-    delete_pools(&client, &["tenant-a"]).await;
+    delete_pools(client, &["tenant-a"]).await;
     eventually("the removed pool's range open to every Service", DEADLINE, || async {
-        dry_run_static(&ns_c, "10.99.0.21").await
+        dry_run_static(ns_c, "10.99.0.21").await
     })
     .await;
-    server.kill();
+    turn.server.kill();
 }
 
 #[tokio::test]
 async fn a_pool_outside_every_service_cidr_or_overlapping_another_gets_a_condition_saying_why() {
     let _turn = POOLS.lock().await;
     let cp = control_plane();
-    let client = cp.client().await;
-    install_crd(&client).await;
-    install_pool_crd(&client).await;
+    let client = &cp.client().await;
+    install_crd(client).await;
+    install_pool_crd(client).await;
     let (_certs, args) = serving_cert(cp);
-    create_pool(&client, "p-ok", POOL_A, None).await;
-    create_pool(&client, "p-outside", "10.200.0.0/28", None).await;
-    create_pool(&client, "p-overlap", "10.99.0.20/30", None).await;
+    create_pool(client, "p-ok", POOL_A, None).await;
+    create_pool(client, "p-outside", "10.200.0.0/28", None).await;
+    create_pool(client, "p-overlap", "10.99.0.20/30", None).await;
     // One pass of the leader's repair loop writes the conditions.
-    repair_pass(&client, &args, &mut args.usage_alerts().expect("thresholds")).await.expect("repair pass");
+    repair_pass(client, &args, &mut args.usage_alerts().expect("thresholds")).await.expect("repair pass");
 
     let api: Api<ServiceIPPool> = Api::all(client.clone());
     let mut seen = Vec::new();
@@ -249,5 +254,5 @@ async fn a_pool_outside_every_service_cidr_or_overlapping_another_gets_a_conditi
     let expected: Vec<_> =
         expected.into_iter().map(|(n, s, r, m)| (n, s.to_owned(), r.to_owned(), m)).collect();
     assert_eq!(seen, expected);
-    delete_pools(&client, &["p-ok", "p-outside", "p-overlap"]).await;
+    delete_pools(client, &["p-ok", "p-outside", "p-overlap"]).await;
 }
