@@ -26,15 +26,31 @@ pub const SCOPE_LABEL: &str = "svcplane.dev/webhook-test";
 
 /// Installs the AllocationClaim CRD and waits until it is served.
 pub async fn install_crd(client: &Client) {
+    apply_crd::<AllocationClaim>(client).await;
+}
+
+/// Installs the ServiceIPPool CRD and waits until it is served.
+pub async fn install_pool_crd(client: &Client) {
+    apply_crd::<svcplane_webhook::service_ip_pools::ServiceIPPool>(client).await;
+}
+
+async fn apply_crd<K>(client: &Client)
+where
+    K: CustomResourceExt
+        + kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = AllocationClaim::crd();
+    let crd = K::crd();
     let name = crd.metadata.name.clone().expect("crd name");
     crds.patch(&name, &PatchParams::apply("svcplane-e2e").force(), &Patch::Apply(&crd))
         .await
         .expect("apply CRD");
-    let claims: Api<AllocationClaim> = Api::all(client.clone());
-    eventually("AllocationClaim served", Duration::from_secs(30), || async {
-        claims.list(&ListParams::default().limit(1)).await.map(|_| ())
+    let objects: Api<K> = Api::all(client.clone());
+    eventually(&format!("{name} served"), Duration::from_secs(30), || async {
+        objects.list(&ListParams::default().limit(1)).await.map(|_| ())
     })
     .await;
 }

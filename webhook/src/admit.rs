@@ -145,6 +145,8 @@ pub struct Plan {
     /// The object has no `spec` (the apiserver defaults one, so only a request
     /// from elsewhere lacks it): the patch adds one before writing into it.
     pub add_spec: bool,
+    /// The Service's labels, which ServiceIPPools' serviceSelectors match.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Plan {
@@ -193,7 +195,8 @@ pub fn plan_admission(request: &Request<'_>) -> Result<Plan, Denial> {
     let owner = Owner { namespace: request.namespace.to_owned(), name };
     let supersede = request.operation == Operation::Create && request.mode == Mode::Mutate;
     let add_spec = request.service.spec.is_none();
-    let mut plan = Plan { owner, supersede, add_spec, ..Plan::default() };
+    let labels = request.service.labels().clone();
+    let mut plan = Plan { owner, supersede, add_spec, labels, ..Plan::default() };
     let default_spec = ServiceSpec::default();
     let spec = request.service.spec.as_ref().unwrap_or(&default_spec);
     let kind = service_type(spec);

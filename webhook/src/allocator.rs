@@ -24,6 +24,7 @@ use crate::admit::{Assigned, Denial, Plan, service_values};
 use crate::claim::{AllocationClaim, Owner, Value, build_claim, claim_owner};
 use crate::index::{ClaimRecord, Index, assigned_ports, lock, requested_ports};
 use crate::metrics::Metrics;
+use crate::service_ip_pools::{IpPickError, ServiceRef};
 
 /// How many claim conflicts one dynamic pick tolerates before giving up.
 const MAX_PICK_ATTEMPTS: usize = 32;
@@ -117,10 +118,15 @@ impl Allocator {
     async fn reserve_in(&self, plan: &Plan, txn: &mut Txn<'_>) -> Result<Assigned, Denial> {
         let mut assigned = Assigned::default();
         for need in &plan.ips {
+            let service = ServiceRef { namespace: &plan.owner.namespace, labels: &plan.labels };
             let ip = match need.requested {
-                Some(ip) => self.claim_static(Value::Ip(ip), &need.field, txn).await.map(|()| ip)?,
+                Some(ip) => {
+                    let access = self.index().check_pool_access(ip, service);
+                    access.map_err(|why| Denial::invalid(&need.field, why))?;
+                    self.claim_static(Value::Ip(ip), &need.field, txn).await.map(|()| ip)?
+                }
                 None => {
-                    let pick = |index: &mut Index| index.pick_ip(need.family);
+                    let pick = |index: &mut Index| index.pick_ip_for(need.family, service);
                     self.claim_dynamic(pick, Value::Ip, &need.field, txn).await?
                 }
             };
@@ -183,15 +189,15 @@ impl Allocator {
 
     /// Picks with `pick` (which holds the value pending) and claims, picking
     /// again after a conflict; `wrap` names the picked thing as a [`Value`].
-    async fn claim_dynamic<T: Copy>(
+    async fn claim_dynamic<T: Copy, E: PickDenial>(
         &self,
-        pick: impl Fn(&mut Index) -> Result<T, IpamError>,
+        pick: impl Fn(&mut Index) -> Result<T, E>,
         wrap: fn(T) -> Value,
         field: &str,
         txn: &mut Txn<'_>,
     ) -> Result<T, Denial> {
         for _ in 0..MAX_PICK_ATTEMPTS {
-            let picked = pick(&mut self.index()).map_err(|error| full_denial(field, &error))?;
+            let picked = pick(&mut self.index()).map_err(|error| error.denial(field))?;
             let value = wrap(picked);
             txn.pending.push(value);
             if txn.dry_run {
@@ -341,6 +347,28 @@ fn taken_denial(
     holder: impl std::fmt::Display,
 ) -> Denial {
     Denial::invalid(field, format!("{value} is already allocated to {holder}"))
+}
+
+/// A failed pick as the denial of `field`.
+trait PickDenial {
+    fn denial(&self, field: &str) -> Denial;
+}
+
+impl PickDenial for IpamError {
+    fn denial(&self, field: &str) -> Denial {
+        full_denial(field, self)
+    }
+}
+
+/// A full ServiceIPPool is named with its usage, without ipam's wording:
+/// `spec.clusterIPs[0]: pool tenant-a (10.96.8.0/24) is full; 254 of 254 used`.
+impl PickDenial for IpPickError {
+    fn denial(&self, field: &str) -> Denial {
+        match self {
+            IpPickError::Range(error) => full_denial(field, error),
+            IpPickError::Pools(full) => Denial::invalid(field, full.to_string()),
+        }
+    }
 }
 
 fn full_denial(field: &str, error: &IpamError) -> Denial {

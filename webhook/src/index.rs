@@ -14,7 +14,7 @@
 //! objects are the truth, and a pick is only kept once its claim create
 //! succeeded.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use kube::ResourceExt;
 use crate::admit::{service_owner, service_values};
 use crate::claim::{AllocationClaim, Owner, Value, claim_owner};
 use crate::pools::{Draining, PoolConfig};
+use crate::service_ip_pools::{IpPickError, PoolSet, ServiceIPPool, ServiceRef};
 
 /// What the index knows about a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,14 +124,15 @@ pub struct Index {
     services: HashMap<Owner, BTreeSet<Value>>,
     pending: HashMap<Value, usize>,
     unconfirmed: HashMap<Value, Unconfirmed>,
+    service_ip_pools: PoolSet,
 }
 
 impl Index {
     /// An empty index over `config`'s pools.
     pub fn new(config: PoolConfig) -> Result<Self, IpamError> {
         let (ips, ports) = build_allocators(&config)?;
-        let (claims, held, services, pending, unconfirmed) = Default::default();
-        Ok(Self { config, ips, ports, claims, held, services, pending, unconfirmed })
+        let (claims, held, services, pending, unconfirmed, service_ip_pools) = Default::default();
+        Ok(Self { config, ips, ports, claims, held, services, pending, unconfirmed, service_ip_pools })
     }
 
     /// The index a replica's watches build from listing `claims` and
@@ -162,11 +164,9 @@ impl Index {
         self.config = config;
         self.ips = ips;
         self.ports = ports;
-        let values: BTreeSet<Value> =
-            self.claims.keys().chain(self.held.keys()).chain(self.pending.keys()).copied().collect();
-        for value in values {
-            self.sync(value);
-        }
+        // Whether a pool lies inside a ServiceCIDR may have changed.
+        self.service_ip_pools.rebuild(&self.config.cidrs);
+        self.remark_all();
         Ok(())
     }
 
@@ -478,7 +478,8 @@ impl Index {
         let ips =
             self.ips.iter().map(|p| PoolUsage { pool: p.cidr().to_string(), used: p.used(), free: p.free() });
         let p = &self.ports;
-        ips.chain([PoolUsage { pool: p.range().to_string(), used: p.used(), free: p.free() }]).collect()
+        let ports = [PoolUsage { pool: p.range().to_string(), used: p.used(), free: p.free() }];
+        ips.chain(ports).chain(self.service_ip_pool_usage()).collect()
     }
 
     /// Makes the bit of `value` match whether anyone holds it.
@@ -491,7 +492,8 @@ impl Index {
             // /16, a larger one added to extend the range) must not hand it
             // out again from the other one.
             Value::Ip(ip) => {
-                for pool in self.ips.iter_mut().filter(|pool| pool.contains(ip)) {
+                let service_ip_pools = self.service_ip_pools.bitmaps.iter_mut().map(|(_, b)| b);
+                for pool in self.ips.iter_mut().chain(service_ip_pools).filter(|pool| pool.contains(ip)) {
                     if wanted && !pool.has(ip) {
                         // In range and free, so this cannot fail.
                         let _ = pool.allocate(ip);
@@ -507,6 +509,86 @@ impl Index {
                     self.ports.release(port);
                 }
             }
+        }
+    }
+}
+
+/// ServiceIPPools (`service_ip_pools.rs`): their bitmaps sit beside the
+/// ServiceCIDRs' and every taken IP is marked in both.
+impl Index {
+    /// Replaces the ServiceIPPool objects (the pool watch's complete store).
+    pub fn set_service_ip_pools(&mut self, objects: Vec<ServiceIPPool>) {
+        self.service_ip_pools.objects = objects;
+        self.service_ip_pools.rebuild(&self.config.cidrs);
+        self.remark_all();
+    }
+
+    /// Records a Namespace's labels (`None`: deleted), for namespaceSelectors.
+    pub fn set_namespace_labels(&mut self, name: &str, labels: Option<BTreeMap<String, String>>) {
+        let namespaces = &mut self.service_ip_pools.namespace_labels;
+        match labels {
+            Some(labels) => namespaces.insert(name.to_owned(), labels),
+            None => namespaces.remove(name),
+        };
+    }
+
+    /// Replaces every Namespace's labels (after a relist).
+    pub fn replace_namespace_labels(&mut self, labels: BTreeMap<String, BTreeMap<String, String>>) {
+        self.service_ip_pools.namespace_labels = labels;
+    }
+
+    /// The pools, usable or not, in precedence order (for `ipam status`).
+    pub fn service_ip_pools(&self) -> &PoolSet {
+        &self.service_ip_pools
+    }
+
+    /// Picks a free IP of `family` for `service` and holds it pending: from
+    /// the pools that select it when there are any, else from the
+    /// ServiceCIDRs outside every pool (the pools are reserved for the
+    /// Services they select).
+    pub fn pick_ip_for(&mut self, family: IpFamily, service: ServiceRef<'_>) -> Result<IpAddr, IpPickError> {
+        if self.service_ip_pools.selects(family, service) {
+            let ip = self.service_ip_pools.pick(family, service).map_err(IpPickError::Pools)?;
+            self.hold_pending(Value::Ip(ip));
+            return Ok(ip);
+        }
+        // Each pick inside a pool is set aside (held) so the next pick moves
+        // on, then freed: O(pool addresses) at worst, when the rest is full.
+        let mut set_aside = Vec::new();
+        let picked = loop {
+            match self.pick_ip(family) {
+                Ok(ip) if self.service_ip_pools.pool_of(ip).is_some() => set_aside.push(Value::Ip(ip)),
+                other => break other,
+            }
+        };
+        for value in set_aside {
+            self.release_pending(value);
+        }
+        picked.map_err(IpPickError::Range)
+    }
+
+    /// Whether `service` may have the IP it requested: `Err` when the IP is
+    /// in a pool that does not select it.
+    pub fn check_pool_access(&self, ip: IpAddr, service: ServiceRef<'_>) -> Result<(), String> {
+        self.service_ip_pools.check_access(ip, service)
+    }
+
+    /// The usage of each usable pool's CIDR, named `tenant-a (10.96.8.0/24)`.
+    fn service_ip_pool_usage(&self) -> impl Iterator<Item = PoolUsage> + '_ {
+        let pools = &self.service_ip_pools;
+        pools.bitmaps.iter().map(|(def, b)| PoolUsage {
+            pool: pools.defs[*def].label(b.cidr()),
+            used: b.used(),
+            free: b.free(),
+        })
+    }
+
+    /// Marks every known value again after the bitmaps were rebuilt.
+    fn remark_all(&mut self) {
+        let values: BTreeSet<Value> =
+            self.claims.keys().chain(self.held.keys()).chain(self.pending.keys()).copied().collect();
+        for value in values {
+            self.sync(value);
         }
     }
 }

@@ -5,8 +5,11 @@
 //! - [`index`]: the in-memory bitmap index of one replica (no I/O).
 //! - [`claim`]: the claim object and value naming (no I/O).
 //! - [`pools`]: the pools from flags and ServiceCIDRs (no I/O).
+//! - [`service_ip_pools`]: ServiceIPPools, which Services they select (no I/O).
 //! - [`allocator`]: a request's claims, create/delete (409 is the lock).
 //! - [`watches`]: keep the index in step with the cluster; early releases.
+//! - [`pool_status`]: the leader writes each ServiceIPPool's `Ready` condition.
+//! - [`pool_watches`]: the ServiceIPPools and Namespace labels in the index.
 //! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
 //! - [`repair`]: the leader's reconcile of claims against Services.
 //! - [`usage_alerts`]: which pools reached a usage threshold (no I/O).
@@ -28,9 +31,12 @@ mod fuzz;
 pub mod handler;
 pub mod index;
 pub mod metrics;
+pub mod pool_status;
+pub mod pool_watches;
 pub mod pools;
 pub mod repair;
 pub mod server;
+pub mod service_ip_pools;
 pub mod tls;
 pub mod usage_alerts;
 pub mod watches;

@@ -120,6 +120,7 @@ pub async fn repair_once(
     let cidrs = list_all::<ServiceCIDR>(client).await?;
     let pools = Index::new(pools_from(&cidrs, fallback)).map_err(Error::Pools)?;
     let plan = plan_repair(&claims, &services, |v| pools.covers(v), Timestamp::now().as_millisecond(), grace);
+    crate::pool_status::update_pool_status(client, &pools.config().cidrs).await?;
 
     for (value, uid) in &plan.release {
         match delete_claim(&claims_api, *value, uid.clone()).await {

@@ -26,6 +26,7 @@ use crate::allocator::Allocator;
 use crate::handler::{AppState, mutate, validate};
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::pool_watches::run_pool_watches;
 use crate::watches::run_watches;
 use crate::{Error, WebhookArgs, tls};
 
@@ -112,7 +113,18 @@ impl WebhookServer {
         let allocator = Allocator::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
         let mut tasks = Vec::new();
         let (release, grace) = (args.release_on_delete, args.unconfirmed_grace);
-        tasks.push(tokio::spawn(run_watches(client.clone(), index.clone(), pools, ready_tx, release, grace)));
+        let (cluster_tx, cluster_rx) = watch::channel(false);
+        let (pools_tx, pools_rx) = watch::channel(false);
+        tasks.push(tokio::spawn(run_watches(
+            client.clone(),
+            index.clone(),
+            pools,
+            cluster_tx,
+            release,
+            grace,
+        )));
+        tasks.push(tokio::spawn(run_pool_watches(client.clone(), index.clone(), pools_tx)));
+        tasks.push(tokio::spawn(all_ready([cluster_rx, pools_rx], ready_tx)));
         if let Some(reload) = reload {
             tasks.push(tokio::spawn(reload));
         }
@@ -226,4 +238,14 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "index not built")
     }
+}
+
+/// Sets `ready` once every one of `parts` is true.
+async fn all_ready<const N: usize>(parts: [watch::Receiver<bool>; N], ready: watch::Sender<bool>) {
+    for mut part in parts {
+        if part.wait_for(|ready| *ready).await.is_err() {
+            return;
+        }
+    }
+    let _ = ready.send(true);
 }

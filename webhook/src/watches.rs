@@ -108,7 +108,7 @@ pub async fn run_watches(
 }
 
 /// One watch's news, after the reflector folded the watcher's events.
-enum Change<K> {
+pub(crate) enum Change<K> {
     /// A complete (re-)list: every object, never a half-listed state.
     Listed(Vec<Arc<K>>),
     Applied(K),
@@ -117,7 +117,7 @@ enum Change<K> {
 
 /// Watches every `K` with kube-runtime's default backoff, through the
 /// reflector `writer`, as [`Change`]s.
-fn watch<K>(api: Api<K>, writer: Writer<K>) -> impl Stream<Item = Change<K>>
+pub(crate) fn watch<K>(api: Api<K>, writer: Writer<K>) -> impl Stream<Item = Change<K>>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
