@@ -20,12 +20,15 @@ use kube::runtime::events::{Event, Recorder, Reporter};
 /// after that only starts a new Event).
 const MAX_SUBJECTS: usize = 10_000;
 
+/// The object (kind/namespace/name) and reason an Event is about.
+type Subject = (String, String);
+
 /// Publishes Events: an identical note is a repeat, a new note a new Event.
 pub struct Events {
     client: Client,
     reporter: Reporter,
-    /// (kind/namespace/name, reason) → the last note and its Recorder.
-    last: Mutex<HashMap<(String, String), (Option<String>, Recorder)>>,
+    /// The last note of each subject and the Recorder that published it.
+    last: Mutex<HashMap<Subject, (Option<String>, Recorder)>>,
 }
 
 impl Events {
