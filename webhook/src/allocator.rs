@@ -9,6 +9,7 @@
 //! caches no objects, and kube's `reflector::Store` (used by `watches.rs`) does.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -16,14 +17,15 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt};
-use svcplane_ipam::{IpamError, NodePortAssignment, NodePortError};
+use svcplane_ipam::{IpFamily, IpamError, NodePortAssignment, NodePortError};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::admit::{Assigned, Denial, Plan, service_values};
+use crate::admit::{Assigned, Denial, IpNeed, Plan, PortNeeds, service_values};
 use crate::claim::{AllocationClaim, Owner, Value, build_claim, claim_owner};
 use crate::index::{ClaimRecord, Index, assigned_ports, lock, requested_ports};
 use crate::metrics::Metrics;
+use crate::retention;
 
 /// How many claim conflicts one dynamic pick tolerates before giving up.
 const MAX_PICK_ATTEMPTS: usize = 32;
@@ -119,15 +121,25 @@ impl Allocator {
         for need in &plan.ips {
             let ip = match need.requested {
                 Some(ip) => self.claim_static(Value::Ip(ip), &need.field, txn).await.map(|()| ip)?,
-                None => {
-                    let pick = |index: &mut Index| index.pick_ip(need.family);
-                    self.claim_dynamic(pick, Value::Ip, &need.field, txn).await?
-                }
+                None => match self.claim_retained_ip(need, txn).await {
+                    Some(ip) => ip,
+                    None => {
+                        let pick = |index: &mut Index| index.pick_ip(need.family);
+                        let family = need.family;
+                        let reusable = move |index: &Index, value: Value| match value {
+                            Value::Ip(ip) => {
+                                IpFamily::of(ip) == family && index.check_in_range(value).is_ok()
+                            }
+                            Value::Port(_) => false,
+                        };
+                        self.claim_dynamic(pick, Value::Ip, reusable, &need.field, txn).await?
+                    }
+                },
             };
             assigned.ips.push(ip);
         }
         if let Some(needs) = &plan.ports {
-            let picked = self.index().pick_node_ports(&needs.ports, needs.needs, &plan.owner);
+            let picked = self.pick_node_ports(needs, &plan.owner, txn.dry_run).await;
             let mut assignment = picked.map_err(|error| {
                 port_denial(&self.index(), &error, &plan.owner, needs.spec_index.as_slice())
             })?;
@@ -147,7 +159,8 @@ impl Allocator {
                             // Lost a race with another replica: pick again.
                             self.metrics.claim_conflicts.inc();
                             let pick = |index: &mut Index| index.pick_port();
-                            let new = self.claim_dynamic(pick, Value::Port, &field, txn).await?;
+                            let reusable = |_: &Index, value: Value| matches!(value, Value::Port(_));
+                            let new = self.claim_dynamic(pick, Value::Port, reusable, &field, txn).await?;
                             replace_port(&mut assignment, *port, new);
                         }
                         Err(error) => return Err(store_denial(&field, &error)),
@@ -181,17 +194,85 @@ impl Allocator {
         }
     }
 
+    /// The IP of `need`'s family retained for this Service since it was
+    /// deleted, claimed as if requested; `None` when there is none or it
+    /// cannot be had (then a new one is picked).
+    async fn claim_retained_ip(&self, need: &IpNeed, txn: &mut Txn<'_>) -> Option<IpAddr> {
+        let ip = self.index().retained.preferred_ip(txn.owner, need.family)?;
+        self.claim_static(Value::Ip(ip), &need.field, txn).await.ok().map(|()| ip)
+    }
+
+    /// Assigns the nodePorts of `needs`: those retained for `owner` back on
+    /// the same ports when it can have them, and when the range is otherwise
+    /// full, after releasing the oldest retained port (not on dry-run).
+    async fn pick_node_ports(
+        &self,
+        needs: &PortNeeds,
+        owner: &Owner,
+        dry_run: bool,
+    ) -> Result<NodePortAssignment, NodePortError> {
+        let (ports, with_retained) = retention::with_retained_ports(&self.index().retained, owner, needs);
+        let preferred = self.index().pick_node_ports(&ports, with_retained, owner);
+        if let Ok(assignment) = preferred {
+            return Ok(assignment);
+        }
+        loop {
+            let picked = self.index().pick_node_ports(&needs.ports, needs.needs, owner);
+            let full = matches!(&picked, Err(error) if matches!(error.source, IpamError::Full { .. }));
+            let reusable = |_: &Index, value: Value| matches!(value, Value::Port(_));
+            if !full || dry_run || !self.release_oldest_retained(reusable).await {
+                return picked;
+            }
+        }
+    }
+
+    /// Releases the retained claim whose window ends first among those
+    /// `reusable` accepts, for a pool that is otherwise full; false when there
+    /// is none. Every replica may try: the delete's preconditions let one win.
+    async fn release_oldest_retained(&self, reusable: impl Fn(&Index, Value) -> bool) -> bool {
+        let oldest = {
+            let index = self.index();
+            index.retained.oldest(|value| reusable(&index, value))
+        };
+        let Some((value, retention)) = oldest else { return false };
+        match retention::release_claim(&self.claims, value, &retention).await {
+            Ok(true) => {
+                info!(%value, owner = %retention.owner, "released a retained value: its pool is otherwise full");
+                self.index().delete_claim(value);
+            }
+            // Confirmed by its returning owner or released by another
+            // replica meanwhile: the claim watch brings the news.
+            Ok(false) => self.index().retained.forget(value),
+            Err(error) => {
+                warn!(%value, %error, "could not release a retained value");
+                return false;
+            }
+        }
+        true
+    }
+
     /// Picks with `pick` (which holds the value pending) and claims, picking
     /// again after a conflict; `wrap` names the picked thing as a [`Value`].
+    /// A full pool first gives up its oldest `reusable` retained value.
     async fn claim_dynamic<T: Copy>(
         &self,
         pick: impl Fn(&mut Index) -> Result<T, IpamError>,
         wrap: fn(T) -> Value,
+        reusable: impl Fn(&Index, Value) -> bool,
         field: &str,
         txn: &mut Txn<'_>,
     ) -> Result<T, Denial> {
         for _ in 0..MAX_PICK_ATTEMPTS {
-            let picked = pick(&mut self.index()).map_err(|error| full_denial(field, &error))?;
+            let picked = pick(&mut self.index());
+            let picked = match picked {
+                Ok(picked) => picked,
+                Err(IpamError::Full { .. })
+                    if !txn.dry_run && self.release_oldest_retained(&reusable).await =>
+                {
+                    continue;
+                }
+                Err(error) => return Err(full_denial(field, &error)),
+            };
             let value = wrap(picked);
             txn.pending.push(value);
             if txn.dry_run {

@@ -9,6 +9,7 @@
 //! - [`watches`]: keep the index in step with the cluster; early releases.
 //! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
 //! - [`repair`]: the leader's reconcile of claims against Services.
+//! - [`retention`]: a deleted Service's values kept for its re-creation.
 //! - [`usage_alerts`]: which pools reached a usage threshold (no I/O).
 //! - [`metrics`]: Prometheus metrics.
 //!
@@ -30,6 +31,7 @@ pub mod index;
 pub mod metrics;
 pub mod pools;
 pub mod repair;
+pub mod retention;
 pub mod server;
 pub mod tls;
 pub mod usage_alerts;
@@ -109,6 +111,12 @@ pub struct WebhookArgs {
         action = clap::ArgAction::Set
     )]
     pub release_on_delete: bool,
+    /// How long a deleted Service's ClusterIPs and NodePorts stay claimed for
+    /// a Service of the same namespace/name (given back when it is
+    /// re-created; handed to others only when a pool is otherwise full);
+    /// 0s releases them at once.
+    #[arg(long = "webhook-retention", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
     /// Pool utilisation, in percent, at which the repair leader records a
     /// Warning Event (`PoolUsageHigh`), once per threshold reached; a Normal
     /// `PoolUsageNormal` when a pool is back under the lowest.

@@ -111,8 +111,9 @@ impl WebhookServer {
         let (ready_tx, ready_rx) = watch::channel(false);
         let allocator = Allocator::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
         let mut tasks = Vec::new();
-        let (release, grace) = (args.release_on_delete, args.unconfirmed_grace);
-        tasks.push(tokio::spawn(run_watches(client.clone(), index.clone(), pools, ready_tx, release, grace)));
+        let (release, grace, retention) = (args.release_on_delete, args.unconfirmed_grace, args.retention);
+        let watches = run_watches(client.clone(), index.clone(), pools, ready_tx, release, grace, retention);
+        tasks.push(tokio::spawn(watches));
         if let Some(reload) = reload {
             tasks.push(tokio::spawn(reload));
         }
