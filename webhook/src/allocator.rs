@@ -27,6 +27,13 @@ use crate::index::{ClaimRecord, Index, assigned_ports, lock, requested_ports};
 use crate::metrics::Metrics;
 use crate::retention;
 
+/// How long a create waits for the watches to fold the delete of its
+/// namesake (see `await_retention_of_namesake`); they take milliseconds.
+const NAMESAKE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often that wait looks at the index.
+const NAMESAKE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// How many claim conflicts one dynamic pick tolerates before giving up.
 const MAX_PICK_ATTEMPTS: usize = 32;
 
@@ -93,6 +100,9 @@ impl Allocator {
     /// Claims every value of `plan` (or, on dry-run, only picks them) and
     /// returns what was assigned. On a denial nothing stays claimed.
     pub async fn reserve(&self, plan: &Plan, dry_run: bool) -> Result<Assigned, Denial> {
+        if plan.supersede {
+            self.await_retention_of_namesake(&plan.owner).await;
+        }
         if plan.supersede && !dry_run {
             self.release_superseded(plan).await;
         }
@@ -132,7 +142,19 @@ impl Allocator {
                             }
                             Value::Port(_) => false,
                         };
-                        self.claim_dynamic(pick, Value::Ip, reusable, &need.field, txn).await?
+                        match self.claim_dynamic(pick, Value::Ip, &reusable, &need.field, txn).await {
+                            Ok(ip) => ip,
+                            // A dry run answers with the value the real
+                            // request would take over, releasing nothing.
+                            Err(denial) if txn.dry_run => {
+                                let index = self.index();
+                                match index.retained.oldest(|value| reusable(&index, value)) {
+                                    Some((Value::Ip(ip), _)) => ip,
+                                    _ => return Err(denial),
+                                }
+                            }
+                            Err(denial) => return Err(denial),
+                        }
                     }
                 },
             };
@@ -191,6 +213,35 @@ impl Allocator {
         match self.create_claim(value, txn.owner).await {
             Ok(outcome) => txn.note(value, outcome).map_err(|holder| taken_denial(field, value, holder)),
             Err(error) => Err(store_denial(field, &error)),
+        }
+    }
+
+    /// Waits (at most [`NAMESAKE_WAIT`]) until the watches have folded the
+    /// delete of a Service of this create's namespace/name, if the index
+    /// still shows one holding values, and the retention (or release) of
+    /// each of those values: `kubectl delete` then `create` comes within
+    /// milliseconds, often before the watch has seen the delete, and the
+    /// values are only handed back once retained. A create whose name really
+    /// exists fails with AlreadyExists after this wait.
+    async fn await_retention_of_namesake(&self, owner: &Owner) {
+        let stale = self.index().service_values(owner);
+        if stale.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + NAMESAKE_WAIT;
+        while Instant::now() < deadline {
+            let settled = {
+                let index = self.index();
+                index.service_values(owner).is_empty()
+                    && stale.iter().all(|value| {
+                        index.retained.get(*value).is_some()
+                            || index.claim(*value).is_none_or(|claim| claim.owner != *owner)
+                    })
+            };
+            if settled {
+                return;
+            }
+            tokio::time::sleep(NAMESAKE_POLL).await;
         }
     }
 
@@ -322,7 +373,14 @@ impl Allocator {
     /// this replica and no Service holds, keeping the values this request
     /// asks for (a reinvocation of the same request).
     async fn release_superseded(&self, plan: &Plan) {
-        let superseded = self.index().superseded_by(&plan.owner, &requested_values(plan));
+        let superseded = {
+            let index = self.index();
+            let mut superseded = index.superseded_by(&plan.owner, &requested_values(plan));
+            // A Service deleted before this replica saw it confirmed left
+            // its claims tracked as unconfirmed: retained, they are its own.
+            superseded.retain(|(value, _)| index.retained.get(*value).is_none());
+            superseded
+        };
         if superseded.is_empty() {
             return;
         }

@@ -92,6 +92,22 @@ impl Retained {
         };
     }
 
+    /// Records the retention [`retain_claims`] is about to write for the
+    /// deleted `owner`'s `values`, until the claim watch brings the claims
+    /// (without their resourceVersion: a release meanwhile checks the uid).
+    pub fn expect(&mut self, owner: &Owner, values: &[(Value, Option<String>, String)], until_ms: i64) {
+        for (value, uid, field) in values {
+            let retention = Retention {
+                owner: owner.clone(),
+                until_ms,
+                field: field.clone(),
+                uid: uid.clone(),
+                resource_version: None,
+            };
+            self.0.entry(*value).or_insert(retention);
+        }
+    }
+
     /// Forgets a claim that is gone.
     pub fn forget(&mut self, value: Value) {
         self.0.remove(&value);

@@ -76,14 +76,24 @@ pub async fn run_watches(
     let on_services = async {
         let mut changes = pin!(watch(Api::<Service>::all(client.clone()), Writer::default()));
         while let Some(change) = changes.next().await {
-            let Some(FollowUp { owner, mut release, rekey, retain, confirm }) =
-                fold_service(&mut lock(&index), change)
-            else {
+            let until = retention_end(retention).filter(|_| release_on_change);
+            let folded = {
+                let mut index = lock(&index);
+                let follow_up = fold_service(&mut index, change);
+                // Under the same lock as the delete's fold: a create of the
+                // same name finds the values retained from now on, not only
+                // once the claim watch echoes the write below.
+                if let (Some(follow_up), Some(until)) = (&follow_up, until) {
+                    index.retained.expect(&follow_up.owner, &follow_up.retain, until.as_millisecond());
+                }
+                follow_up
+            };
+            let Some(FollowUp { owner, mut release, rekey, retain, confirm }) = folded else {
                 mark(1);
                 continue;
             };
             if release_on_change {
-                match retention_end(retention) {
+                match until {
                     Some(until) => retention::retain_claims(&claims, retain, until).await,
                     None => release.extend(retain.into_iter().map(|(value, uid, _)| (value, uid))),
                 }
