@@ -69,6 +69,10 @@ pub fn serving_cert(cp: &ControlPlane) -> (tempfile::TempDir, WebhookArgs) {
         tls_key_file: Some(key),
         repair_grace: Duration::from_secs(3),
         repair_interval: Duration::from_millis(500),
+        // Values are released as soon as their Service is deleted, as the
+        // tests written before sticky values expect; webhook_sticky.rs sets
+        // its own window.
+        retention: Duration::ZERO,
         ..WebhookArgs::default()
     };
     (dir, args)

@@ -9,6 +9,7 @@
 //! caches no objects, and kube's `reflector::Store` (used by `watches.rs`) does.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -16,15 +17,23 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt};
-use svcplane_ipam::{IpamError, NodePortAssignment, NodePortError};
+use svcplane_ipam::{IpFamily, IpamError, NodePortAssignment, NodePortError};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::admit::{Assigned, Denial, Plan, service_values};
+use crate::admit::{Assigned, Denial, IpNeed, Plan, PortNeeds, service_values};
 use crate::claim::{AllocationClaim, Owner, Value, build_claim, claim_owner};
 use crate::index::{ClaimRecord, Index, assigned_ports, lock, requested_ports};
 use crate::metrics::Metrics;
+use crate::retention;
 use crate::service_ip_pools::{IpPickError, ServiceRef};
+
+/// How long a create waits for the watches to fold the delete of its
+/// namesake (see `await_retention_of_namesake`); they take milliseconds.
+const NAMESAKE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often that wait looks at the index.
+const NAMESAKE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How many claim conflicts one dynamic pick tolerates before giving up.
 const MAX_PICK_ATTEMPTS: usize = 32;
@@ -92,6 +101,9 @@ impl Allocator {
     /// Claims every value of `plan` (or, on dry-run, only picks them) and
     /// returns what was assigned. On a denial nothing stays claimed.
     pub async fn reserve(&self, plan: &Plan, dry_run: bool) -> Result<Assigned, Denial> {
+        if plan.supersede {
+            self.await_retention_of_namesake(&plan.owner).await;
+        }
         if plan.supersede && !dry_run {
             self.release_superseded(plan).await;
         }
@@ -125,15 +137,37 @@ impl Allocator {
                     access.map_err(|why| Denial::invalid(&need.field, why))?;
                     self.claim_static(Value::Ip(ip), &need.field, txn).await.map(|()| ip)?
                 }
-                None => {
-                    let pick = |index: &mut Index| index.pick_ip_for(need.family, service);
-                    self.claim_dynamic(pick, Value::Ip, &need.field, txn).await?
-                }
+                None => match self.claim_retained_ip(need, txn).await {
+                    Some(ip) => ip,
+                    None => {
+                        let pick = |index: &mut Index| index.pick_ip_for(need.family, service);
+                        let family = need.family;
+                        let reusable = move |index: &Index, value: Value| match value {
+                            Value::Ip(ip) => {
+                                IpFamily::of(ip) == family && index.check_in_range(value).is_ok()
+                            }
+                            Value::Port(_) => false,
+                        };
+                        match self.claim_dynamic(pick, Value::Ip, &reusable, &need.field, txn).await {
+                            Ok(ip) => ip,
+                            // A dry run answers with the value the real
+                            // request would take over, releasing nothing.
+                            Err(denial) if txn.dry_run => {
+                                let index = self.index();
+                                match index.retained.oldest(|value| reusable(&index, value)) {
+                                    Some((Value::Ip(ip), _)) => ip,
+                                    _ => return Err(denial),
+                                }
+                            }
+                            Err(denial) => return Err(denial),
+                        }
+                    }
+                },
             };
             assigned.ips.push(ip);
         }
         if let Some(needs) = &plan.ports {
-            let picked = self.index().pick_node_ports(&needs.ports, needs.needs, &plan.owner);
+            let picked = self.pick_node_ports(needs, &plan.owner, txn.dry_run).await;
             let mut assignment = picked.map_err(|error| {
                 port_denial(&self.index(), &error, &plan.owner, needs.spec_index.as_slice())
             })?;
@@ -153,7 +187,8 @@ impl Allocator {
                             // Lost a race with another replica: pick again.
                             self.metrics.claim_conflicts.inc();
                             let pick = |index: &mut Index| index.pick_port();
-                            let new = self.claim_dynamic(pick, Value::Port, &field, txn).await?;
+                            let reusable = |_: &Index, value: Value| matches!(value, Value::Port(_));
+                            let new = self.claim_dynamic(pick, Value::Port, reusable, &field, txn).await?;
                             replace_port(&mut assignment, *port, new);
                         }
                         Err(error) => return Err(store_denial(&field, &error)),
@@ -187,17 +222,117 @@ impl Allocator {
         }
     }
 
+    /// Waits (at most [`NAMESAKE_WAIT`]) until the watches have folded the
+    /// delete of a Service of this create's namespace/name, if the index
+    /// still shows one holding values, and the retention (or release) of
+    /// each of those values: `kubectl delete` then `create` comes within
+    /// milliseconds, often before the watch has seen the delete, and the
+    /// values are only handed back once retained. A create whose name really
+    /// exists fails with AlreadyExists after this wait.
+    async fn await_retention_of_namesake(&self, owner: &Owner) {
+        let stale = self.index().service_values(owner);
+        if stale.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + NAMESAKE_WAIT;
+        while Instant::now() < deadline {
+            let settled = {
+                let index = self.index();
+                index.service_values(owner).is_empty()
+                    && stale.iter().all(|value| {
+                        index.retained.get(*value).is_some()
+                            || index.claim(*value).is_none_or(|claim| claim.owner != *owner)
+                    })
+            };
+            if settled {
+                return;
+            }
+            tokio::time::sleep(NAMESAKE_POLL).await;
+        }
+    }
+
+    /// The IP of `need`'s family retained for this Service since it was
+    /// deleted, claimed as if requested; `None` when there is none or it
+    /// cannot be had (then a new one is picked).
+    async fn claim_retained_ip(&self, need: &IpNeed, txn: &mut Txn<'_>) -> Option<IpAddr> {
+        let ip = self.index().retained.preferred_ip(txn.owner, need.family)?;
+        self.claim_static(Value::Ip(ip), &need.field, txn).await.ok().map(|()| ip)
+    }
+
+    /// Assigns the nodePorts of `needs`: those retained for `owner` back on
+    /// the same ports when it can have them, and when the range is otherwise
+    /// full, after releasing the oldest retained port (not on dry-run).
+    async fn pick_node_ports(
+        &self,
+        needs: &PortNeeds,
+        owner: &Owner,
+        dry_run: bool,
+    ) -> Result<NodePortAssignment, NodePortError> {
+        let (ports, with_retained) = retention::with_retained_ports(&self.index().retained, owner, needs);
+        let preferred = self.index().pick_node_ports(&ports, with_retained, owner);
+        if let Ok(assignment) = preferred {
+            return Ok(assignment);
+        }
+        loop {
+            let picked = self.index().pick_node_ports(&needs.ports, needs.needs, owner);
+            let full = matches!(&picked, Err(error) if matches!(error.source, IpamError::Full { .. }));
+            let reusable = |_: &Index, value: Value| matches!(value, Value::Port(_));
+            if !full || dry_run || !self.release_oldest_retained(reusable).await {
+                return picked;
+            }
+        }
+    }
+
+    /// Releases the retained claim whose window ends first among those
+    /// `reusable` accepts, for a pool that is otherwise full; false when there
+    /// is none. Every replica may try: the delete's preconditions let one win.
+    async fn release_oldest_retained(&self, reusable: impl Fn(&Index, Value) -> bool) -> bool {
+        let oldest = {
+            let index = self.index();
+            index.retained.oldest(|value| reusable(&index, value))
+        };
+        let Some((value, retention)) = oldest else { return false };
+        match retention::release_claim(&self.claims, value, &retention).await {
+            Ok(true) => {
+                info!(%value, owner = %retention.owner, "released a retained value: its pool is otherwise full");
+                self.index().delete_claim(value);
+            }
+            // Confirmed by its returning owner or released by another
+            // replica meanwhile: the claim watch brings the news.
+            Ok(false) => self.index().retained.forget(value),
+            Err(error) => {
+                warn!(%value, %error, "could not release a retained value");
+                return false;
+            }
+        }
+        true
+    }
+
     /// Picks with `pick` (which holds the value pending) and claims, picking
     /// again after a conflict; `wrap` names the picked thing as a [`Value`].
+    /// A full range first gives up its oldest `reusable` retained value (a
+    /// full ServiceIPPool does not: see webhook/README.md).
     async fn claim_dynamic<T: Copy, E: PickDenial>(
         &self,
         pick: impl Fn(&mut Index) -> Result<T, E>,
         wrap: fn(T) -> Value,
+        reusable: impl Fn(&Index, Value) -> bool,
         field: &str,
         txn: &mut Txn<'_>,
     ) -> Result<T, Denial> {
         for _ in 0..MAX_PICK_ATTEMPTS {
-            let picked = pick(&mut self.index()).map_err(|error| error.denial(field))?;
+            let picked = pick(&mut self.index());
+            let picked = match picked {
+                Ok(picked) => picked,
+                Err(error)
+                    if error.is_range_full()
+                        && !txn.dry_run
+                        && self.release_oldest_retained(&reusable).await =>
+                {
+                    continue;
+                }
+                Err(error) => return Err(error.denial(field)),
+            };
             let value = wrap(picked);
             txn.pending.push(value);
             if txn.dry_run {
@@ -247,7 +382,14 @@ impl Allocator {
     /// this replica and no Service holds, keeping the values this request
     /// asks for (a reinvocation of the same request).
     async fn release_superseded(&self, plan: &Plan) {
-        let superseded = self.index().superseded_by(&plan.owner, &requested_values(plan));
+        let superseded = {
+            let index = self.index();
+            let mut superseded = index.superseded_by(&plan.owner, &requested_values(plan));
+            // A Service deleted before this replica saw it confirmed left
+            // its claims tracked as unconfirmed: retained, they are its own.
+            superseded.retain(|(value, _)| index.retained.get(*value).is_none());
+            superseded
+        };
         if superseded.is_empty() {
             return;
         }
@@ -352,11 +494,18 @@ fn taken_denial(
 /// A failed pick as the denial of `field`.
 trait PickDenial {
     fn denial(&self, field: &str) -> Denial;
+
+    /// The ServiceCIDRs' (or the NodePort range's) values are all taken.
+    fn is_range_full(&self) -> bool;
 }
 
 impl PickDenial for IpamError {
     fn denial(&self, field: &str) -> Denial {
         full_denial(field, self)
+    }
+
+    fn is_range_full(&self) -> bool {
+        matches!(self, IpamError::Full { .. })
     }
 }
 
@@ -368,6 +517,10 @@ impl PickDenial for IpPickError {
             IpPickError::Range(error) => full_denial(field, error),
             IpPickError::Pools(full) => Denial::invalid(field, full.to_string()),
         }
+    }
+
+    fn is_range_full(&self) -> bool {
+        matches!(self, IpPickError::Range(error) if error.is_range_full())
     }
 }
 

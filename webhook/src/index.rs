@@ -31,6 +31,7 @@ use kube::ResourceExt;
 use crate::admit::{service_owner, service_values};
 use crate::claim::{AllocationClaim, Owner, Value, claim_owner};
 use crate::pools::{Draining, PoolConfig};
+use crate::retention::{Retained, Retention};
 use crate::service_ip_pools::{IpPickError, PoolSet, ServiceIPPool, ServiceRef};
 
 /// What the index knows about a claim.
@@ -72,6 +73,8 @@ pub enum Holder {
     Service(Owner),
     /// Another request in flight on this replica.
     Pending,
+    /// A claim retained for a deleted Service's re-creation.
+    Retained(Retention),
 }
 
 impl Holder {
@@ -80,6 +83,7 @@ impl Holder {
         match self {
             Holder::Claim(owner) | Holder::Service(owner) => owner.to_string(),
             Holder::Pending => "a concurrent request".to_owned(),
+            Holder::Retained(retention) => retention.describe(),
         }
     }
 }
@@ -125,6 +129,8 @@ pub struct Index {
     pending: HashMap<Value, usize>,
     unconfirmed: HashMap<Value, Unconfirmed>,
     service_ip_pools: PoolSet,
+    /// The claims retained for deleted Services (see `retention.rs`).
+    pub(crate) retained: Retained,
 }
 
 impl Index {
@@ -132,7 +138,19 @@ impl Index {
     pub fn new(config: PoolConfig) -> Result<Self, IpamError> {
         let (ips, ports) = build_allocators(&config)?;
         let (claims, held, services, pending, unconfirmed, service_ip_pools) = Default::default();
-        Ok(Self { config, ips, ports, claims, held, services, pending, unconfirmed, service_ip_pools })
+        let retained = Retained::default();
+        Ok(Self {
+            config,
+            ips,
+            ports,
+            claims,
+            held,
+            services,
+            pending,
+            unconfirmed,
+            service_ip_pools,
+            retained,
+        })
     }
 
     /// The index a replica's watches build from listing `claims` and
@@ -189,6 +207,7 @@ impl Index {
     pub fn delete_claim(&mut self, value: Value) {
         self.claims.remove(&value);
         self.unconfirmed.remove(&value);
+        self.retained.forget(value);
         self.sync(value);
     }
 
@@ -322,7 +341,9 @@ impl Index {
     /// `me` holds it.
     pub fn other_holder(&self, value: Value, me: &Owner) -> Option<Holder> {
         if let Some(claim) = self.claims.get(&value) {
-            return (!claim.owner.matches(me)).then(|| Holder::Claim(claim.owner.clone()));
+            let retained = self.retained.get(value).filter(|_| !self.is_held(value)).cloned();
+            let holder = retained.map_or_else(|| Holder::Claim(claim.owner.clone()), Holder::Retained);
+            return (!claim.owner.matches(me)).then_some(holder);
         }
         if let Some(holders) = self.held.get(&value)
             && let Some(other) = holders.iter().find(|owner| !owner.matches(me))

@@ -12,6 +12,7 @@
 //! - [`pool_watches`]: the ServiceIPPools and Namespace labels in the index.
 //! - [`handler`], [`server`], [`tls`]: HTTPS over rustls, AdmissionReview v1.
 //! - [`repair`]: the leader's reconcile of claims against Services.
+//! - [`retention`]: a deleted Service's values kept for its re-creation.
 //! - [`usage_alerts`]: which pools reached a usage threshold (no I/O).
 //! - [`metrics`]: Prometheus metrics.
 //!
@@ -35,6 +36,7 @@ pub mod pool_status;
 pub mod pool_watches;
 pub mod pools;
 pub mod repair;
+pub mod retention;
 pub mod server;
 pub mod service_ip_pools;
 pub mod tls;
@@ -115,6 +117,12 @@ pub struct WebhookArgs {
         action = clap::ArgAction::Set
     )]
     pub release_on_delete: bool,
+    /// How long a deleted Service's ClusterIPs and NodePorts stay claimed for
+    /// a Service of the same namespace/name (given back when it is
+    /// re-created; handed to others only when a pool is otherwise full);
+    /// 0s releases them at once.
+    #[arg(long = "webhook-retention", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
     /// Pool utilisation, in percent, at which the repair leader records a
     /// Warning Event (`PoolUsageHigh`), once per threshold reached; a Normal
     /// `PoolUsageNormal` when a pool is back under the lowest.

@@ -6,7 +6,8 @@
 //! [`plan_repair`]:
 //! - releases a claim no Service holds once it is older than the grace
 //!   period (the reservation's request was rejected after admission, or the
-//!   Service changed type or was deleted while no replica watched);
+//!   Service changed type or was deleted while no replica watched), or,
+//!   when it is retained for a deleted Service, once its window ended;
 //! - adopts a value a Service holds without a claim (created while the
 //!   webhook was down or bypassed);
 //! - reports duplicates and out-of-range values as Warning Events on the
@@ -37,6 +38,7 @@ use crate::claim::{AllocationClaim, Owner, Value, build_claim};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::pools::{PoolConfig, pools_from};
+use crate::retention;
 use crate::usage_alerts::{Alert, UsageAlerts};
 
 /// What one pass should do.
@@ -83,7 +85,7 @@ pub fn plan_repair(
         }
         let created =
             claim.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()).unwrap_or(now_ms);
-        if now_ms.saturating_sub(created) >= grace_ms {
+        if now_ms >= retention::release_due_ms(claim, created, grace_ms) {
             plan.release.push((*value, claim.uid()));
         }
     }

@@ -112,17 +112,12 @@ impl WebhookServer {
         let (ready_tx, ready_rx) = watch::channel(false);
         let allocator = Allocator::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
         let mut tasks = Vec::new();
-        let (release, grace) = (args.release_on_delete, args.unconfirmed_grace);
+        let (release, grace, retention) = (args.release_on_delete, args.unconfirmed_grace, args.retention);
         let (cluster_tx, cluster_rx) = watch::channel(false);
         let (pools_tx, pools_rx) = watch::channel(false);
-        tasks.push(tokio::spawn(run_watches(
-            client.clone(),
-            index.clone(),
-            pools,
-            cluster_tx,
-            release,
-            grace,
-        )));
+        let watches =
+            run_watches(client.clone(), index.clone(), pools, cluster_tx, release, grace, retention);
+        tasks.push(tokio::spawn(watches));
         tasks.push(tokio::spawn(run_pool_watches(client.clone(), index.clone(), pools_tx)));
         tasks.push(tokio::spawn(all_ready([cluster_rx, pools_rx], ready_tx)));
         if let Some(reload) = reload {

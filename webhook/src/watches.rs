@@ -27,11 +27,14 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::admit::{service_owner, service_values};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::admit::{service_owner, service_values, value_fields};
 use crate::allocator::{delete_claim, release_claims};
 use crate::claim::{AllocationClaim, Owner, Value, build_claim};
 use crate::index::{ClaimRecord, Index, lock};
 use crate::pools::{PoolConfig, pools_from};
+use crate::retention::{self, Retained};
 
 /// How often the unconfirmed claims are checked against `unconfirmed_grace`.
 const UNCONFIRMED_CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -53,6 +56,7 @@ pub async fn run_watches(
     ready: watch::Sender<bool>,
     release_on_change: bool,
     unconfirmed_grace: Duration,
+    retention: Duration,
 ) {
     let listed = AtomicU8::new(0);
     let mark = |which: u8| {
@@ -72,11 +76,27 @@ pub async fn run_watches(
     let on_services = async {
         let mut changes = pin!(watch(Api::<Service>::all(client.clone()), Writer::default()));
         while let Some(change) = changes.next().await {
-            let Some(FollowUp { owner, release, rekey }) = fold_service(&mut lock(&index), change) else {
+            let until = retention_end(retention).filter(|_| release_on_change);
+            let folded = {
+                let mut index = lock(&index);
+                let follow_up = fold_service(&mut index, change);
+                // Under the same lock as the delete's fold: a create of the
+                // same name finds the values retained from now on, not only
+                // once the claim watch echoes the write below.
+                if let (Some(follow_up), Some(until)) = (&follow_up, until) {
+                    index.retained.expect(&follow_up.owner, &follow_up.retain, until.as_millisecond());
+                }
+                follow_up
+            };
+            let Some(FollowUp { owner, mut release, rekey, retain, confirm }) = folded else {
                 mark(1);
                 continue;
             };
             if release_on_change {
+                match until {
+                    Some(until) => retention::retain_claims(&claims, retain, until).await,
+                    None => release.extend(retain.into_iter().map(|(value, uid, _)| (value, uid))),
+                }
                 for (value, uid) in release {
                     match delete_claim(&claims, value, uid).await {
                         Ok(_) => debug!(%owner, %value, "released on Service update or delete"),
@@ -87,6 +107,7 @@ pub async fn run_watches(
             for (value, uid) in rekey {
                 rekey_claim(&claims, value, uid, &owner).await;
             }
+            retention::confirm_claims(&claims, confirm).await;
         }
     };
     let on_cidrs = async {
@@ -105,6 +126,13 @@ pub async fn run_watches(
     };
     let unconfirmed = release_unconfirmed(&claims, &index, unconfirmed_grace);
     tokio::join!(on_claims, on_services, on_cidrs, unconfirmed);
+}
+
+/// When a Service deleted now stops waiting for its values; `None` when
+/// retention is off (`--webhook-retention=0s`).
+fn retention_end(retention: Duration) -> Option<Timestamp> {
+    let window = i64::try_from(retention.as_millis()).ok().filter(|ms| *ms > 0)?;
+    Timestamp::from_millisecond(Timestamp::now().as_millisecond().saturating_add(window)).ok()
 }
 
 /// One watch's news, after the reflector folded the watcher's events.
@@ -158,10 +186,15 @@ fn fold_claims(index: &mut Index, change: Change<AllocationClaim>) -> bool {
     match change {
         Change::Listed(claims) => {
             index.replace_claims(claims.iter().filter_map(|claim| ClaimRecord::of(claim)));
+            index.retained = Retained::default();
+            for claim in &claims {
+                Value::from_spec(&claim.spec).into_iter().for_each(|v| index.retained.observe(v, claim));
+            }
             return true;
         }
         Change::Applied(claim) => {
-            ClaimRecord::of(&claim).into_iter().for_each(|(v, r)| index.apply_claim(v, r))
+            ClaimRecord::of(&claim).into_iter().for_each(|(v, r)| index.apply_claim(v, r));
+            Value::from_spec(&claim.spec).into_iter().for_each(|v| index.retained.observe(v, &claim));
         }
         Change::Deleted(claim) => {
             Value::from_spec(&claim.spec).into_iter().for_each(|v| index.delete_claim(v))
@@ -180,6 +213,11 @@ struct FollowUp {
     release: Vec<(Value, Option<String>)>,
     /// Its placeholder claims (`prefix*`), to re-key to its real name.
     rekey: Vec<(Value, Option<String>)>,
+    /// It was deleted: its claims, with the field that carried each value,
+    /// to retain for its re-creation (or release when retention is off).
+    retain: Vec<(Value, Option<String>, String)>,
+    /// It is back: its retained claims it holds again, to confirm.
+    confirm: Vec<(Value, Option<String>)>,
 }
 
 /// Folds a Service change into `index` and says what to release or re-key;
@@ -200,17 +238,32 @@ fn fold_service(index: &mut Index, change: Change<Service>) -> Option<FollowUp> 
             // downgrade to single stack frees values at once, as in
             // kube-apiserver.
             let dropped = before.difference(&values).filter(|v| !index.is_held(**v));
-            let release = claims_of(index, &owner, dropped);
+            let mut release = claims_of(index, &owner, dropped);
             let placeholders =
                 values.iter().filter(|v| index.claim(**v).is_some_and(|c| c.owner.name.ends_with('*')));
             let rekey = claims_of(index, &owner, placeholders);
-            Some(FollowUp { owner, release, rekey })
+            // Back under its name: what it holds is its own again, what it
+            // did not take back waits for nobody.
+            let (held, not_held): (Vec<_>, Vec<_>) = index
+                .retained
+                .for_owner(&owner)
+                .into_iter()
+                .filter(|(v, _)| !index.is_held(*v) || values.contains(v))
+                .partition(|(v, _)| values.contains(v));
+            release.extend(not_held);
+            Some(FollowUp { owner, release, rekey, retain: Vec::new(), confirm: held })
         }
         Change::Deleted(service) => {
             let owner = service_owner(&service);
             index.delete_service(&owner);
-            let release = claims_of(index, &owner, service_values(&service).iter());
-            Some(FollowUp { owner, release, rekey: Vec::new() })
+            let fields = value_fields(&service).into_iter();
+            let retain = fields
+                .filter_map(|(value, field)| {
+                    let claim = index.claim(value).filter(|c| c.owner.matches(&owner))?;
+                    Some((value, claim.uid.clone(), field))
+                })
+                .collect();
+            Some(FollowUp { owner, release: Vec::new(), rekey: Vec::new(), retain, confirm: Vec::new() })
         }
     }
 }
@@ -324,14 +377,45 @@ mod tests {
         assert_eq!(fold_service(&mut index, listed), None);
         let update = fold_service(&mut index, Change::Applied(mk_service("web-1", &[], &[30001, 30004])));
         let u = |port: u16| (Value::Port(port), Some(format!("u{port}")));
-        let expected = FollowUp { owner: owner("web-1"), release: vec![u(30002)], rekey: vec![u(30004)] };
+        let expected = FollowUp {
+            owner: owner("web-1"),
+            release: vec![u(30002)],
+            rekey: vec![u(30004)],
+            retain: vec![],
+            confirm: vec![],
+        };
         assert_eq!(update, Some(expected), "30003 is another Service's claim");
         assert_eq!(index.service_values(&owner("web-1")), ports(&[30001, 30004]));
         let deleted =
             fold_service(&mut index, Change::Deleted(mk_service("web-1", &[], &[30001, 30003]))).unwrap();
+        let retained = (Value::Port(30001), Some("u30001".into()), "spec.ports[0].nodePort".into());
         assert_eq!(
-            (deleted.release, index.service_values(&owner("web-1"))),
-            (vec![u(30001)], BTreeSet::new())
+            (deleted.release, deleted.retain, index.service_values(&owner("web-1"))),
+            (vec![], vec![retained], BTreeSet::new()),
+            "its own claims are retained (or released when retention is off), 30003 is not its own"
         );
+    }
+
+    #[test]
+    fn a_re_created_service_confirms_the_retained_values_it_holds_and_releases_the_others() {
+        let mut index = mk_index("10.0.0.0/24", "30000-30009");
+        let until = k8s_openapi::jiff::Timestamp::from_millisecond(1_000).unwrap();
+        for (port, name) in [(30001, "web"), (30002, "web"), (30003, "api")] {
+            let claim = retention::build_retained(mk_claim(port, name), until, "spec.ports[0].nodePort");
+            fold_claims(&mut index, Change::Applied(claim));
+        }
+        let back = fold_service(&mut index, Change::Applied(mk_service("web", &[], &[30001]))).unwrap();
+        let u = |port: u16| (Value::Port(port), Some(format!("u{port}")));
+        assert_eq!((back.confirm, back.release), (vec![u(30001)], vec![u(30002)]), "30003 waits for api");
+        let unrelated = fold_service(&mut index, Change::Applied(mk_service("db", &[], &[]))).unwrap();
+        assert_eq!((unrelated.confirm, unrelated.release), (vec![], vec![]));
+    }
+
+    #[test]
+    fn retention_is_off_at_zero() {
+        assert_eq!(retention_end(Duration::ZERO), None);
+        let until = retention_end(Duration::from_secs(600)).unwrap();
+        let ahead = until.as_millisecond() - k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        assert!((599_000..=600_000).contains(&ahead), "{ahead}");
     }
 }
