@@ -338,3 +338,26 @@ pub async fn repair_pass(
         .await
         .map_err(|e| e.to_string())
 }
+
+/// `(kind/name of the object, reason, note, times)` of every pool usage Event so
+/// far; `times` counts repeats recorded as a series of one Event.
+pub async fn usage_events(client: &kube::Client) -> Vec<(String, String, String, i32)> {
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), "default")
+        .list(&ListParams::default())
+        .await;
+    let mut found: Vec<_> = events
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref().is_some_and(|r| r.starts_with("PoolUsage")))
+        .map(|e| {
+            let regarding = e.regarding.unwrap_or_default();
+            let object =
+                format!("{}/{}", regarding.kind.unwrap_or_default(), regarding.name.unwrap_or_default());
+            let times = e.series.map_or(1, |series| series.count);
+            (object, e.reason.unwrap_or_default(), e.note.unwrap_or_default(), times)
+        })
+        .collect();
+    found.sort();
+    found
+}

@@ -3,31 +3,9 @@
 //! leader warns once per usage threshold reached, on the pool's object.
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use svcplane_e2e::webhook::*;
 use svcplane_e2e::{ControlPlaneOptions, shared_with};
-
-/// `(kind/name of the object, reason, note, times)` of every pool usage Event so
-/// far; `times` counts repeats recorded as a series of one Event.
-async fn usage_events(client: &kube::Client) -> Vec<(String, String, String, i32)> {
-    let events = Api::<Event>::namespaced(client.clone(), "default").list(&ListParams::default()).await;
-    let mut found: Vec<_> = events
-        .expect("list Events")
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref().is_some_and(|r| r.starts_with("PoolUsage")))
-        .map(|e| {
-            let regarding = e.regarding.unwrap_or_default();
-            let object =
-                format!("{}/{}", regarding.kind.unwrap_or_default(), regarding.name.unwrap_or_default());
-            let times = e.series.map_or(1, |series| series.count);
-            (object, e.reason.unwrap_or_default(), e.note.unwrap_or_default(), times)
-        })
-        .collect();
-    found.sort();
-    found
-}
 
 #[tokio::test]
 async fn a_full_pool_is_denied_naming_the_pool() {

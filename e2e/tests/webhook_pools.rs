@@ -194,6 +194,34 @@ async fn a_full_pool_is_denied_naming_the_pool_and_its_usage() {
     );
     // Not a full cluster: another namespace still gets an address.
     ns_c.create(&mk_service("outside", "ClusterIP", &[(80, None)])).await;
+    // The repair leader warns on the ServiceIPPool itself (issue #19 item 3).
+    let args = svcplane_webhook::WebhookArgs::default();
+    repair_pass(client, &args, &mut args.usage_alerts().expect("thresholds")).await.expect("repair pass");
+    let events = usage_events(client).await;
+    let on_pool: Vec<_> = events.iter().filter(|e| e.0 == "ServiceIPPool/tenant-a").collect();
+    assert_eq!(on_pool.len(), 1, "{events:?}");
+    assert_eq!(
+        (on_pool[0].1.as_str(), on_pool[0].2.split(':').next()),
+        ("PoolUsageHigh", Some("pool tenant-a (10.99.0.16/28) is 100% used (14 of 14), over 95%")),
+        "{events:?}"
+    );
+    // `svcplane ipam status` shows the pool, full, with what it selects.
+    let (ok, stdout, stderr) =
+        control_plane().run_cli(&svcplane_e2e::svcplane::svcplane_bin(), &["ipam", "status", "-o", "json"]);
+    assert!(ok, "ipam status: {stderr}");
+    let rows: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let row = rows.as_array().and_then(|rows| rows.iter().find(|r| r["source"] == "ServiceIPPool/tenant-a"));
+    let row = row.unwrap_or_else(|| panic!("no row for the pool: {rows:#}"));
+    assert_eq!(
+        (&row["range"], &row["used"], &row["free"], &row["selects"]),
+        (
+            &serde_json::json!("10.99.0.16/28"),
+            &serde_json::json!(14),
+            &serde_json::json!(0),
+            &serde_json::json!(format!("namespaces={}", ns_a.name))
+        ),
+        "{row:#}"
+    );
 
     delete_services(ns_a, "a", ips.len()).await;
     delete_pools(client, &["tenant-a"]).await;

@@ -9,7 +9,8 @@
 //! after `--webhook-repair-grace`). Pools are the ServiceCIDR objects when the
 //! cluster has any, else `--service-cluster-ip-range`; the NodePort pool is
 //! always `--service-node-port-range` (no API object holds it). Both defaults
-//! are the webhook's.
+//! are the webhook's. ServiceIPPools are listed with what they select; the
+//! ServiceCIDR rows count their whole range, pools included.
 
 use std::collections::BTreeSet;
 
@@ -20,6 +21,7 @@ use serde::Serialize;
 use svcplane_webhook::admit::{service_values, value_fields};
 use svcplane_webhook::index::Index;
 use svcplane_webhook::pools::{PoolConfig, parse_cidrs, pools_from};
+use svcplane_webhook::service_ip_pools::{ServiceIPPool, describe_allocation};
 use svcplane_webhook::{AllocationClaim, DEFAULT_NODE_PORT_RANGE, DEFAULT_SERVICE_CIDRS, Value};
 
 use super::{OutputFormat, emit, table::Table};
@@ -74,6 +76,8 @@ pub struct PoolStatus {
     pub utilisation: f64,
     /// Claims of values in this pool that no Service carries.
     pub claims_without_service: usize,
+    /// Which Services draw from it: a ServiceIPPool's `serviceAllocation`.
+    pub selects: String,
 }
 
 /// One holder of a value.
@@ -103,7 +107,9 @@ pub async fn run(args: IpamArgs, client: kube::Client) -> anyhow::Result<()> {
         IpamCommand::Status => {
             let cidrs = list_or_none(Api::<ServiceCIDR>::all(client.clone()), "ServiceCIDRs").await?;
             let flags = flag_pools(&args)?;
-            let report = build_status(&cidrs, &flags, &claims, &services)?;
+            let service_ip_pools =
+                list_or_none(Api::<ServiceIPPool>::all(client.clone()), "ServiceIPPools").await?;
+            let report = build_status(&cidrs, &flags, &service_ip_pools, &claims, &services)?;
             emit(args.output, &report, |pools| {
                 let headers = [
                     "SOURCE",
@@ -114,6 +120,7 @@ pub async fn run(args: IpamArgs, client: kube::Client) -> anyhow::Result<()> {
                     "FREE",
                     "UTILISATION",
                     "CLAIMS WITHOUT SERVICE",
+                    "SELECTS",
                 ];
                 let mut table = Table::new(&headers);
                 for p in pools {
@@ -126,6 +133,7 @@ pub async fn run(args: IpamArgs, client: kube::Client) -> anyhow::Result<()> {
                         p.free.to_string(),
                         format!("{:.2}%", p.utilisation),
                         p.claims_without_service.to_string(),
+                        p.selects.clone(),
                     ]);
                 }
                 table.render()
@@ -179,41 +187,58 @@ where
     }
 }
 
-/// Usage per pool as the webhook's index counts it (pure): the pools of
-/// `cidrs` (else `flags`), each value a Service carries or a claim names.
+/// Usage per pool as the webhook's index counts it (pure): the ranges of
+/// `cidrs` (else `flags`), the NodePort range and the ServiceIPPools, each
+/// value a Service carries or a claim names.
 pub fn build_status(
     cidrs: &[ServiceCIDR],
     flags: &PoolConfig,
+    service_ip_pools: &[ServiceIPPool],
     claims: &[AllocationClaim],
     services: &[Service],
 ) -> anyhow::Result<Vec<PoolStatus>> {
     let config = pools_from(cidrs, flags);
-    let index = Index::listed(config.clone(), claims, services).context("building the pools")?;
+    let mut index = Index::listed(config.clone(), claims, services).context("building the pools")?;
+    index.set_service_ip_pools(service_ip_pools.to_vec());
     let carried: BTreeSet<Value> = services.iter().flat_map(service_values).collect();
     let unheld: Vec<Value> =
         claims.iter().filter_map(|c| Value::from_spec(&c.spec)).filter(|v| !carried.contains(v)).collect();
-    let source = |range: &str| {
+    let service_cidr_of = |range: &str| {
         let names =
             |c: &&ServiceCIDR| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).any(|c| c == range);
         cidrs.iter().find(names).map_or_else(|| "flag".to_owned(), ResourceExt::name_any)
     };
     let report = index.usage().into_iter().map(|usage| {
-        let ip_pool = config.cidrs.iter().find(|cidr| cidr.to_string() == usage.pool);
-        let in_pool = |value: &&Value| match (value, ip_pool) {
+        // `tenant-a (10.96.8.0/24)`: one CIDR of a ServiceIPPool.
+        let tenant = usage.pool.strip_suffix(')').and_then(|label| label.split_once(" ("));
+        let (source, range, selects) = match tenant {
+            Some((name, cidr)) => {
+                let pool = service_ip_pools.iter().find(|p| p.name_any() == name);
+                let allocation = pool.and_then(|p| p.spec.service_allocation.as_ref());
+                (format!("ServiceIPPool/{name}"), cidr.to_owned(), describe_allocation(allocation))
+            }
+            None if usage.pool.contains('/') => {
+                (service_cidr_of(&usage.pool), usage.pool.clone(), "Services no pool selects".to_owned())
+            }
+            None => ("flag".to_owned(), usage.pool.clone(), "every Service with a nodePort".to_owned()),
+        };
+        let network = parse_cidrs(&range).ok().and_then(|cidrs| cidrs.into_iter().next());
+        let in_pool = |value: &&Value| match (value, network) {
             (Value::Ip(ip), Some(cidr)) => cidr.contains(*ip),
             (Value::Port(port), None) => config.node_ports.contains(*port),
             _ => false,
         };
         let size = usage.used + usage.free;
         PoolStatus {
-            source: source(&usage.pool),
-            kind: if ip_pool.is_some() { "ClusterIP" } else { "NodePort" },
+            source,
+            kind: if network.is_some() { "ClusterIP" } else { "NodePort" },
             size,
             used: usage.used,
             free: usage.free,
             utilisation: if size == 0 { 0.0 } else { usage.used as f64 * 100.0 / size as f64 },
             claims_without_service: unheld.iter().filter(in_pool).count(),
-            range: usage.pool,
+            range,
+            selects,
         }
     });
     Ok(report.collect())

@@ -46,29 +46,28 @@ pub fn desired_status(pool: &ServiceIPPool, verdict: &Verdict, now: &str) -> Opt
 }
 
 /// Writes every pool's `Ready` condition against `service_cidrs`; returns
-/// how many changed. A cluster without the CRD has nothing to write.
-pub async fn update_pool_status(client: &Client, service_cidrs: &[IpNetwork]) -> Result<usize, Error> {
+/// the pools it listed. A cluster without the CRD has none.
+pub async fn update_pool_status(
+    client: &Client,
+    service_cidrs: &[IpNetwork],
+) -> Result<Vec<ServiceIPPool>, Error> {
     let api: Api<ServiceIPPool> = Api::all(client.clone());
     let pools = match api.list(&ListParams::default()).await {
         Ok(list) => list.items,
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(0),
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Vec::new()),
         Err(source) => return Err(Error::Kube { what: "list ServiceIPPools".into(), source }),
     };
     let now = Timestamp::now().to_string();
-    let mut changed = 0;
     for def in plan_pools(&pools, service_cidrs) {
         let Some(pool) = pools.iter().find(|p| p.name_any() == def.name) else { continue };
         let Some(status) = desired_status(pool, &def.verdict, &now) else { continue };
         let patch = Patch::Merge(json!({ "status": status }));
         match api.patch_status(&def.name, &PatchParams::default(), &patch).await {
-            Ok(_) => {
-                changed += 1;
-                info!(pool = %def.name, reason = def.verdict.reason(), "ServiceIPPool status");
-            }
+            Ok(_) => info!(pool = %def.name, reason = def.verdict.reason(), "ServiceIPPool status"),
             Err(error) => warn!(pool = %def.name, %error, "could not write the ServiceIPPool status"),
         }
     }
-    Ok(changed)
+    Ok(pools)
 }
 
 #[cfg(test)]

@@ -14,9 +14,10 @@
 //!   Service and as `repair_findings{type}`; those cannot be fixed here
 //!   (upstream says "please recreate service");
 //! - counts each pool's usage as a replica's index does and records the
-//!   Events [`UsageAlerts`] calls for: on the ServiceCIDR of an IP pool, and
-//!   on the `default/kubernetes` Service (the apiserver's own) for the
-//!   NodePort range and pools from flags, which have no object.
+//!   Events [`UsageAlerts`] calls for: on the ServiceIPPool of a tenant pool,
+//!   on the ServiceCIDR of an IP range, and on the `default/kubernetes`
+//!   Service (the apiserver's own) for the NodePort range and ranges from
+//!   flags, which have no object.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::pools::{PoolConfig, pools_from};
 use crate::retention;
+use crate::service_ip_pools::ServiceIPPool;
 use crate::usage_alerts::{Alert, UsageAlerts};
 
 /// What one pass should do.
@@ -122,7 +124,7 @@ pub async fn repair_once(
     let cidrs = list_all::<ServiceCIDR>(client).await?;
     let pools = Index::new(pools_from(&cidrs, fallback)).map_err(Error::Pools)?;
     let plan = plan_repair(&claims, &services, |v| pools.covers(v), Timestamp::now().as_millisecond(), grace);
-    crate::pool_status::update_pool_status(client, &pools.config().cidrs).await?;
+    let service_ip_pools = crate::pool_status::update_pool_status(client, &pools.config().cidrs).await?;
 
     for (value, uid) in &plan.release {
         match delete_claim(&claims_api, *value, uid.clone()).await {
@@ -172,27 +174,37 @@ pub async fn repair_once(
     }
     // Usage after this pass: the released claims are gone.
     claims.retain(|claim| !plan.release.iter().any(|(_, uid)| uid.is_some() && *uid == claim.uid()));
-    let usage = Index::listed(pools.config().clone(), &claims, &services).map_err(Error::Pools)?.usage();
-    for alert in alerts.observe(&usage) {
-        publish_usage(client, &alert, &cidrs).await;
+    let mut counted = Index::listed(pools.config().clone(), &claims, &services).map_err(Error::Pools)?;
+    counted.set_service_ip_pools(service_ip_pools.clone());
+    for alert in alerts.observe(&counted.usage()) {
+        publish_usage(client, &alert, &cidrs, &service_ip_pools).await;
     }
     Ok(plan)
 }
 
-/// Records `alert` on the ServiceCIDR naming its pool (the `kubernetes` one
-/// first), else on the `default/kubernetes` Service. Each alert is a new
+/// Records `alert` on its ServiceIPPool (a pool named `name (cidr)`), else on
+/// the ServiceCIDR naming its CIDR (the `kubernetes` one first), else on the
+/// `default/kubernetes` Service. Each alert is a new
 /// Event: a long-lived Recorder would turn the 95 % Warning into a repeat of
 /// the 80 % one and keep the 80 % note (kube-runtime's series keep the first
 /// note), and alerts are rare (one per threshold crossed).
-async fn publish_usage(client: &Client, alert: &Alert, cidrs: &[ServiceCIDR]) {
+async fn publish_usage(
+    client: &Client,
+    alert: &Alert,
+    cidrs: &[ServiceCIDR],
+    service_ip_pools: &[ServiceIPPool],
+) {
     let recorder = Recorder::new(client.clone(), repair_reporter());
+    let tenant_pool =
+        service_ip_pools.iter().find(|p| alert.pool.starts_with(&format!("{} (", p.name_any())));
     let names_pool =
         |c: &&ServiceCIDR| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).any(|c| *c == alert.pool);
     let mut naming: Vec<&ServiceCIDR> = cidrs.iter().filter(names_pool).collect();
     naming.sort_by_key(|c| (c.name_any() != "kubernetes", c.name_any()));
-    let reference = match naming.first() {
-        Some(service_cidr) => service_cidr.object_ref(&()),
-        None => ObjectReference {
+    let reference = match (tenant_pool, naming.first()) {
+        (Some(pool), _) => pool.object_ref(&()),
+        (None, Some(service_cidr)) => service_cidr.object_ref(&()),
+        (None, None) => ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Service".into()),
             namespace: Some("default".into()),

@@ -65,6 +65,35 @@ pub struct ServiceIPPoolSpec {
     pub service_allocation: Option<ServiceAllocation>,
 }
 
+/// What a pool's `serviceAllocation` selects, in one line for `svcplane ipam
+/// status`: `priority=1 namespaces=a,b namespaceSelectors=[tenant=b]`, or
+/// `every Service` without one.
+pub fn describe_allocation(allocation: Option<&ServiceAllocation>) -> String {
+    let Some(allocation) = allocation else { return "every Service".to_owned() };
+    let selectors = |selectors: &[PoolLabelSelector]| {
+        let one = |s: &PoolLabelSelector| {
+            let labels = s.match_labels.iter().map(|(k, v)| format!("{k}={v}"));
+            let expressions = s
+                .match_expressions
+                .iter()
+                .map(|e| format!("{} {} ({})", e.key, e.operator, e.values.join(",")));
+            labels.chain(expressions).collect::<Vec<_>>().join(",")
+        };
+        selectors.iter().map(|s| format!("[{}]", one(s))).collect::<Vec<_>>().join("")
+    };
+    let parts = [
+        allocation.priority.map(|p| format!("priority={p}")),
+        (!allocation.namespaces.is_empty())
+            .then(|| format!("namespaces={}", allocation.namespaces.join(","))),
+        (!allocation.namespace_selectors.is_empty())
+            .then(|| format!("namespaceSelectors={}", selectors(&allocation.namespace_selectors))),
+        (!allocation.service_selectors.is_empty())
+            .then(|| format!("serviceSelectors={}", selectors(&allocation.service_selectors))),
+    ];
+    let text = parts.into_iter().flatten().collect::<Vec<_>>().join(" ");
+    if text.is_empty() { "every Service".to_owned() } else { text }
+}
+
 /// Which Services a pool selects, and its precedence.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

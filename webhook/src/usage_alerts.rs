@@ -66,7 +66,13 @@ impl Alert {
         let percent = (self.used * 100).checked_div(self.size).unwrap_or(0);
         let usage = format!("{percent}% used ({} of {})", self.used, self.size);
         let is_ports = !self.pool.contains('/');
+        let is_service_ip_pool = self.pool.contains(" (");
         match self.reached {
+            Some(threshold) if is_service_ip_pool => format!(
+                "pool {} is {usage}, over {threshold}%: the Services it selects are denied a ClusterIP \
+                 when it is full; add CIDRs to the ServiceIPPool or delete unused Services",
+                self.pool
+            ),
             Some(threshold) if is_ports => format!(
                 "NodePort range {} is {usage}, over {threshold}%: NodePort and LoadBalancer Services are \
                  denied a port when it is full; delete unused ones or widen --service-node-port-range \
@@ -169,6 +175,17 @@ mod tests {
         assert_eq!(
             back[0].note(),
             "pool 10.1.0.0/30 is 100% used (2 of 2), over 80%: Services are denied a ClusterIP when it is full; delete unused Services or add a ServiceCIDR"
+        );
+    }
+
+    #[test]
+    fn a_service_ip_pool_is_told_to_grow_its_own_cidrs() {
+        let mut alerts = UsageAlerts::new(Thresholds::new(vec![80]).unwrap());
+        let got = alerts.observe(&[usage("tenant-a (10.96.8.0/30)", 2, 2)]);
+        assert_eq!(
+            got[0].note(),
+            "pool tenant-a (10.96.8.0/30) is 100% used (2 of 2), over 80%: the Services it selects are denied a \
+             ClusterIP when it is full; add CIDRs to the ServiceIPPool or delete unused Services"
         );
     }
 
