@@ -19,7 +19,7 @@
 //! [`Retained`] and the decisions are pure; [`retain_claims`],
 //! [`confirm_claims`] and [`release_claim`] call the API.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
@@ -77,19 +77,24 @@ impl Retention {
     }
 }
 
-/// The retained claims one replica knows of, by value (fed by the claim
-/// watch; no I/O).
+/// The retained claims one replica knows of, by value and by owner (fed by
+/// the claim watch; no I/O). The owner index keeps the look-ups of every
+/// Service event and admission request at the size of one Service's values,
+/// however many Services wait in their windows.
 #[derive(Clone, Debug, Default)]
-pub struct Retained(HashMap<Value, Retention>);
+pub struct Retained {
+    by_value: HashMap<Value, Retention>,
+    by_owner: HashMap<Owner, BTreeSet<Value>>,
+}
 
 impl Retained {
     /// Records what the claim of `value` says now (a claim without the
     /// annotations, e.g. a confirmed or re-made one, is not retained).
     pub fn observe(&mut self, value: Value, claim: &AllocationClaim) {
         match Retention::of(claim) {
-            Some(retention) => self.0.insert(value, retention),
-            None => self.0.remove(&value),
-        };
+            Some(retention) => self.insert(value, retention),
+            None => self.forget(value),
+        }
     }
 
     /// Records the retention [`retain_claims`] is about to write for the
@@ -97,6 +102,9 @@ impl Retained {
     /// (without their resourceVersion: a release meanwhile checks the uid).
     pub fn expect(&mut self, owner: &Owner, values: &[(Value, Option<String>, String)], until_ms: i64) {
         for (value, uid, field) in values {
+            if self.by_value.contains_key(value) {
+                continue;
+            }
             let retention = Retention {
                 owner: owner.clone(),
                 until_ms,
@@ -104,51 +112,65 @@ impl Retained {
                 uid: uid.clone(),
                 resource_version: None,
             };
-            self.0.entry(*value).or_insert(retention);
+            self.insert(*value, retention);
         }
     }
 
     /// Forgets a claim that is gone.
     pub fn forget(&mut self, value: Value) {
-        self.0.remove(&value);
+        let Some(old) = self.by_value.remove(&value) else { return };
+        if let Some(values) = self.by_owner.get_mut(&old.owner) {
+            values.remove(&value);
+            if values.is_empty() {
+                self.by_owner.remove(&old.owner);
+            }
+        }
+    }
+
+    fn insert(&mut self, value: Value, retention: Retention) {
+        self.forget(value);
+        self.by_owner.entry(retention.owner.clone()).or_default().insert(value);
+        self.by_value.insert(value, retention);
+    }
+
+    /// The values retained for exactly `owner` with their retentions.
+    fn of_owner<'a>(&'a self, owner: &Owner) -> impl Iterator<Item = (Value, &'a Retention)> + 'a {
+        let values = self.by_owner.get(owner).into_iter().flatten();
+        values.filter_map(|value| self.by_value.get(value).map(|r| (*value, r)))
     }
 
     /// The retention of `value`, if its claim is retained.
     pub fn get(&self, value: Value) -> Option<&Retention> {
-        self.0.get(&value)
+        self.by_value.get(&value)
     }
 
-    /// The values retained for exactly `owner`, with their claims' uids
-    /// (O(retained): called on every Service event).
+    /// The values retained for exactly `owner`, with their claims' uids.
     pub fn for_owner(&self, owner: &Owner) -> Vec<(Value, Option<String>)> {
-        let mine = self.0.iter().filter(|(_, r)| r.owner == *owner);
-        mine.map(|(value, r)| (*value, r.uid.clone())).collect()
+        self.of_owner(owner).map(|(value, r)| (value, r.uid.clone())).collect()
     }
 
     /// The retained IP of `family` waiting for exactly `owner` (never a
     /// `prefix*` placeholder: a generateName create is a new Service).
     pub fn preferred_ip(&self, owner: &Owner, family: IpFamily) -> Option<IpAddr> {
-        let mut mine = self.0.iter().filter_map(|(value, r)| match value {
-            Value::Ip(ip) if r.owner == *owner && IpFamily::of(*ip) == family => Some(*ip),
+        self.of_owner(owner).find_map(|(value, _)| match value {
+            Value::Ip(ip) if IpFamily::of(ip) == family => Some(ip),
             _ => None,
-        });
-        mine.next()
+        })
     }
 
     /// The retained nodePort that `field` (`spec.ports[i].nodePort`,
     /// `spec.healthCheckNodePort`) of exactly `owner` carried.
     pub fn preferred_port(&self, owner: &Owner, field: &str) -> Option<u16> {
-        let mut mine = self.0.iter().filter_map(|(value, r)| match value {
-            Value::Port(port) if r.owner == *owner && r.field == field => Some(*port),
+        self.of_owner(owner).find_map(|(value, r)| match value {
+            Value::Port(port) if r.field == field => Some(port),
             _ => None,
-        });
-        mine.next()
+        })
     }
 
     /// The retained value `wanted` accepts whose window ends first (the
     /// owner deleted longest ago): what a full pool gives up first.
     pub fn oldest(&self, wanted: impl Fn(Value) -> bool) -> Option<(Value, Retention)> {
-        let candidates = self.0.iter().filter(|(value, _)| wanted(**value));
+        let candidates = self.by_value.iter().filter(|(value, _)| wanted(**value));
         let oldest = candidates.min_by_key(|(value, r)| (r.until_ms, **value));
         oldest.map(|(value, r)| (*value, r.clone()))
     }
