@@ -9,12 +9,24 @@
 //! controller's CPU seconds during the change and peak RSS from /proc, the events
 //! and bytes one EndpointSlice watcher received during the change (a raw watch of
 //! every slice in protobuf, as kube-proxy and CoreDNS hold it, counted frame by
-//! frame as it arrives), and the
-//! svcplane/upstream ratios; the QPS floor for the throttled runs: the busier
-//! controller's writes beyond its burst at its QPS (each controller has its own
-//! token bucket, in kube-controller-manager and in svcplane). Output: a markdown table on stdout and in
-//! `bench/results/scenarios.md`, a ratio plot in `bench/results/ratios.svg`, and a
-//! reconcile profile of svcplane in scenario B from its own sync histogram.
+//! frame as it arrives), the p50/p99 latency from each changed Pod's Ready
+//! (or its creation, where it is ready in the slice at once) to its endpoint
+//! shown ready in a slice (as a JSON watch in the benchmark sees it, see
+//! `observer`), and the svcplane/upstream ratios; the QPS floor for the throttled
+//! runs: the busier controller's writes beyond its burst at its QPS (each
+//! controller has its own token bucket, in kube-controller-manager and in
+//! svcplane). Output: a markdown table on stdout and in
+//! `bench/results/scenarios.md` with issue 20's goals stated as met or not
+//! (`goals`), a ratio plot in `bench/results/ratios.svg`, and a reconcile
+//! profile of svcplane from its own sync histograms.
+//!
+//! Scenarios (`scenario`): A (500 Services × 10 Pods turn Ready, at QPS 20 and
+//! unthrottled), B (5000 × 1), a rolling update of 1000 Pods, a headless
+//! StatefulSet, Node deletion; at SIG Scalability's limits: C (40 Services × 250
+//! Pods turn Ready, at QPS 20 and unthrottled), a Deployment of 250 replicas
+//! rolled with the default strategy, and 10k Services × 5 Pods over 5 namespaces
+//! where a tenth of the Services' Pods turn Ready; then single-Pod latency under
+//! churn.
 //!
 //! Each scenario's starting state is written by the controller at QPS 1000/2000;
 //! it is then restarted at the measured QPS and the change begins once its
@@ -23,32 +35,23 @@
 //! Scale: `BENCH_SCALE` (default 1.0) multiplies every object count, e.g. 0.1 for
 //! a quick run. Usage: svcplane-bench [SCENARIO…] (default: all).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Pod},
-    discovery::v1::EndpointSlice,
-};
-use kube::{
-    Api, Client,
-    api::{DeleteParams, ListParams},
-};
+use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
+use kube::{Api, Client, api::ListParams};
 use svcplane_e2e::{
     ControlPlane, ControlPlaneOptions, TestNamespace,
     fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready, set_pod_status},
     svcplane::{Svcplane, sum_metric},
 };
-use tokio::sync::Semaphore;
+mod goals;
+mod observer;
+mod scenario;
 
-/// Concurrent requests the benchmark itself sends while setting up or changing.
-const CLIENT_CONCURRENCY: usize = 32;
-/// How often convergence is checked (a full list of slices and Endpoints).
+use observer::{Observer, Summary, quantile};
+use scenario::{Scenario, for_each_concurrent, ip};
+
+/// How often convergence is checked (in the observer's stores).
 const POLL: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Copy, Debug)]
@@ -89,18 +92,6 @@ impl Side {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Scenario {
-    /// S Services × P Pods created not ready, then every Pod turns Ready.
-    ManyPods { services: usize, pods: usize },
-    /// A headless StatefulSet-style Service with publishNotReadyAddresses; N Pods appear not ready.
-    StatefulSet { pods: usize },
-    /// N ready Pods behind one Service replaced by N new ones, 10 % at a time.
-    RollingUpdate { pods: usize },
-    /// A Node carrying N ready Pods (over 10 Services) is deleted, then its Pods (as podgc does).
-    NodeDeletion { pods: usize },
-}
-
 /// One side's figures for one scenario.
 struct Run {
     side: Side,
@@ -109,6 +100,8 @@ struct Run {
     cpu_s: f64,
     rss_mib: f64,
     watch: WatchCount,
+    /// Per timed Pod, ms from its change to its endpoint shown ready; sorted.
+    latencies_ms: Vec<f64>,
     profile: Option<String>,
 }
 
@@ -159,6 +152,27 @@ impl Run {
     fn total_writes(&self) -> f64 {
         self.writes.values().sum()
     }
+
+    /// The least time the change can take at the controller's QPS: each
+    /// controller has its own token bucket, so it is the busier controller's
+    /// writes beyond its burst, at its QPS; none when unthrottled.
+    fn floor_s(&self) -> Option<f64> {
+        let (qps, burst) = self.side.qps_burst();
+        if qps > 100 {
+            return None;
+        }
+        let busiest = ["endpointslices", "endpoints"]
+            .iter()
+            .map(|res| {
+                self.writes
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&format!("{res} ")))
+                    .map(|(_, v)| v)
+                    .sum::<f64>()
+            })
+            .fold(0.0, f64::max);
+        Some((busiest - f64::from(burst)).max(0.0) / f64::from(qps))
+    }
 }
 
 /// User + system CPU seconds and peak RSS (MiB) of a process, from /proc.
@@ -195,233 +209,6 @@ async fn writes(client: &Client) -> BTreeMap<String, f64> {
         }
     }
     out
-}
-
-/// What the controller under test has written for the namespace.
-#[derive(Debug, Default)]
-struct Summary {
-    slice_endpoints: usize,
-    slice_ready: usize,
-    slice_targets: BTreeSet<String>,
-    endpoints_ready: usize,
-    endpoints_not_ready: usize,
-}
-
-async fn summary(client: &Client, ns: &str, managed_by: &str) -> Summary {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("endpointslice.kubernetes.io/managed-by={managed_by}"));
-    let mut s = Summary::default();
-    for slice in slices.list(&lp).await.map(|l| l.items).unwrap_or_default() {
-        for ep in slice.endpoints.unwrap_or_default() {
-            s.slice_endpoints += 1;
-            if ep.conditions.and_then(|c| c.ready) == Some(true) {
-                s.slice_ready += 1;
-            }
-            if let Some(name) = ep.target_ref.and_then(|t| t.name) {
-                s.slice_targets.insert(name);
-            }
-        }
-    }
-    let eps: Api<Endpoints> = Api::namespaced(client.clone(), ns);
-    for ep in eps.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
-        for subset in ep.subsets.unwrap_or_default() {
-            s.endpoints_ready += subset.addresses.map_or(0, |a| a.len());
-            s.endpoints_not_ready += subset.not_ready_addresses.map_or(0, |a| a.len());
-        }
-    }
-    s
-}
-
-/// Runs `f(i)` for `0..n`, `CLIENT_CONCURRENCY` at a time.
-async fn for_each_concurrent<F, Fut>(n: usize, f: F)
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let limit = Arc::new(Semaphore::new(CLIENT_CONCURRENCY));
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let permit = limit.clone().acquire_owned().await.expect("semaphore");
-        let fut = f(i);
-        tasks.push(tokio::spawn(async move {
-            fut.await;
-            drop(permit);
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
-}
-
-fn ip(i: usize) -> String {
-    format!("10.{}.{}.{}", 64 + i / 62500, (i / 250) % 250, i % 250 + 1)
-}
-
-impl Scenario {
-    fn name(self) -> String {
-        match self {
-            Scenario::ManyPods { services, pods } => format!("{services} Services x {pods} Pods turn Ready"),
-            Scenario::StatefulSet { pods } => {
-                format!("headless StatefulSet, {pods} Pods, publishNotReadyAddresses")
-            }
-            Scenario::RollingUpdate { pods } => format!("rolling update of {pods} Pods behind one Service"),
-            Scenario::NodeDeletion { pods } => format!("Node with {pods} Pods deleted"),
-        }
-    }
-
-    /// Objects in their starting state.
-    async fn setup(self, ns: &TestNamespace) {
-        match self {
-            Scenario::ManyPods { services, pods } => {
-                for_each_concurrent(services, |s| {
-                    let ns = ns.clone();
-                    async move {
-                        let app = format!("s{s}");
-                        ns.create(&mk_service(&app, &[("app", &app)], vec![mk_port("http", 80, "8080")]))
-                            .await;
-                        for p in 0..pods {
-                            let pod = mk_pod(&format!("{app}-{p}"), &[("app", &app)], "node-a", &[]);
-                            ns.running_pod(pod, &[&ip(s * pods + p)], false).await;
-                        }
-                    }
-                })
-                .await;
-            }
-            Scenario::StatefulSet { .. } => {
-                let mut svc = mk_service("zk", &[("app", "zk")], vec![mk_port("peer", 2888, "2888")]);
-                let spec = svc.spec.as_mut().expect("spec");
-                spec.cluster_ip = Some("None".into());
-                spec.publish_not_ready_addresses = Some(true);
-                ns.create(&svc).await;
-            }
-            Scenario::RollingUpdate { pods } => {
-                ns.create(&mk_service("web", &[("app", "web")], vec![mk_port("http", 80, "8080")])).await;
-                for_each_concurrent(pods, |p| {
-                    let ns = ns.clone();
-                    async move {
-                        ns.running_pod(
-                            mk_pod(&format!("v1-{p}"), &[("app", "web")], "node-a", &[]),
-                            &[&ip(p)],
-                            true,
-                        )
-                        .await;
-                    }
-                })
-                .await;
-            }
-            Scenario::NodeDeletion { pods } => {
-                ensure_node(&ns.client, "node-x", "192.0.2.99", None).await;
-                for s in 0..10 {
-                    let app = format!("s{s}");
-                    ns.create(&mk_service(&app, &[("app", &app)], vec![mk_port("http", 80, "8080")])).await;
-                }
-                for_each_concurrent(pods, |p| {
-                    let ns = ns.clone();
-                    async move {
-                        let app = format!("s{}", p % 10);
-                        ns.running_pod(
-                            mk_pod(&format!("x-{p}"), &[("app", &app)], "node-x", &[]),
-                            &[&ip(p)],
-                            true,
-                        )
-                        .await;
-                    }
-                })
-                .await;
-            }
-        }
-    }
-
-    /// Whether the starting state has been written.
-    fn started(self, s: &Summary) -> bool {
-        match self {
-            Scenario::ManyPods { services, pods } => {
-                s.slice_endpoints == services * pods && s.endpoints_not_ready == services * pods
-            }
-            Scenario::StatefulSet { .. } => true,
-            Scenario::RollingUpdate { pods } | Scenario::NodeDeletion { pods } => {
-                s.slice_ready == pods && s.endpoints_ready == pods
-            }
-        }
-    }
-
-    /// The change whose convergence is measured.
-    async fn change(self, ns: &TestNamespace) {
-        match self {
-            Scenario::ManyPods { services, pods } => {
-                for_each_concurrent(services * pods, |i| {
-                    let ns = ns.clone();
-                    async move {
-                        set_pod_ready(&ns.api(), &format!("s{}-{}", i / pods, i % pods), true).await;
-                    }
-                })
-                .await;
-            }
-            Scenario::StatefulSet { pods } => {
-                for_each_concurrent(pods, |p| {
-                    let ns = ns.clone();
-                    async move {
-                        let mut pod = mk_pod(&format!("zk-{p}"), &[("app", "zk")], "node-a", &[]);
-                        let spec = pod.spec.as_mut().expect("spec");
-                        spec.hostname = Some(format!("zk-{p}"));
-                        spec.subdomain = Some("zk".into());
-                        ns.running_pod(pod, &[&ip(p)], false).await;
-                    }
-                })
-                .await;
-            }
-            Scenario::RollingUpdate { pods } => {
-                let batch = (pods / 10).max(1);
-                for start in (0..pods).step_by(batch) {
-                    let end = (start + batch).min(pods);
-                    for_each_concurrent(end - start, |k| {
-                        let ns = ns.clone();
-                        let p = start + k;
-                        async move {
-                            let pod = mk_pod(&format!("v2-{p}"), &[("app", "web")], "node-a", &[]);
-                            ns.running_pod(pod, &[&ip(pods + p)], true).await;
-                        }
-                    })
-                    .await;
-                    for_each_concurrent(end - start, |k| {
-                        let ns = ns.clone();
-                        let p = start + k;
-                        async move { ns.finish_pod_deletion(&format!("v1-{p}")).await }
-                    })
-                    .await;
-                }
-            }
-            Scenario::NodeDeletion { pods } => {
-                Api::<Node>::all(ns.client.clone())
-                    .delete("node-x", &DeleteParams::default())
-                    .await
-                    .expect("delete node");
-                for_each_concurrent(pods, |p| {
-                    let ns = ns.clone();
-                    async move { ns.finish_pod_deletion(&format!("x-{p}")).await }
-                })
-                .await;
-            }
-        }
-    }
-
-    /// Whether the change has been written completely.
-    fn converged(self, s: &Summary) -> bool {
-        match self {
-            Scenario::ManyPods { services, pods } => {
-                s.slice_ready == services * pods && s.endpoints_ready == services * pods
-            }
-            Scenario::StatefulSet { pods } => s.slice_ready == pods && s.endpoints_ready == pods,
-            Scenario::RollingUpdate { pods } => {
-                s.slice_ready == pods
-                    && s.slice_endpoints == pods
-                    && s.slice_targets.iter().all(|t| t.starts_with("v2-"))
-                    && s.endpoints_ready == pods
-                    && s.endpoints_not_ready == 0
-            }
-            Scenario::NodeDeletion { .. } => s.slice_endpoints == 0 && s.endpoints_ready == 0,
-        }
-    }
 }
 
 async fn start(side: Side) -> (ControlPlane, Option<Svcplane>, u32) {
@@ -461,8 +248,11 @@ async fn switch_to(cp: &ControlPlane, side: Side, old: Option<Svcplane>) -> (Opt
                 old.kill();
             }
             let (qps, burst) = (format!("--kube-api-qps={qps}"), format!("--kube-api-burst={burst}"));
-            let s =
-                cp.svcplane("bench-measured", &["--controllers=endpointslice,endpoints", &qps, &burst]).await;
+            // BENCH_SVCPLANE_ARGS: extra flags for the measured svcplane, to compare settings.
+            let extra = std::env::var("BENCH_SVCPLANE_ARGS").unwrap_or_default();
+            let mut args = vec!["--controllers=endpointslice,endpoints", &qps, &burst];
+            args.extend(extra.split_whitespace());
+            let s = cp.svcplane("bench-measured", &args).await;
             let pid = s.pid();
             (Some(s), pid)
         }
@@ -495,10 +285,10 @@ async fn settle(client: &Client) {
     }
 }
 
-async fn wait_for(client: &Client, ns: &str, side: Side, what: &str, ok: impl Fn(&Summary) -> bool) {
+async fn wait_for(observer: &Observer, side: Side, what: &str, ok: impl Fn(&Summary) -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(900);
     loop {
-        let s = summary(client, ns, side.managed_by()).await;
+        let s = observer.summary();
         if ok(&s) {
             return;
         }
@@ -511,9 +301,10 @@ async fn run(scenario: Scenario, side: Side) -> Run {
     let (cp, setup_process, _) = start(side.fast()).await;
     let client = cp.client().await;
     ensure_node(&client, "node-a", "192.0.2.1", None).await;
-    let ns = TestNamespace::new(&client, "bench").await;
-    scenario.setup(&ns).await;
-    wait_for(&client, &ns.name, side, "the starting state", |s| scenario.started(s)).await;
+    let observer = Arc::new(Observer::start(&client, side.managed_by()).await);
+    let nss = scenario::namespaces(&client, scenario.namespaces()).await;
+    scenario.setup(&nss).await;
+    wait_for(&observer, side, "the starting state", |s| scenario.started(s)).await;
     let (svcplane, pid) = switch_to(&cp, side, setup_process).await;
     settle(&client).await;
     let writes_before = writes(&client).await;
@@ -529,25 +320,30 @@ async fn run(scenario: Scenario, side: Side) -> Run {
     let watcher = watch_slices(client.clone(), from, counts.clone());
 
     let start = tokio::time::Instant::now();
-    let change = scenario.change(&ns);
-    let converge = wait_for(&client, &ns.name, side, "convergence", |s| scenario.converged(s));
+    let change = scenario.change(&nss, &observer);
+    let converge = wait_for(&observer, side, "convergence", |s| scenario.converged(s));
     let ((), ()) = tokio::join!(change, converge);
     let converge_s = start.elapsed().as_secs_f64();
 
     let (cpu_after, rss_mib) = proc_usage(pid);
-    // The last writes' events are on their way to the watcher: wait until its count
-    // holds still for a second (the data is in; nothing synchronises the controller).
+    // The last writes' events are on their way to the watchers: wait until the raw
+    // watcher's count holds still for a second (the data is in; nothing
+    // synchronises the controller) and the observer has seen every timed Pod.
     let mut last = *counts.lock().unwrap_or_else(|p| p.into_inner());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = *counts.lock().unwrap_or_else(|p| p.into_inner());
-        if now.events == last.events {
+        let seen_all = observer.timed_pending() == 0 || tokio::time::Instant::now() > deadline;
+        if now.events == last.events && seen_all {
             break;
         }
         last = now;
     }
     watcher.abort();
     let watch = last;
+    let (latencies_ms, unseen) = observer.take_latencies();
+    assert_eq!(unseen, 0, "{}: {unseen} changed Pods never seen ready", side.name());
     let after = writes(&client).await;
     let writes =
         after.iter().map(|(k, v)| (k.clone(), v - writes_before.get(k).copied().unwrap_or(0.0))).collect();
@@ -555,7 +351,7 @@ async fn run(scenario: Scenario, side: Side) -> Run {
         Some(s) => Some(sync_profile(&s.metrics_text().await)),
         None => None,
     };
-    Run { side, converge_s, writes, cpu_s: cpu_after - cpu_before, rss_mib, watch, profile }
+    Run { side, converge_s, writes, cpu_s: cpu_after - cpu_before, rss_mib, watch, latencies_ms, profile }
 }
 
 /// Reconcile counts and time per controller from svcplane's own histograms.
@@ -593,7 +389,8 @@ async fn latency(side: Side, services: usize, trials: usize) -> Latency {
     let (cp, setup_process, _) = start(side.fast()).await;
     let client = cp.client().await;
     ensure_node(&client, "node-a", "192.0.2.1", None).await;
-    let ns = TestNamespace::new(&client, "latency").await;
+    let observer = Observer::start(&client, side.managed_by()).await;
+    let ns = TestNamespace::new(&client, observer::NAMESPACE_PREFIX).await;
     for_each_concurrent(services, |s| {
         let ns = ns.clone();
         async move {
@@ -604,10 +401,8 @@ async fn latency(side: Side, services: usize, trials: usize) -> Latency {
         }
     })
     .await;
-    wait_for(&client, &ns.name, side, "all ready", |s| {
-        s.slice_ready == services && s.endpoints_ready == services
-    })
-    .await;
+    wait_for(&observer, side, "all ready", |s| s.slice_ready == services && s.endpoints_ready == services)
+        .await;
     let (_svcplane, pid) = switch_to(&cp, side, setup_process).await;
     settle(&client).await;
     let (cpu_before, _) = proc_usage(pid);
@@ -768,6 +563,11 @@ async fn main() {
         ("rolling-update", Scenario::RollingUpdate { pods: n(1000) }, throttled),
         ("statefulset", Scenario::StatefulSet { pods: n(200) }, throttled),
         ("node-deletion", Scenario::NodeDeletion { pods: n(1000) }, throttled),
+        // SIG Scalability's limits: 250 endpoints per Service, 10k Services per cluster.
+        ("C", Scenario::ManyPods { services: n(40), pods: 250 }, throttled),
+        ("C-unthrottled", Scenario::ManyPods { services: n(40), pods: 250 }, unthrottled),
+        ("deployment", Scenario::Deployment { replicas: 250 }, throttled),
+        ("10k", Scenario::ManyServices { namespaces: 5, services: n(10000), pods: 5 }, throttled),
     ];
 
     let mut table = String::new();
@@ -778,11 +578,12 @@ async fn main() {
     );
     let _ = writeln!(
         table,
-        "| scenario | controller | converged (s) | floor (s) | EndpointSlice writes | Endpoints writes | CPU (s) | peak RSS (MiB) | watcher events | watcher KiB |"
+        "| scenario | controller | converged (s) | floor (s) | Ready → endpoint ready p50 / p99 (ms) | EndpointSlice writes | Endpoints writes | CPU (s) | peak RSS (MiB) | watcher events | watcher KiB |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     let mut profiles = Vec::new();
+    let mut results = Vec::new();
     for (key, scenario, (upstream, svcplane)) in scenarios {
         if !wants(key) {
             continue;
@@ -800,30 +601,16 @@ async fn main() {
                     .collect();
                 if verbs.is_empty() { "0".into() } else { verbs.join(", ") }
             };
-            // Each controller has its own token bucket: the floor is the busier
-            // controller's writes beyond its burst, at its QPS.
-            let floor = match r.side.qps_burst() {
-                (qps, burst) if qps <= 100 => {
-                    let busiest = ["endpointslices", "endpoints"]
-                        .iter()
-                        .map(|res| {
-                            r.writes
-                                .iter()
-                                .filter(|(k, _)| k.starts_with(&format!("{res} ")))
-                                .map(|(_, v)| v)
-                                .sum::<f64>()
-                        })
-                        .fold(0.0, f64::max);
-                    format!("{:.1}", (busiest - f64::from(burst)).max(0.0) / f64::from(qps))
-                }
-                _ => "-".into(),
-            };
+            let floor = r.floor_s().map_or("-".into(), |f| format!("{f:.1}"));
+            let latency = |q: f64| quantile(&r.latencies_ms, q).map_or("-".into(), |ms| format!("{ms:.0}"));
             let _ = writeln!(
                 table,
-                "| {key}: {} | {} | {:.1} | {floor} | {} | {} | {:.2} | {:.0} | {} | {:.0} |",
+                "| {key}: {} | {} | {:.1} | {floor} | {} / {} | {} | {} | {:.2} | {:.0} | {} | {:.0} |",
                 scenario.name(),
                 r.side.name(),
                 r.converge_s,
+                latency(0.5),
+                latency(0.99),
                 by("endpointslices"),
                 by("endpoints"),
                 r.cpu_s,
@@ -843,9 +630,10 @@ async fn main() {
                 ratio(s.watch.bytes as f64, u.watch.bytes as f64),
             ],
         ));
-        if let Some(p) = s.profile {
+        if let Some(p) = &s.profile {
             profiles.push(format!("- {key}: {p}"));
         }
+        results.push((key, u, s));
     }
     if wants("latency") {
         eprintln!("[bench] latency");
@@ -888,6 +676,13 @@ async fn main() {
     for (key, r) in &ratios {
         let _ =
             writeln!(table, "- {key}: {:.2}x, {:.2}x, {:.2}x, {:.2}x, {:.2}x", r[0], r[1], r[2], r[3], r[4]);
+    }
+    if !results.is_empty() {
+        let _ =
+            writeln!(table, "\nGoals (issue 20), svcplane against kube-controller-manager in this run:\n");
+        for line in goals::assess(&results) {
+            let _ = writeln!(table, "- {line}");
+        }
     }
     if !profiles.is_empty() {
         let _ =
