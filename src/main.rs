@@ -393,7 +393,7 @@ mod tests {
         );
         assert_eq!(
             (controller.min_sync_interval, controller.burst_batch_delay),
-            (Duration::from_millis(100), Duration::from_millis(50))
+            (Duration::from_millis(250), Duration::from_millis(50))
         );
         assert_eq!(controller.no_ready_endpoints_grace, defaults.no_ready_endpoints_grace);
         assert_eq!(controller.no_ready_endpoints_grace, Duration::from_secs(60));
