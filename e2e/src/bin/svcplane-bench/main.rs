@@ -462,7 +462,7 @@ async fn latency(side: Side, services: usize, trials: usize) -> Latency {
     let (cpu_after, _) = proc_usage(pid);
     let events = flips + 2 * trials;
     samples.sort_by(f64::total_cmp);
-    let q = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    let q = |q: f64| quantile(&samples, q).expect("latency trials");
     Latency {
         p50_ms: q(0.5),
         p99_ms: q(0.99),
