@@ -54,6 +54,27 @@ async fn svcplane_idle() {
     .expect("svcplane to go idle");
 }
 
+/// Waits until kube-controller-manager's last write to the slices of `s` is
+/// more than 2 s old. When the watch event of its own slice create arrives
+/// before its tracker records the slice, it queues the Service again 1 s later
+/// (`endpointSliceChangeMinSyncDelay`); a Node change inside that second would
+/// be read by that sync. managedFields times have whole seconds, hence 3.
+async fn upstream_past_its_resync_delay(ns: &TestNamespace) {
+    poll_until(CONVERGE, Duration::from_millis(250), || async {
+        let last_write = slices_of(&ns.api(), "s", UPSTREAM)
+            .await
+            .iter()
+            .flat_map(|s| s.metadata.managed_fields.iter().flatten())
+            .filter_map(|f| f.time.as_ref().map(|t| t.0))
+            .max()
+            .ok_or_else(|| "no managedFields time on kube-controller-manager's slices".to_string())?;
+        let age = k8s_openapi::jiff::Timestamp::now().duration_since(last_write);
+        Ok(age > k8s_openapi::jiff::SignedDuration::from_secs(3))
+    })
+    .await
+    .expect("kube-controller-manager's delayed re-sync to pass");
+}
+
 /// Both controllers' normalised slices of Service `s`.
 async fn both(ns: &TestNamespace) -> (Normalized, Normalized) {
     let api = ns.api();
@@ -96,6 +117,7 @@ async fn a_node_relabelled_to_another_zone_moves_its_endpoints_to_that_zone() {
         zone_count(u, "zone-a") == 2 && zone_count(s, "zone-a") == 2
     })
     .await;
+    upstream_past_its_resync_delay(&ns).await;
     svcplane_idle().await;
 
     Api::<Node>::all(ns.client.clone())
