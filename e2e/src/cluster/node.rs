@@ -124,6 +124,16 @@ impl Node {
         n(&["link", "set", "eth0", "up"])?;
         n(&["route", "add", "default", "via", &root_ip])?;
         run("ip", &["netns", "exec", &self.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The CNI bridge, made here with a MAC of its own (the plugin takes an
+        // existing bridge as it is). A bridge it creates has none and takes the
+        // lowest of its ports' MACs: when that Pod goes, the gateway's MAC
+        // changes under every other Pod's ARP entry, and their packets to it
+        // are lost until they resolve it again (a connect timed out in the
+        // cluster suite as a Pod on the client's node was deleted). kubenet
+        // pinned cbr0's MAC for the same reason.
+        n(&["link", "add", "cni0", "type", "bridge"])?;
+        n(&["link", "set", "cni0", "address", &format!("02:00:0a:f4:{:02x}:01", self.index)])?;
+        n(&["link", "set", "cni0", "up"])?;
         run("ip", &["route", "add", &self.pod_cidr, "via", &self.ip, "dev", &root_if])?;
         host::create_node_cgroups(&self.name)?;
 
