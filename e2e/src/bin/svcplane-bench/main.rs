@@ -1,7 +1,8 @@
 //! `make bench`: svcplane against kube-controller-manager's endpoint controllers
-//! (endpointslice + endpoints), each scenario and side on a freshly started
-//! control plane of the pinned version, with Pods and Nodes as API objects whose
-//! status the benchmark patches (no kubelet).
+//! (endpointslice + endpoints) on a control plane of the pinned version, with
+//! Pods and Nodes as API objects whose status the benchmark patches (no
+//! kubelet). A scenario whose change only turns Pods Ready keeps one control
+//! plane for all its runs (see `Stage`); the others start a fresh one per run.
 //!
 //! Per scenario and side: time from the first change to convergence (both
 //! EndpointSlices and Endpoints as desired), writes on endpointslices and endpoints
@@ -28,20 +29,28 @@
 //! where a tenth of the Services' Pods turn Ready; then single-Pod latency under
 //! churn.
 //!
-//! Each scenario's starting state is written by the controller at QPS 1000/2000;
-//! it is then restarted at the measured QPS and the change begins once its
-//! initial sync has written nothing for 3 s.
+//! Each run's starting state is written by the controller at QPS 1000/2000
+//! (after the previous run's slices and Endpoints are deleted and its change
+//! undone); it is then restarted at the measured QPS and the change begins once
+//! its initial sync has written nothing for 3 s. The single-Pod latency runs
+//! use scenario B's objects, on its control plane.
 //!
 //! Scale: `BENCH_SCALE` (default 1.0) multiplies every object count, e.g. 0.1 for
 //! a quick run. Usage: svcplane-bench [SCENARIO…] (default: all).
 
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
-use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
-use kube::{Api, Client, api::ListParams};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Pod},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams},
+};
 use svcplane_e2e::{
     ControlPlane, ControlPlaneOptions, TestNamespace,
-    fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready, set_pod_status},
+    fixtures::{ensure_node, set_pod_ready, set_pod_status},
     svcplane::{Svcplane, sum_metric},
 };
 mod goals;
@@ -49,7 +58,7 @@ mod observer;
 mod scenario;
 
 use observer::{Observer, Summary, quantile};
-use scenario::{Scenario, for_each_concurrent, ip};
+use scenario::{Scenario, ip};
 
 /// How often convergence is checked (in the observer's stores).
 const POLL: Duration = Duration::from_millis(250);
@@ -211,60 +220,119 @@ async fn writes(client: &Client) -> BTreeMap<String, f64> {
     out
 }
 
-async fn start(side: Side) -> (ControlPlane, Option<Svcplane>, u32) {
-    let options = match side {
-        Side::Upstream { qps, burst } => ControlPlaneOptions {
-            controller_manager_args: vec![
-                format!("--kube-api-qps={qps}"),
-                format!("--kube-api-burst={burst}"),
-            ],
-            ..ControlPlaneOptions::default()
-                .with_controller_manager(&["endpointslice-controller", "endpoints-controller"])
-        },
-        Side::Svcplane { .. } => ControlPlaneOptions::default(),
-    };
-    let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{e}"));
-    let svcplane = match side {
-        Side::Svcplane { qps, burst } => {
-            let (qps, burst) = (format!("--kube-api-qps={qps}"), format!("--kube-api-burst={burst}"));
-            Some(cp.svcplane("bench", &["--controllers=endpointslice,endpoints", &qps, &burst]).await)
-        }
-        Side::Upstream { .. } => None,
-    };
-    let pid = match &svcplane {
-        Some(s) => s.pid(),
-        None => cp.pids().into_iter().find(|(n, _)| n == "kube-controller-manager").map_or(0, |(_, p)| p),
-    };
-    (cp, svcplane, pid)
+/// A control plane holding one scenario's objects. A scenario whose change can
+/// be undone ([`Scenario::reusable`]) keeps its stage for all its runs (both
+/// sides, throttled and unthrottled): its objects are written once, and each
+/// run starts from them with the change undone and the previous controller's
+/// slices and Endpoints deleted, so every controller writes its starting state
+/// itself as on a fresh control plane. At 10k Services this saves the ~110 000
+/// requests of a second set-up; the later runs share etcd with the earlier
+/// ones' deleted objects, which only costs them.
+struct Stage {
+    scenario: Scenario,
+    cp: ControlPlane,
+    client: Client,
+    nss: Vec<TestNamespace>,
+    /// The svcplane process, when svcplane is the controller running.
+    svcplane: Option<Svcplane>,
+    /// Whether the Pods the change flips are Ready now; `None` when some are
+    /// and some not (the latency runs flip them).
+    flipped: Option<bool>,
+    /// Whether a controller has written here since the objects were created.
+    written: bool,
 }
 
-/// Restarts the controller under test at `side`'s QPS (it rebuilds its caches and
-/// finds everything written, as `controller_restart` proves for svcplane); returns
-/// the new process and pid.
-async fn switch_to(cp: &ControlPlane, side: Side, old: Option<Svcplane>) -> (Option<Svcplane>, u32) {
-    match side {
-        Side::Svcplane { qps, burst } => {
-            if let Some(old) = old {
-                old.kill();
-            }
-            let (qps, burst) = (format!("--kube-api-qps={qps}"), format!("--kube-api-burst={burst}"));
-            // BENCH_SVCPLANE_ARGS: extra flags for the measured svcplane, to compare settings.
-            let extra = std::env::var("BENCH_SVCPLANE_ARGS").unwrap_or_default();
-            let mut args = vec!["--controllers=endpointslice,endpoints", &qps, &burst];
-            args.extend(extra.split_whitespace());
-            let s = cp.svcplane("bench-measured", &args).await;
-            let pid = s.pid();
-            (Some(s), pid)
+impl Stage {
+    /// The stage in `slot` if it holds `scenario` and can be reused; otherwise a
+    /// fresh control plane (the old one stops) with the scenario's objects and
+    /// no controller running.
+    async fn open(slot: &mut Option<Stage>, scenario: Scenario) -> &mut Stage {
+        let reuse = scenario.reusable() && slot.as_ref().is_some_and(|s| s.scenario == scenario);
+        if !reuse {
+            *slot = None;
+            // kube-controller-manager is configured in every stage, so either
+            // side can run on it; it runs only when a side hands to it.
+            let options = ControlPlaneOptions::default()
+                .with_controller_manager(&["endpointslice-controller", "endpoints-controller"]);
+            let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{e}"));
+            cp.stop_for_restart("kube-controller-manager").unwrap_or_else(|e| panic!("{e}"));
+            let client = cp.client().await;
+            ensure_node(&client, "node-a", "192.0.2.1", None).await;
+            let nss = scenario::namespaces(&client, scenario.namespaces()).await;
+            scenario.setup(&nss).await;
+            *slot = Some(Stage {
+                scenario,
+                cp,
+                client,
+                nss,
+                svcplane: None,
+                flipped: Some(false),
+                written: false,
+            });
         }
-        Side::Upstream { qps, burst } => {
-            cp.restart_controller_manager(&[
-                format!("--kube-api-qps={qps}"),
-                format!("--kube-api-burst={burst}"),
-            ])
-            .unwrap_or_else(|e| panic!("{e}"));
-            let pid =
-                cp.pids().into_iter().find(|(n, _)| n == "kube-controller-manager").map_or(0, |(_, p)| p);
-            (None, pid)
+        slot.as_mut().expect("stage just set")
+    }
+
+    /// Stops the running controller, brings the flipped Pods to `flipped`,
+    /// deletes what an earlier controller wrote, and starts `side` at QPS
+    /// 1000/2000 to write the starting state; returns its observer once `ready`
+    /// holds on it.
+    async fn hand_to(
+        &mut self,
+        side: Side,
+        flipped: bool,
+        ready: impl Fn(&Summary) -> bool,
+    ) -> Arc<Observer> {
+        self.stop_controller();
+        if self.flipped != Some(flipped) {
+            self.scenario.set_flipped(&self.nss, flipped).await;
+            self.flipped = Some(flipped);
+        }
+        if self.written {
+            for ns in &self.nss {
+                let dp = DeleteParams::default();
+                let lp = ListParams::default();
+                ns.api::<EndpointSlice>().delete_collection(&dp, &lp).await.expect("delete the slices");
+                ns.api::<Endpoints>().delete_collection(&dp, &lp).await.expect("delete the Endpoints");
+            }
+        }
+        self.written = true;
+        let observer = Arc::new(Observer::start(&self.client, side.managed_by()).await);
+        self.switch_to(side.fast()).await;
+        wait_for(&observer, side, "the starting state", ready).await;
+        observer
+    }
+
+    fn stop_controller(&mut self) {
+        if let Some(old) = self.svcplane.take() {
+            old.kill();
+        }
+        // Not running is fine: the stage may have none yet.
+        let _ = self.cp.stop_for_restart("kube-controller-manager");
+    }
+
+    /// Restarts the controller under test at `side`'s QPS (it rebuilds its
+    /// caches and finds everything written, as `controller_restart` proves for
+    /// svcplane); returns its pid.
+    async fn switch_to(&mut self, side: Side) -> u32 {
+        self.stop_controller();
+        let (qps, burst) = side.qps_burst();
+        let (qps, burst) = (format!("--kube-api-qps={qps}"), format!("--kube-api-burst={burst}"));
+        match side {
+            Side::Svcplane { .. } => {
+                // BENCH_SVCPLANE_ARGS: extra flags for the measured svcplane, to compare settings.
+                let extra = std::env::var("BENCH_SVCPLANE_ARGS").unwrap_or_default();
+                let mut args = vec!["--controllers=endpointslice,endpoints", qps.as_str(), burst.as_str()];
+                args.extend(extra.split_whitespace());
+                let s = self.cp.svcplane("bench", &args).await;
+                let pid = s.pid();
+                self.svcplane = Some(s);
+                pid
+            }
+            Side::Upstream { .. } => {
+                self.cp.restart_controller_manager(&[qps, burst]).unwrap_or_else(|e| panic!("{e}"));
+                self.cp.pids().into_iter().find(|(n, _)| n == "kube-controller-manager").map_or(0, |(_, p)| p)
+            }
         }
     }
 }
@@ -297,15 +365,11 @@ async fn wait_for(observer: &Observer, side: Side, what: &str, ok: impl Fn(&Summ
     }
 }
 
-async fn run(scenario: Scenario, side: Side) -> Run {
-    let (cp, setup_process, _) = start(side.fast()).await;
-    let client = cp.client().await;
-    ensure_node(&client, "node-a", "192.0.2.1", None).await;
-    let observer = Arc::new(Observer::start(&client, side.managed_by()).await);
-    let nss = scenario::namespaces(&client, scenario.namespaces()).await;
-    scenario.setup(&nss).await;
-    wait_for(&observer, side, "the starting state", |s| scenario.started(s)).await;
-    let (svcplane, pid) = switch_to(&cp, side, setup_process).await;
+async fn run(slot: &mut Option<Stage>, scenario: Scenario, side: Side) -> Run {
+    let stage = Stage::open(slot, scenario).await;
+    let observer = stage.hand_to(side, false, |s| scenario.started(s)).await;
+    let pid = stage.switch_to(side).await;
+    let (client, nss) = (stage.client.clone(), stage.nss.clone());
     settle(&client).await;
     let writes_before = writes(&client).await;
     let (cpu_before, _) = proc_usage(pid);
@@ -344,10 +408,11 @@ async fn run(scenario: Scenario, side: Side) -> Run {
     let watch = last;
     let (latencies_ms, unseen) = observer.take_latencies();
     assert_eq!(unseen, 0, "{}: {unseen} changed Pods never seen ready", side.name());
+    stage.flipped = Some(true);
     let after = writes(&client).await;
     let writes =
         after.iter().map(|(k, v)| (k.clone(), v - writes_before.get(k).copied().unwrap_or(0.0))).collect();
-    let profile = match &svcplane {
+    let profile = match &stage.svcplane {
         Some(s) => Some(sync_profile(&s.metrics_text().await)),
         None => None,
     };
@@ -385,25 +450,13 @@ struct Latency {
 /// Single-Pod latency under load: S Services of one ready Pod each, a background
 /// churn of readiness flips, and trials of one Pod's Ready patch until its slice
 /// shows it ready; also the controller's CPU per Pod event over the same period.
-async fn latency(side: Side, services: usize, trials: usize) -> Latency {
-    let (cp, setup_process, _) = start(side.fast()).await;
-    let client = cp.client().await;
-    ensure_node(&client, "node-a", "192.0.2.1", None).await;
-    let observer = Observer::start(&client, side.managed_by()).await;
-    let ns = TestNamespace::new(&client, observer::NAMESPACE_PREFIX).await;
-    for_each_concurrent(services, |s| {
-        let ns = ns.clone();
-        async move {
-            let app = format!("s{s}");
-            ns.create(&mk_service(&app, &[("app", &app)], vec![mk_port("http", 80, "8080")])).await;
-            ns.running_pod(mk_pod(&format!("{app}-0"), &[("app", &app)], "node-a", &[]), &[&ip(s)], true)
-                .await;
-        }
-    })
-    .await;
-    wait_for(&observer, side, "all ready", |s| s.slice_ready == services && s.endpoints_ready == services)
-        .await;
-    let (_svcplane, pid) = switch_to(&cp, side, setup_process).await;
+/// Single-Pod latency on scenario B's objects (Services `s0`… with one Pod
+/// each, here all Ready): on B's stage when it is still open.
+async fn latency(slot: &mut Option<Stage>, side: Side, services: usize, trials: usize) -> Latency {
+    let stage = Stage::open(slot, Scenario::ManyPods { services, pods: 1 }).await;
+    stage.hand_to(side, true, |s| s.slice_ready == services && s.endpoints_ready == services).await;
+    let pid = stage.switch_to(side).await;
+    let (client, ns) = (stage.client.clone(), stage.nss[0].clone());
     settle(&client).await;
     let (cpu_before, _) = proc_usage(pid);
 
@@ -460,6 +513,7 @@ async fn latency(side: Side, services: usize, trials: usize) -> Latency {
     // Let the controller finish the last events before reading its CPU.
     settle(&client).await;
     let (cpu_after, _) = proc_usage(pid);
+    stage.flipped = None;
     let events = flips + 2 * trials;
     samples.sort_by(f64::total_cmp);
     let q = |q: f64| quantile(&samples, q).expect("latency trials");
@@ -468,6 +522,51 @@ async fn latency(side: Side, services: usize, trials: usize) -> Latency {
         p99_ms: q(0.99),
         cpu_per_event_ms: (cpu_after - cpu_before) * 1000.0 / events.max(1) as f64,
     }
+}
+
+/// The single-Pod latency runs and the CPU per Pod event by Services in the
+/// namespace, as markdown.
+async fn latency_section(
+    stage: &mut Option<Stage>,
+    (upstream, svcplane): (Side, Side),
+    small: usize,
+    services: usize,
+) -> String {
+    let mut table = String::new();
+    {
+        eprintln!("[bench] latency");
+        let trials = 50;
+        let u = latency(stage, upstream, services, trials).await;
+        let s = latency(stage, svcplane, services, trials).await;
+        let _ = writeln!(
+            table,
+            "\nSingle-Pod latency, {services} Services, 20 readiness flips/s in the background, {trials} trials (Ready patch → endpoint ready in the slice):\n\n| controller | p50 (ms) | p99 (ms) |\n|---|---|---|\n| {} | {:.0} | {:.0} |\n| {} | {:.0} | {:.0} |",
+            upstream.name(),
+            u.p50_ms,
+            u.p99_ms,
+            svcplane.name(),
+            s.p50_ms,
+            s.p99_ms
+        );
+        // The same run with few Services in the namespace: CPU per Pod event should
+        // not grow with the number of Services.
+        eprintln!("[bench] latency with {small} Services (CPU per Pod event)");
+        let u_small = latency(stage, upstream, small, trials).await;
+        let s_small = latency(stage, svcplane, small, trials).await;
+        let _ = writeln!(
+            table,
+            "\nController CPU per Pod event (ms) in the same runs, by Services in the namespace:\n\n| controller | {small} Services | {services} Services | growth |\n|---|---|---|---|\n| {} | {:.3} | {:.3} | {:.2}x |\n| {} | {:.3} | {:.3} | {:.2}x |",
+            upstream.name(),
+            u_small.cpu_per_event_ms,
+            u.cpu_per_event_ms,
+            ratio(u.cpu_per_event_ms, u_small.cpu_per_event_ms),
+            svcplane.name(),
+            s_small.cpu_per_event_ms,
+            s.cpu_per_event_ms,
+            ratio(s.cpu_per_event_ms, s_small.cpu_per_event_ms),
+        );
+    }
+    table
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -573,7 +672,7 @@ async fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "Kubernetes {}, BENCH_SCALE={scale}, fresh control plane per run, batch periods 0.\n",
+        "Kubernetes {}, BENCH_SCALE={scale}, batch periods 0; each run's controller writes its starting state itself; scenarios whose change only turns Pods Ready share one control plane between their runs.\n",
         svcplane_e2e::kubernetes_version()
     );
     let _ = writeln!(
@@ -584,13 +683,15 @@ async fn main() {
     let mut ratios = Vec::new();
     let mut profiles = Vec::new();
     let mut results = Vec::new();
+    let mut stage: Option<Stage> = None;
+    let mut latency_table = None;
     for (key, scenario, (upstream, svcplane)) in scenarios {
         if !wants(key) {
             continue;
         }
         eprintln!("[bench] {key}: {}", scenario.name());
-        let u = run(scenario, upstream).await;
-        let s = run(scenario, svcplane).await;
+        let u = run(&mut stage, scenario, upstream).await;
+        let s = run(&mut stage, scenario, svcplane).await;
         for r in [&u, &s] {
             let by = |res: &str| -> String {
                 let verbs: Vec<String> = r
@@ -634,41 +735,15 @@ async fn main() {
             profiles.push(format!("- {key}: {p}"));
         }
         results.push((key, u, s));
+        // The latency runs use B's objects: on its stage while it is open.
+        if key == "B" && wants("latency") {
+            latency_table = Some(latency_section(&mut stage, throttled, n(100), n(5000)).await);
+        }
     }
-    if wants("latency") {
-        eprintln!("[bench] latency");
-        let (small, services) = (n(100), n(5000));
-        let trials = 50;
-        let u = latency(throttled.0, services, trials).await;
-        let s = latency(throttled.1, services, trials).await;
-        let _ = writeln!(
-            table,
-            "\nSingle-Pod latency, {services} Services, 20 readiness flips/s in the background, {trials} trials (Ready patch → endpoint ready in the slice):\n\n| controller | p50 (ms) | p99 (ms) |\n|---|---|---|\n| {} | {:.0} | {:.0} |\n| {} | {:.0} | {:.0} |",
-            throttled.0.name(),
-            u.p50_ms,
-            u.p99_ms,
-            throttled.1.name(),
-            s.p50_ms,
-            s.p99_ms
-        );
-        // The same run with few Services in the namespace: CPU per Pod event should
-        // not grow with the number of Services.
-        eprintln!("[bench] latency with {small} Services (CPU per Pod event)");
-        let u_small = latency(throttled.0, small, trials).await;
-        let s_small = latency(throttled.1, small, trials).await;
-        let _ = writeln!(
-            table,
-            "\nController CPU per Pod event (ms) in the same runs, by Services in the namespace:\n\n| controller | {small} Services | {services} Services | growth |\n|---|---|---|---|\n| {} | {:.3} | {:.3} | {:.2}x |\n| {} | {:.3} | {:.3} | {:.2}x |",
-            throttled.0.name(),
-            u_small.cpu_per_event_ms,
-            u.cpu_per_event_ms,
-            ratio(u.cpu_per_event_ms, u_small.cpu_per_event_ms),
-            throttled.1.name(),
-            s_small.cpu_per_event_ms,
-            s.cpu_per_event_ms,
-            ratio(s.cpu_per_event_ms, s_small.cpu_per_event_ms),
-        );
+    if wants("latency") && latency_table.is_none() {
+        latency_table = Some(latency_section(&mut stage, throttled, n(100), n(5000)).await);
     }
+    table.push_str(&latency_table.unwrap_or_default());
     let _ = writeln!(
         table,
         "\nRatios svcplane / upstream (convergence, writes, CPU, peak RSS, bytes one slice watcher received):\n"

@@ -8,7 +8,7 @@ use kube::api::DeleteParams;
 use kube::{Api, Client};
 use svcplane_e2e::{
     TestNamespace,
-    fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready},
+    fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_ready, set_pod_status},
 };
 use tokio::sync::Semaphore;
 
@@ -17,7 +17,7 @@ use crate::observer::{NAMESPACE_PREFIX, Observer, Summary};
 /// Concurrent requests the benchmark itself sends while setting up or changing.
 const CLIENT_CONCURRENCY: usize = 32;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     /// S Services × P Pods created not ready, then every Pod turns Ready.
     ManyPods { services: usize, pods: usize },
@@ -152,11 +152,12 @@ impl Scenario {
     pub async fn change(self, nss: &[TestNamespace], observer: &Arc<Observer>) {
         let ns = &nss[0];
         match self {
-            Scenario::ManyPods { services, pods } => {
-                for_each_concurrent(services * pods, |i| {
-                    let (ns, observer) = (ns.clone(), observer.clone());
+            Scenario::ManyPods { .. } | Scenario::ManyServices { .. } => {
+                let (flipped, nss) = (Arc::new(self.flipped_pods()), Arc::new(nss.to_vec()));
+                for_each_concurrent(flipped.len(), |i| {
+                    let (n, name, _) = flipped[i].clone();
+                    let (ns, observer) = (nss[n].clone(), observer.clone());
                     async move {
-                        let name = format!("s{}-{}", i / pods, i % pods);
                         observer.await_ready(&ns.name, &name);
                         set_pod_ready(&ns.api(), &name, true).await;
                     }
@@ -217,22 +218,43 @@ impl Scenario {
                 })
                 .await;
             }
-            Scenario::ManyServices { services, pods, .. } => {
-                let changed: Vec<usize> = (0..services).filter(|s| Self::changes(*s)).collect();
-                let changed = Arc::new(changed);
-                let nss = Arc::new(nss.to_vec());
-                for_each_concurrent(changed.len() * pods, |i| {
-                    let s = changed[i / pods];
-                    let (ns, observer) = (nss[s % nss.len()].clone(), observer.clone());
-                    async move {
-                        let name = format!("s{s}-{}", i % pods);
-                        observer.await_ready(&ns.name, &name);
-                        set_pod_ready(&ns.api(), &name, true).await;
-                    }
-                })
-                .await;
-            }
         }
+    }
+
+    /// The Pods whose Ready the change turns on, as (index into the
+    /// namespaces, name, IP); none for a scenario whose change is another kind.
+    fn flipped_pods(self) -> Vec<(usize, String, String)> {
+        match self {
+            Scenario::ManyPods { services, pods } => {
+                (0..services * pods).map(|i| (0, format!("s{}-{}", i / pods, i % pods), ip(i))).collect()
+            }
+            Scenario::ManyServices { namespaces, services, pods } => (0..services)
+                .filter(|s| Self::changes(*s))
+                .flat_map(|s| (0..pods).map(move |p| (s % namespaces, format!("s{s}-{p}"), ip(s * pods + p))))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the change can be undone in place (it only turns Pods Ready), so
+    /// that every run of the scenario can share one control plane and its
+    /// objects: written once, not once per run.
+    pub fn reusable(self) -> bool {
+        matches!(self, Scenario::ManyPods { .. } | Scenario::ManyServices { .. })
+    }
+
+    /// Sets the Ready of every Pod the change flips: `false` undoes the change,
+    /// `true` makes it without timing it. One status patch per Pod.
+    pub async fn set_flipped(self, nss: &[TestNamespace], ready: bool) {
+        let (flipped, nss) = (Arc::new(self.flipped_pods()), Arc::new(nss.to_vec()));
+        for_each_concurrent(flipped.len(), |i| {
+            let (n, name, ip) = flipped[i].clone();
+            let ns = nss[n].clone();
+            async move {
+                set_pod_status(&ns.api(), &name, &[&ip], ready).await;
+            }
+        })
+        .await;
     }
 
     /// Whether the change has been written completely.
