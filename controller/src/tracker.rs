@@ -21,15 +21,24 @@ use crate::plan::Key;
 /// whose result the store has not shown yet.
 #[derive(Debug, Default)]
 pub struct WriteTracker {
-    owners: Mutex<HashMap<(ControllerKind, Key), HashMap<String, Expected>>>,
+    owners: Mutex<HashMap<(ControllerKind, Key), Owner>>,
+}
+
+#[derive(Debug, Default)]
+struct Owner {
+    expected: HashMap<String, Expected>,
+    /// A sync found the store behind and returned: the watch event that
+    /// catches it up must queue the owner again.
+    waiting: bool,
 }
 
 /// What the store must show before it has caught up with one write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Expected {
     /// Created or updated: the object exists and is not at `superseded` (the
-    /// version the update replaced; `None` for a create).
-    Written { superseded: Option<String> },
+    /// version the update replaced; `None` for a create). `written` is the
+    /// version the write returned.
+    Written { superseded: Option<String>, written: Option<String> },
     /// Deleted: the object is gone, or at least not at the version deleted
     /// (`None`: any version).
     Deleted { version: Option<String> },
@@ -49,14 +58,17 @@ impl WriteTracker {
         if replaced.is_some() && replaced == written {
             return;
         }
-        let expected = Expected::Written { superseded: replaced.map(str::to_owned) };
-        self.lock().entry((owner.0, owner.1.clone())).or_default().insert(name.to_owned(), expected);
+        let expected = Expected::Written {
+            superseded: replaced.map(str::to_owned),
+            written: written.map(str::to_owned),
+        };
+        self.lock().entry((owner.0, owner.1.clone())).or_default().expected.insert(name.to_owned(), expected);
     }
 
     /// Records a delete of `name` at `version` (`None` when not known).
     pub fn deleted(&self, owner: (ControllerKind, &Key), name: &str, version: Option<&str>) {
         let expected = Expected::Deleted { version: version.map(str::to_owned) };
-        self.lock().entry((owner.0, owner.1.clone())).or_default().insert(name.to_owned(), expected);
+        self.lock().entry((owner.0, owner.1.clone())).or_default().expected.insert(name.to_owned(), expected);
     }
 
     /// Whether the store lags svcplane's own writes for `owner`; `observed` gives
@@ -69,18 +81,34 @@ impl WriteTracker {
     ) -> bool {
         let mut owners = self.lock();
         let id = (owner.0, owner.1.clone());
-        let Some(expected) = owners.get_mut(&id) else { return false };
-        expected.retain(|name, e| match (e, observed.get(name)) {
+        let Some(owner) = owners.get_mut(&id) else { return false };
+        owner.expected.retain(|name, e| match (e, observed.get(name)) {
             (Expected::Written { .. }, None) => true,
-            (Expected::Written { superseded }, Some(seen)) => superseded.is_some() && seen == superseded,
+            (Expected::Written { superseded, .. }, Some(seen)) => superseded.is_some() && seen == superseded,
             (Expected::Deleted { .. }, None) => false,
             (Expected::Deleted { version }, Some(seen)) => version.is_none() || seen == version,
         });
-        let stale = !expected.is_empty();
-        if !stale {
+        let stale = !owner.expected.is_empty();
+        if stale {
+            owner.waiting = true;
+        } else {
             owners.remove(&id);
         }
         stale
+    }
+
+    /// Whether a watch event showing `name` at `version` only echoes svcplane's
+    /// own write of it, so the owner need not be queued for it (upstream's
+    /// EndpointSliceTracker.ShouldSync): the version is the one that write
+    /// returned and no sync is waiting for the store to show it. An echo that
+    /// arrives before the write's response is recorded is not recognised and
+    /// queues as any event.
+    pub fn is_own_echo(&self, owner: (ControllerKind, &Key), name: &str, version: Option<&str>) -> bool {
+        let owners = self.lock();
+        let Some(owner) = owners.get(&(owner.0, owner.1.clone())) else { return false };
+        !owner.waiting
+            && version.is_some()
+            && matches!(owner.expected.get(name), Some(Expected::Written { written, .. }) if written.as_deref() == version)
     }
 
     /// The watch saw `name` deleted (by svcplane or anyone else, e.g. the garbage
@@ -91,15 +119,15 @@ impl WriteTracker {
     pub fn observed_deletion(&self, owner: (ControllerKind, &Key), name: &str) {
         let mut owners = self.lock();
         let id = (owner.0, owner.1.clone());
-        if let Some(expected) = owners.get_mut(&id) {
-            expected.remove(name);
-            if expected.is_empty() {
+        if let Some(owner) = owners.get_mut(&id) {
+            owner.expected.remove(name);
+            if owner.expected.is_empty() {
                 owners.remove(&id);
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ControllerKind, Key), HashMap<String, Expected>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ControllerKind, Key), Owner>> {
         self.owners.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -154,6 +182,29 @@ mod tests {
         t.wrote((SLICES, &key()), "s", None, Some("1"));
         t.observed_deletion((SLICES, &key()), "s");
         assert!(!t.is_stale((SLICES, &key()), &seen(&[])));
+    }
+
+    #[test]
+    fn the_event_of_its_own_write_is_an_echo_unless_a_sync_waits_for_it() {
+        let t = WriteTracker::default();
+        t.wrote((SLICES, &key()), "s", Some("3"), Some("4"));
+        assert!(t.is_own_echo((SLICES, &key()), "s", Some("4")));
+        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("5")), "a later write by someone else");
+        assert!(!t.is_own_echo((SLICES, &key()), "other", Some("4")));
+        assert!(!t.is_own_echo((ControllerKind::mirroring, &key()), "s", Some("4")));
+        assert!(!t.is_own_echo((SLICES, &key()), "s", None));
+        // A sync that found the store behind returned and waits for this event.
+        assert!(t.is_stale((SLICES, &key()), &seen(&[("s", "3")])));
+        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("4")), "the waiting sync needs the event");
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[("s", "4")])));
+        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("4")), "forgotten once the store caught up");
+    }
+
+    #[test]
+    fn a_delete_has_no_echo_to_skip() {
+        let t = WriteTracker::default();
+        t.deleted((SLICES, &key()), "s", Some("4"));
+        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("4")));
     }
 
     #[test]

@@ -282,6 +282,21 @@ pub fn start_watches(
                     entry.insert(slice.name_any());
                 }
             }
+            // The echo of svcplane's own write changes nothing to plan: the
+            // sync that wrote it planned that state (upstream skips it too).
+            // Except in a take-over, where the sync after svcplane's slices are
+            // written is the one that deletes kube-controller-manager's.
+            if !deleted
+                && migration != Migration::TakeOver
+                && let Some(controller) = controller
+                && tracker.is_own_echo(
+                    (controller, &key),
+                    &slice.name_any(),
+                    slice.resource_version().as_deref(),
+                )
+            {
+                return;
+            }
             // kube-controller-manager's slices are watched only while migrating:
             // their changes move the take-over, the hand-back and the shadow.
             match managed_by.as_str() {
