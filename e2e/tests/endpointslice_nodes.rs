@@ -55,10 +55,11 @@ async fn svcplane_idle() {
 }
 
 /// Waits until kube-controller-manager's last write to the slices of `s` is
-/// more than 2 s old. When the watch event of its own slice create arrives
-/// before its tracker records the slice, it queues the Service again 1 s later
+/// over 2 s old. When the watch event of its own slice create arrives before
+/// its tracker records the slice, it queues the Service again 1 s later
 /// (`endpointSliceChangeMinSyncDelay`); a Node change inside that second would
-/// be read by that sync. managedFields times have whole seconds, hence 3.
+/// be read by that sync. managedFields times are cut to whole seconds, so the
+/// check asks for more than 3.
 async fn upstream_past_its_resync_delay(ns: &TestNamespace) {
     poll_until(CONVERGE, Duration::from_millis(250), || async {
         let last_write = slices_of(&ns.api(), "s", UPSTREAM)

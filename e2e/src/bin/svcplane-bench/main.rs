@@ -238,8 +238,6 @@ struct Stage {
     /// Whether the Pods the change flips are Ready now; `None` when some are
     /// and some not (the latency runs flip them).
     flipped: Option<bool>,
-    /// Whether a controller has written here since the objects were created.
-    written: bool,
 }
 
 impl Stage {
@@ -260,15 +258,7 @@ impl Stage {
             ensure_node(&client, "node-a", "192.0.2.1", None).await;
             let nss = scenario::namespaces(&client, scenario.namespaces()).await;
             scenario.setup(&nss).await;
-            *slot = Some(Stage {
-                scenario,
-                cp,
-                client,
-                nss,
-                svcplane: None,
-                flipped: Some(false),
-                written: false,
-            });
+            *slot = Some(Stage { scenario, cp, client, nss, svcplane: None, flipped: Some(false) });
         }
         slot.as_mut().expect("stage just set")
     }
@@ -288,15 +278,12 @@ impl Stage {
             self.scenario.set_flipped(&self.nss, flipped).await;
             self.flipped = Some(flipped);
         }
-        if self.written {
-            for ns in &self.nss {
-                let dp = DeleteParams::default();
-                let lp = ListParams::default();
-                ns.api::<EndpointSlice>().delete_collection(&dp, &lp).await.expect("delete the slices");
-                ns.api::<Endpoints>().delete_collection(&dp, &lp).await.expect("delete the Endpoints");
-            }
+        // Nothing to delete on a fresh stage: two requests per namespace.
+        let (dp, lp) = (DeleteParams::default(), ListParams::default());
+        for ns in &self.nss {
+            ns.api::<EndpointSlice>().delete_collection(&dp, &lp).await.expect("delete the slices");
+            ns.api::<Endpoints>().delete_collection(&dp, &lp).await.expect("delete the Endpoints");
         }
-        self.written = true;
         let observer = Arc::new(Observer::start(&self.client, side.managed_by()).await);
         self.switch_to(side.fast()).await;
         wait_for(&observer, side, "the starting state", ready).await;
@@ -450,8 +437,8 @@ struct Latency {
 /// Single-Pod latency under load: S Services of one ready Pod each, a background
 /// churn of readiness flips, and trials of one Pod's Ready patch until its slice
 /// shows it ready; also the controller's CPU per Pod event over the same period.
-/// Single-Pod latency on scenario B's objects (Services `s0`… with one Pod
-/// each, here all Ready): on B's stage when it is still open.
+/// The Services and Pods are scenario B's (`s0`… with one Pod each, here all
+/// Ready): on B's stage when it is still open.
 async fn latency(slot: &mut Option<Stage>, side: Side, services: usize, trials: usize) -> Latency {
     let stage = Stage::open(slot, Scenario::ManyPods { services, pods: 1 }).await;
     stage.hand_to(side, true, |s| s.slice_ready == services && s.endpoints_ready == services).await;
@@ -533,39 +520,37 @@ async fn latency_section(
     services: usize,
 ) -> String {
     let mut table = String::new();
-    {
-        eprintln!("[bench] latency");
-        let trials = 50;
-        let u = latency(stage, upstream, services, trials).await;
-        let s = latency(stage, svcplane, services, trials).await;
-        let _ = writeln!(
-            table,
-            "\nSingle-Pod latency, {services} Services, 20 readiness flips/s in the background, {trials} trials (Ready patch → endpoint ready in the slice):\n\n| controller | p50 (ms) | p99 (ms) |\n|---|---|---|\n| {} | {:.0} | {:.0} |\n| {} | {:.0} | {:.0} |",
-            upstream.name(),
-            u.p50_ms,
-            u.p99_ms,
-            svcplane.name(),
-            s.p50_ms,
-            s.p99_ms
-        );
-        // The same run with few Services in the namespace: CPU per Pod event should
-        // not grow with the number of Services.
-        eprintln!("[bench] latency with {small} Services (CPU per Pod event)");
-        let u_small = latency(stage, upstream, small, trials).await;
-        let s_small = latency(stage, svcplane, small, trials).await;
-        let _ = writeln!(
-            table,
-            "\nController CPU per Pod event (ms) in the same runs, by Services in the namespace:\n\n| controller | {small} Services | {services} Services | growth |\n|---|---|---|---|\n| {} | {:.3} | {:.3} | {:.2}x |\n| {} | {:.3} | {:.3} | {:.2}x |",
-            upstream.name(),
-            u_small.cpu_per_event_ms,
-            u.cpu_per_event_ms,
-            ratio(u.cpu_per_event_ms, u_small.cpu_per_event_ms),
-            svcplane.name(),
-            s_small.cpu_per_event_ms,
-            s.cpu_per_event_ms,
-            ratio(s.cpu_per_event_ms, s_small.cpu_per_event_ms),
-        );
-    }
+    eprintln!("[bench] latency");
+    let trials = 50;
+    let u = latency(stage, upstream, services, trials).await;
+    let s = latency(stage, svcplane, services, trials).await;
+    let _ = writeln!(
+        table,
+        "\nSingle-Pod latency, {services} Services, 20 readiness flips/s in the background, {trials} trials (Ready patch → endpoint ready in the slice):\n\n| controller | p50 (ms) | p99 (ms) |\n|---|---|---|\n| {} | {:.0} | {:.0} |\n| {} | {:.0} | {:.0} |",
+        upstream.name(),
+        u.p50_ms,
+        u.p99_ms,
+        svcplane.name(),
+        s.p50_ms,
+        s.p99_ms
+    );
+    // The same run with few Services in the namespace: CPU per Pod event should
+    // not grow with the number of Services.
+    eprintln!("[bench] latency with {small} Services (CPU per Pod event)");
+    let u_small = latency(stage, upstream, small, trials).await;
+    let s_small = latency(stage, svcplane, small, trials).await;
+    let _ = writeln!(
+        table,
+        "\nController CPU per Pod event (ms) in the same runs, by Services in the namespace:\n\n| controller | {small} Services | {services} Services | growth |\n|---|---|---|---|\n| {} | {:.3} | {:.3} | {:.2}x |\n| {} | {:.3} | {:.3} | {:.2}x |",
+        upstream.name(),
+        u_small.cpu_per_event_ms,
+        u.cpu_per_event_ms,
+        ratio(u.cpu_per_event_ms, u_small.cpu_per_event_ms),
+        svcplane.name(),
+        s_small.cpu_per_event_ms,
+        s.cpu_per_event_ms,
+        ratio(s.cpu_per_event_ms, s_small.cpu_per_event_ms),
+    );
     table
 }
 
