@@ -36,6 +36,9 @@ use crate::{
     trim,
 };
 
+/// Objects per page of a watch's (re-)list.
+const LIST_PAGE: u32 = 100;
+
 /// Reflector stores of everything the controllers read.
 #[derive(Clone)]
 pub struct Stores {
@@ -131,13 +134,17 @@ pub fn start_watches(
     let synced = Arc::new(SyncedCount::new(5, ready_tx));
     let mut tasks = Vec::new();
 
-    let all = watcher::Config::default();
+    // Pages of 100, not kube's (and client-go's) 500: each watch holds a page
+    // decoded in full, managedFields and all, until its objects are trimmed into
+    // the store; five watches listing at once held ~25 MiB in `make bench`, the
+    // largest part of the peak RSS. Consistent lists, unlike kube-runtime's
+    // streaming lists (which read the watch cache at any resourceVersion).
+    let all = watcher::Config::default().page_size(LIST_PAGE);
     let mut managers = vec![labels::SVCPLANE_SLICE_CONTROLLER, labels::SVCPLANE_MIRRORING_CONTROLLER];
     if migration != Migration::Off {
         managers.extend([labels::UPSTREAM_SLICE_CONTROLLER, labels::UPSTREAM_MIRRORING_CONTROLLER]);
     }
-    let managed =
-        watcher::Config::default().labels(&format!("{} in ({})", labels::MANAGED_BY, managers.join(",")));
+    let managed = all.clone().labels(&format!("{} in ({})", labels::MANAGED_BY, managers.join(",")));
 
     // Services: index selectors, trigger all three controllers.
     {
@@ -169,13 +176,6 @@ pub fn start_watches(
                     write(&indexes.topology_auto).remove(&key);
                     queues.all(&key);
                 }
-                // The objects of a re-list were queued before the store held them:
-                // queue everything again now that it does.
-                Change::Listed => {
-                    for svc in stores.services.state() {
-                        queues.all(&Key::of(svc.as_ref()));
-                    }
-                }
             }
         })));
     }
@@ -194,7 +194,6 @@ pub fn start_watches(
             let (pod, deleted) = match change {
                 Change::Applied(pod) => (pod, false),
                 Change::Deleted(pod) => (pod, true),
-                Change::Listed => return,
             };
             let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
             let affected = if deleted {
@@ -228,7 +227,6 @@ pub fn start_watches(
                     write(&indexes.nodes).upsert_node(&node.name_any(), NodeInfo::of(&node))
                 }
                 Change::Deleted(node) => write(&indexes.nodes).remove_node(&node.name_any()),
-                Change::Listed => return,
             };
             let Some(q) = &queues.slices else { return };
             let selectors = read(&indexes.selectors);
@@ -258,7 +256,6 @@ pub fn start_watches(
             let (slice, deleted) = match change {
                 Change::Applied(s) => (s, false),
                 Change::Deleted(s) => (s, true),
-                Change::Listed => return,
             };
             let Some(owner) = slice.labels().get(labels::SERVICE_NAME).cloned() else { return };
             let managed_by = slice.labels().get(labels::MANAGED_BY).cloned().unwrap_or_default();
@@ -339,7 +336,6 @@ pub fn start_watches(
                 tracker.observed_deletion((ControllerKind::endpoints, &key), &key.name);
                 queues.endpoints_deleted(&key);
             }
-            Change::Listed => {}
         })));
     }
 
@@ -392,67 +388,56 @@ pub(crate) enum Change<K> {
     /// Deleted: a watch event, or an object the store held before a re-list that
     /// the re-list did not return (upstream's informer delivers a tombstone for it).
     Deleted(Arc<K>),
-    /// A (re-)list is complete and the store holds what it returned; comes after
-    /// the deletions that list revealed.
-    Listed,
 }
 
 /// Turns watcher events into [`Change`]s, so that a re-list reaches the same
-/// bookkeeping as a Delete event: on `Init` it remembers what the store holds
-/// (the reflector swaps its store only at `InitDone`), each `InitApply` strikes an
-/// object off, and at `InitDone` whatever is left was deleted while the watch was
-/// down, and is reported as [`Change::Deleted`] with its last known state.
+/// bookkeeping as watch events. The reflector fills its store from a (re-)list
+/// only at `InitDone`, so that is when the listed objects are routed, from the
+/// store itself, not as each `InitApply` arrives: the indexes change with the
+/// store, and nothing holds a second copy of a list in flight. On `Init` it
+/// remembers what the store held; whatever of that the list did not return was
+/// deleted while the watch was down, and is reported as [`Change::Deleted`] with
+/// its last known state (upstream's informer delivers a tombstone for it).
 pub(crate) struct Relist<K: Resource<DynamicType = ()>> {
-    /// During a (re-)list, the objects not returned by it yet that the routers know
-    /// of: those the store held before it, and those an interrupted list announced.
-    unseen: HashMap<ObjectRef<K>, Arc<K>>,
-    /// During a (re-)list, the objects it has returned (announced as applied but not
-    /// in the store until `InitDone`).
-    listed: HashMap<ObjectRef<K>, Arc<K>>,
+    /// During a (re-)list, what the store held before it.
+    before: HashMap<ObjectRef<K>, Arc<K>>,
 }
 
 impl<K: Resource<DynamicType = ()> + Clone> Default for Relist<K> {
     fn default() -> Self {
-        Self { unseen: HashMap::new(), listed: HashMap::new() }
+        Self { before: HashMap::new() }
     }
 }
 
 impl<K: Resource<DynamicType = ()> + Clone> Relist<K> {
     /// The changes `event` makes; `store` gives what the store holds (read at
-    /// `Init` only).
+    /// `Init` and `InitDone`).
     pub(crate) fn changes(
         &mut self,
         event: watcher::Event<K>,
-        store: impl FnOnce() -> Vec<Arc<K>>,
+        store: impl Fn() -> Vec<Arc<K>>,
     ) -> Vec<Change<K>> {
         match event {
             watcher::Event::Apply(obj) => vec![Change::Applied(Arc::new(obj))],
             watcher::Event::Delete(obj) => vec![Change::Deleted(Arc::new(obj))],
+            // Also the start again of a list interrupted by an error: the store
+            // still holds what it held before the first attempt.
             watcher::Event::Init => {
-                // A list interrupted by an error starts over without an InitDone: the
-                // objects it announced were routed but never reached the store.
-                let announced = std::mem::take(&mut self.listed);
-                self.unseen =
+                self.before =
                     store().into_iter().map(|obj| (ObjectRef::from_obj(obj.as_ref()), obj)).collect();
-                self.unseen.extend(announced);
                 Vec::new()
             }
-            watcher::Event::InitApply(obj) => {
-                let obj = Arc::new(obj);
-                let key = ObjectRef::from_obj(obj.as_ref());
-                self.unseen.remove(&key);
-                self.listed.insert(key, obj.clone());
-                vec![Change::Applied(obj)]
-            }
+            watcher::Event::InitApply(_) => Vec::new(),
             watcher::Event::InitDone => {
-                self.listed.clear();
+                let listed = store();
+                for obj in &listed {
+                    self.before.remove(&ObjectRef::from_obj(obj.as_ref()));
+                }
                 let mut gone: Vec<(ObjectRef<K>, Arc<K>)> =
-                    std::mem::take(&mut self.unseen).into_iter().collect();
+                    std::mem::take(&mut self.before).into_iter().collect();
                 gone.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-                let mut changes: Vec<Change<K>> =
-                    gone.into_iter().map(|(_, obj)| Change::Deleted(obj)).collect();
-                changes.push(Change::Listed);
-                changes
+                let applied = listed.into_iter().map(Change::Applied);
+                applied.chain(gone.into_iter().map(|(_, obj)| Change::Deleted(obj))).collect()
             }
         }
     }
@@ -566,7 +551,7 @@ mod tests {
         }
     }
 
-    /// Each change as "applied name@version", "deleted name@version" or "listed".
+    /// Each change as "applied name@version" or "deleted name@version".
     fn names(changes: &[Change<Service>]) -> Vec<String> {
         let at = |s: &Service| format!("{}@{}", s.name_any(), s.resource_version().unwrap_or_default());
         changes
@@ -574,44 +559,61 @@ mod tests {
             .map(|c| match c {
                 Change::Applied(s) => format!("applied {}", at(s)),
                 Change::Deleted(s) => format!("deleted {}", at(s)),
-                Change::Listed => "listed".to_string(),
             })
             .collect()
     }
 
-    /// Feeds `events` to `relist`, the store holding `store` throughout (as the
-    /// reflector's does until InitDone).
+    /// kube-runtime's reflector store, holding `objects`, and a [`Relist`] that
+    /// has seen them listed.
+    fn listed(objects: &[Service]) -> (reflector::store::Writer<Service>, Relist<Service>) {
+        let (reader, mut writer) = reflector::store::<Service>();
+        let mut relist = Relist::default();
+        let mut events = vec![watcher::Event::Init];
+        events.extend(objects.iter().cloned().map(watcher::Event::InitApply));
+        events.push(watcher::Event::InitDone);
+        for event in events {
+            writer.apply_watcher_event(&event);
+            relist.changes(event, || reader.state());
+        }
+        (writer, relist)
+    }
+
+    /// Feeds `events` to the store, then to `relist`, as [`route`] sees them.
     fn feed(
-        relist: &mut Relist<Service>,
-        store: &[Service],
+        (writer, relist): &mut (reflector::store::Writer<Service>, Relist<Service>),
         events: Vec<watcher::Event<Service>>,
     ) -> Vec<String> {
-        let store: Vec<Arc<Service>> = store.iter().cloned().map(Arc::new).collect();
-        events.into_iter().flat_map(|ev| names(&relist.changes(ev, || store.clone()))).collect()
+        let reader = writer.as_reader();
+        let mut out = Vec::new();
+        for event in events {
+            writer.apply_watcher_event(&event);
+            out.extend(names(&relist.changes(event, || reader.state())));
+        }
+        out
     }
 
     #[test]
-    fn the_first_list_applies_every_object_and_deletes_nothing() {
-        let mut relist = Relist::default();
+    fn the_first_list_applies_every_object_once_the_store_holds_it() {
+        let mut stage = listed(&[]);
         let changes = feed(
-            &mut relist,
-            &[],
+            &mut stage,
             vec![
                 watcher::Event::Init,
                 watcher::Event::InitApply(mk_service("a", "1")),
                 watcher::Event::InitApply(mk_service("b", "2")),
-                watcher::Event::InitDone,
             ],
         );
-        assert_eq!(changes, ["applied a@1", "applied b@2", "listed"]);
+        assert!(changes.is_empty(), "routed before the store held them: {changes:?}");
+        let mut done = feed(&mut stage, vec![watcher::Event::InitDone]);
+        done.sort();
+        assert_eq!(done, ["applied a@1", "applied b@2"]);
     }
 
     #[test]
     fn watch_events_pass_through_as_they_are() {
-        let mut relist = Relist::default();
+        let mut stage = listed(&[mk_service("a", "1")]);
         let changes = feed(
-            &mut relist,
-            &[mk_service("a", "1")],
+            &mut stage,
             vec![watcher::Event::Apply(mk_service("a", "3")), watcher::Event::Delete(mk_service("a", "4"))],
         );
         assert_eq!(changes, ["applied a@3", "deleted a@4"]);
@@ -622,10 +624,9 @@ mod tests {
         // Issue 18: "b" was deleted while the watch was down; the re-list simply
         // does not return it. It must reach the routers as a deletion, carrying
         // what the store last held (the slice router reads its owner labels).
-        let mut relist = Relist::default();
-        let changes = feed(
-            &mut relist,
-            &[mk_service("a", "1"), mk_service("b", "2"), mk_service("c", "3")],
+        let mut stage = listed(&[mk_service("a", "1"), mk_service("b", "2"), mk_service("c", "3")]);
+        let mut changes = feed(
+            &mut stage,
             vec![
                 watcher::Event::Init,
                 watcher::Event::InitApply(mk_service("a", "5")),
@@ -633,28 +634,28 @@ mod tests {
                 watcher::Event::InitDone,
             ],
         );
-        assert_eq!(changes, ["applied a@5", "applied c@3", "deleted b@2", "listed"]);
+        let deleted = changes.pop();
+        changes.sort();
+        assert_eq!(
+            (changes, deleted),
+            (vec!["applied a@5".into(), "applied c@3".into()], Some("deleted b@2".into()))
+        );
     }
 
     #[test]
     fn a_relist_that_returns_nothing_deletes_everything_in_order() {
-        let mut relist = Relist::default();
-        let changes = feed(
-            &mut relist,
-            &[mk_service("b", "2"), mk_service("a", "1")],
-            vec![watcher::Event::Init, watcher::Event::InitDone],
-        );
-        assert_eq!(changes, ["deleted a@1", "deleted b@2", "listed"]);
+        let mut stage = listed(&[mk_service("b", "2"), mk_service("a", "1")]);
+        let changes = feed(&mut stage, vec![watcher::Event::Init, watcher::Event::InitDone]);
+        assert_eq!(changes, ["deleted a@1", "deleted b@2"]);
     }
 
     #[test]
-    fn a_list_interrupted_and_started_again_still_deletes_what_it_announced() {
-        // The first attempt announced "new" (routed as applied, never in the store)
-        // and failed; by the second attempt "new" is gone again.
-        let mut relist = Relist::default();
+    fn a_list_interrupted_and_started_again_routes_only_what_the_second_attempt_returned() {
+        // The first attempt returned "new" and failed; by the second attempt "new"
+        // is gone again. Nothing was routed for it, so nothing is to be undone.
+        let mut stage = listed(&[mk_service("a", "1")]);
         let changes = feed(
-            &mut relist,
-            &[mk_service("a", "1")],
+            &mut stage,
             vec![
                 watcher::Event::Init,
                 watcher::Event::InitApply(mk_service("new", "7")),
@@ -663,24 +664,22 @@ mod tests {
                 watcher::Event::InitDone,
             ],
         );
-        assert_eq!(changes, ["applied new@7", "applied a@1", "deleted new@7", "listed"]);
+        assert_eq!(changes, ["applied a@1"]);
     }
 
     #[test]
     fn a_second_relist_compares_with_the_store_again() {
-        let mut relist = Relist::default();
-        let first =
-            feed(&mut relist, &[mk_service("a", "1")], vec![watcher::Event::Init, watcher::Event::InitDone]);
-        assert_eq!(first, ["deleted a@1", "listed"]);
+        let mut stage = listed(&[mk_service("a", "1")]);
+        let first = feed(&mut stage, vec![watcher::Event::Init, watcher::Event::InitDone]);
+        assert_eq!(first, ["deleted a@1"]);
         let second = feed(
-            &mut relist,
-            &[mk_service("b", "2")],
+            &mut stage,
             vec![
                 watcher::Event::Init,
                 watcher::Event::InitApply(mk_service("b", "2")),
                 watcher::Event::InitDone,
             ],
         );
-        assert_eq!(second, ["applied b@2", "listed"], "nothing left over from the first re-list");
+        assert_eq!(second, ["applied b@2"], "nothing left over from the first re-list");
     }
 }
