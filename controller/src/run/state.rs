@@ -148,8 +148,7 @@ pub fn start_watches(
 
     // Services: index selectors, trigger all three controllers.
     {
-        let (indexes, queues, synced, stores) =
-            (indexes.clone(), queues.clone(), synced.clone(), stores.clone());
+        let (indexes, queues, synced) = (indexes.clone(), queues.clone(), synced.clone());
         let stream = reflector::reflector(
             svc_writer,
             watcher(Api::<Service>::all(client.clone()), all.clone())
@@ -182,8 +181,7 @@ pub fn start_watches(
 
     // Pods: update membership, trigger the Services the Pod was or is in.
     {
-        let (indexes, queues, synced, stores) =
-            (indexes.clone(), queues.clone(), synced.clone(), stores.clone());
+        let (indexes, queues, synced) = (indexes.clone(), queues.clone(), synced.clone());
         let stream = reflector::reflector(
             pod_writer,
             watcher(Api::<StoredPod>::all(client.clone()), all.clone())
