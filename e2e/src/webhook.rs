@@ -251,6 +251,21 @@ pub fn holders_of_values(services: &[Service]) -> BTreeMap<Value, String> {
     holders
 }
 
+/// The ClusterIPs and NodePorts that two or more of `services` hold, each with its
+/// holders (`namespace/name`): the counting form of [`holders_of_values`], for a
+/// benchmark that reports duplicates instead of stopping at the first.
+pub fn values_held_twice(services: &[Service]) -> BTreeMap<Value, Vec<String>> {
+    let mut holders: BTreeMap<Value, Vec<String>> = BTreeMap::new();
+    for svc in services {
+        let owner = svcplane_webhook::admit::service_owner(svc).to_string();
+        for value in svcplane_webhook::admit::service_values(svc) {
+            holders.entry(value).or_default().push(owner.clone());
+        }
+    }
+    holders.retain(|_, owners| owners.len() > 1);
+    holders
+}
+
 /// The claim names that exist now.
 pub async fn claim_names(client: &Client) -> Vec<String> {
     claim_names_where(client, |_| true).await
@@ -290,6 +305,19 @@ pub async fn spawn_replica_process(
     args: &WebhookArgs,
     roles: &str,
 ) -> (crate::svcplane::Svcplane, std::net::SocketAddr) {
+    spawn_replica_process_with(cp, name, args, roles, &[]).await
+}
+
+/// Like [`spawn_replica_process`], with `extra_flags` after the address and TLS
+/// flags (e.g. `--webhook-block-size=32`, `--webhook-retention=0s`): only the
+/// address and the certificate are taken from `args`.
+pub async fn spawn_replica_process_with(
+    cp: &ControlPlane,
+    name: &str,
+    args: &WebhookArgs,
+    roles: &str,
+    extra_flags: &[&str],
+) -> (crate::svcplane::Svcplane, std::net::SocketAddr) {
     let addr = free_loopback_addr();
     let flag = |name: &str, path: &Option<std::path::PathBuf>| {
         format!("--{name}={}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
@@ -300,7 +328,9 @@ pub async fn spawn_replica_process(
         flag("webhook-tls-cert-file", &args.tls_cert_file),
         flag("webhook-tls-key-file", &args.tls_key_file),
     );
-    let process = cp.svcplane(name, &[&roles, &bind, &cert, &key]).await;
+    let mut flags = vec![roles.as_str(), bind.as_str(), cert.as_str(), key.as_str()];
+    flags.extend_from_slice(extra_flags);
+    let process = cp.svcplane(name, &flags).await;
     (process, addr)
 }
 

@@ -299,18 +299,23 @@ async fn a_service_created_with_kubectl_gets_its_cluster_ip_and_node_port_from_s
     let spec = svc.spec.unwrap();
     let ip = spec.cluster_ip.unwrap();
     let node_port = spec.ports.unwrap()[0].node_port.unwrap();
+    // The values come from the replica's blocks; their claims are written
+    // right after the answer.
     let claims: Api<AllocationClaim> = Api::all(client.clone());
-    let held: Vec<(String, String)> = claims
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|c| c.spec.namespace == ns && c.spec.service == "web")
-        .map(|c| (c.spec.kind, c.spec.value))
-        .collect();
-    assert!(held.contains(&("ClusterIP".into(), ip.clone())), "no claim for {ip}: {held:?}");
-    assert!(held.contains(&("NodePort".into(), node_port.to_string())), "no claim for {node_port}: {held:?}");
+    eventually("a claim for the ClusterIP and the nodePort", Duration::from_secs(15), || async {
+        let held: Vec<(String, String)> = claims
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .into_iter()
+            .filter(|c| c.spec.namespace == ns && c.spec.service == "web")
+            .map(|c| (c.spec.kind, c.spec.value))
+            .collect();
+        let wanted = [("ClusterIP".to_owned(), ip.clone()), ("NodePort".to_owned(), node_port.to_string())];
+        if wanted.iter().all(|w| held.contains(w)) { Ok(()) } else { Err(format!("claims: {held:?}")) }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -176,12 +176,17 @@ async fn restart_under_svcplane(
     println!("{name}: down {down:?}, {during} endpointslice syncs meanwhile, converged {back:?} after");
 
     // The webhook allocated late's ClusterIP and holds it in a claim.
+    // (With blocks, the claim is written right after the answer.)
     let ip = late.spec.and_then(|s| s.cluster_ip).expect("late has a ClusterIP");
+    let claim = Value::Ip(ip.parse().expect("an IP")).claim_name();
+    let claims = Api::<AllocationClaim>::all(ns.client.clone());
+    let claim = eventually("late's claim", Duration::from_secs(10), || async {
+        claims.get(&claim).await.map_err(|e| e.to_string())
+    })
+    .await;
+    assert_eq!((claim.spec.namespace, claim.spec.service), (ns.name.clone(), "late".to_owned()));
     let allocated = sp.metric_sum("svcplane_webhook_allocations_total", &[]).await - allocations;
     assert_eq!(allocated, 1.0, "the webhook allocated late's one ClusterIP");
-    let claim = Value::Ip(ip.parse().expect("an IP")).claim_name();
-    let claim = Api::<AllocationClaim>::all(ns.client.clone()).get(&claim).await.expect("late's claim");
-    assert_eq!((claim.spec.namespace, claim.spec.service), (ns.name.clone(), "late".to_owned()));
     let services = Api::<Service>::all(ns.client.clone()).list(&ListParams::default()).await.expect("list");
     holders_of_values(&services.items);
 

@@ -289,7 +289,11 @@ async fn the_webhook_role_allocates_with_only_the_manifests_rbac() {
     assert_eq!(values.len(), 2, "a ClusterIP and a NodePort: {values:?}");
     let claims = Api::<AllocationClaim>::all(admin.clone());
     for value in values {
-        let claim = claims.get(&value.claim_name()).await.unwrap_or_else(|e| panic!("claim of {value}: {e}"));
+        // Written right after the answer (the values come from blocks).
+        let claim = eventually(&format!("the claim of {value}"), Duration::from_secs(10), || async {
+            claims.get(&value.claim_name()).await.map_err(|e| e.to_string())
+        })
+        .await;
         assert_eq!((claim.spec.namespace, claim.spec.service), (ns.name.clone(), "web".to_owned()));
     }
     assert!(svcplane.metric_sum("svcplane_webhook_allocations_total", &[]).await >= 2.0);

@@ -63,11 +63,19 @@ async fn node_port_service_gets_its_values_from_the_webhook_and_denials_name_the
     assert_eq!(got.len(), 3);
     assert_eq!(got[0], got[1], "same port number across protocols shares one nodePort");
     assert_ne!(got[0], got[2]);
-    let claims = claim_names_in(&client, &ns.name).await;
-    for value in [ip.clone(), got[0].to_string(), got[2].to_string()] {
-        assert!(claims.contains(&claim_of(&value)), "claim for {value} in {claims:?}");
-    }
+    // Dynamic values come from the replica's blocks; their claims are
+    // written right after the answer.
+    let claims = eventually("a claim for each value", Duration::from_secs(10), || async {
+        let claims = claim_names_in(&client, &ns.name).await;
+        let values = [ip.clone(), got[0].to_string(), got[2].to_string()];
+        match values.iter().find(|value| !claims.contains(&claim_of(value))) {
+            Some(missing) => Err(format!("no claim for {missing} in {claims:?}")),
+            None => Ok(claims),
+        }
+    })
+    .await;
     assert!(server.metrics.allocations.get() >= 3);
+    assert!(server.metrics.block_handouts.get() >= 2, "the IP and the nodePort came from blocks");
 
     // A user-given nodePort that is taken: the denial names field and holder.
     let taken = mk_service("second", "NodePort", &[(81, None), (82, Some(got[2]))]);
@@ -171,7 +179,11 @@ async fn load_balancer_local_gets_a_health_check_port_and_no_node_ports_when_dis
     let created = ns.create(&svc).await;
     assert!(node_ports(&created).is_empty());
     let health = created.spec.and_then(|s| s.health_check_node_port).expect("healthCheckNodePort");
-    assert!(claim_names(&client).await.contains(&claim_of(&health.to_string())));
+    eventually("a claim for the health check port", Duration::from_secs(10), || async {
+        let names = claim_names(&client).await;
+        if names.contains(&claim_of(&health.to_string())) { Ok(()) } else { Err(names) }
+    })
+    .await;
 
     let mut headless = mk_service("headless", "ClusterIP", &[(80, None)]);
     headless.spec.as_mut().expect("spec").cluster_ip = Some("None".into());

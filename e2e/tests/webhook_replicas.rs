@@ -6,7 +6,9 @@
 //! has one URL), and all draw from the same pools, so every pick races the
 //! other replicas' picks through the AllocationClaim 409 lock. Replica 0 is a
 //! real `svcplane run --roles=webhook` process, killed with SIGKILL mid-run;
-//! replicas 1 and 2 run in-process.
+//! replicas 1 and 2 run in-process. Every replica hands dynamic values out of
+//! its blocks (the default `--webhook-block-size`) and writes their claims
+//! after answering.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -115,6 +117,18 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
         if missing.is_empty() { Ok(()) } else { Err(format!("{} values unclaimed", missing.len())) }
     })
     .await;
+    // The surviving replicas handed values out of their blocks (the default
+    // `--webhook-block-size`), and none of those had been claimed by another
+    // request first.
+    for server in &servers {
+        let metrics = server.metrics.encode();
+        let counter = |name: &str| -> u64 {
+            let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+            line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+        };
+        assert!(counter("svcplane_webhook_block_handouts_total") > 0, "no value came from a block");
+        assert_eq!(counter("svcplane_webhook_block_conflicts_total"), 0);
+    }
     for server in servers {
         server.kill();
     }

@@ -19,6 +19,7 @@ use k8s_openapi::api::{core::v1::Service, networking::v1::ServiceCIDR};
 use kube::{Api, ResourceExt, api::ListParams};
 use serde::Serialize;
 use svcplane_webhook::admit::{service_values, value_fields};
+use svcplane_webhook::blocks::BlockId;
 use svcplane_webhook::index::Index;
 use svcplane_webhook::pools::{PoolConfig, parse_cidrs, pools_from};
 use svcplane_webhook::service_ip_pools::{ServiceIPPool, describe_allocation};
@@ -273,5 +274,53 @@ pub fn find_holders(
             holder: format!("AllocationClaim/{}", claim.name_any()),
         });
     }
+    // A replica's block reserves the value ahead: only that replica hands it out.
+    for claim in claims {
+        if BlockId::of_claim(&claim.spec).is_some_and(|block| block.contains(wanted)) {
+            holders.push(Holder {
+                namespace: String::new(),
+                service: claim.spec.service.clone(),
+                field: format!("spec.value ({})", claim.spec.value),
+                holder: format!(
+                    "AllocationClaim/{} (block reserved ahead by webhook replica)",
+                    claim.name_any()
+                ),
+            });
+        }
+    }
     Ok(holders)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use svcplane_webhook::Owner;
+    use svcplane_webhook::blocks::build_block;
+    use svcplane_webhook::claim::build_claim;
+
+    use super::*;
+
+    #[test]
+    fn who_names_the_claim_and_the_block_that_reserve_a_value() {
+        let block = BlockId { first: Value::Port(30016), size: 32 };
+        let claims = [
+            build_block(block, "svcplane-7d9f-0a1b2c3d", SystemTime::now()),
+            build_claim(Value::Port(30020), &Owner { namespace: "ns".into(), name: "web".into() }),
+        ];
+        let holders = find_holders("30020", &[], &claims).unwrap();
+        let rows: Vec<(&str, &str)> =
+            holders.iter().map(|h| (h.service.as_str(), h.holder.as_str())).collect();
+        assert_eq!(
+            rows,
+            [
+                ("web", "AllocationClaim/nodeport-30020"),
+                (
+                    "svcplane-7d9f-0a1b2c3d",
+                    "AllocationClaim/block-nodeport-30016 (block reserved ahead by webhook replica)"
+                )
+            ]
+        );
+        assert!(find_holders("30048", &[], &claims).unwrap().is_empty());
+    }
 }

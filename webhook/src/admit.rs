@@ -147,6 +147,9 @@ pub struct Plan {
     pub add_spec: bool,
     /// The Service's labels, which ServiceIPPools' serviceSelectors match.
     pub labels: BTreeMap<String, String>,
+    /// The validating call: its values were set by a mutating call, maybe
+    /// another replica's handing them out from its block.
+    pub validating: bool,
 }
 
 impl Plan {
@@ -196,7 +199,8 @@ pub fn plan_admission(request: &Request<'_>) -> Result<Plan, Denial> {
     let supersede = request.operation == Operation::Create && request.mode == Mode::Mutate;
     let add_spec = request.service.spec.is_none();
     let labels = request.service.labels().clone();
-    let mut plan = Plan { owner, supersede, add_spec, labels, ..Plan::default() };
+    let validating = request.mode == Mode::Validate;
+    let mut plan = Plan { owner, supersede, add_spec, labels, validating, ..Plan::default() };
     let default_spec = ServiceSpec::default();
     let spec = request.service.spec.as_ref().unwrap_or(&default_spec);
     let kind = service_type(spec);

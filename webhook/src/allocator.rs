@@ -10,18 +10,20 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt};
 use svcplane_ipam::{IpFamily, IpamError, NodePortAssignment, NodePortError};
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, error, info, warn};
 
 use crate::admit::{Assigned, Denial, IpNeed, Plan, PortNeeds, service_values};
+use crate::blocks::{self, BlockKind};
 use crate::claim::{AllocationClaim, Owner, Value, build_claim, claim_owner};
 use crate::index::{ClaimRecord, Index, assigned_ports, lock, requested_ports};
 use crate::metrics::Metrics;
@@ -38,6 +40,16 @@ const NAMESAKE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// How many claim conflicts one dynamic pick tolerates before giving up.
 const MAX_PICK_ATTEMPTS: usize = 32;
 
+/// Tries to write the claim of a value handed out from a block, and the
+/// pause after the first failure (doubled each time).
+const DEFERRED_WRITE_ATTEMPTS: u32 = 6;
+const DEFERRED_WRITE_BACKOFF: Duration = Duration::from_millis(200);
+
+/// How long an admission call waits for a block it had to create, and how
+/// often it looks whether the watch delivered it.
+const BLOCK_WAIT: Duration = Duration::from_secs(2);
+const BLOCK_POLL: Duration = Duration::from_millis(2);
+
 /// The allocator of one replica: its index and the claims API.
 #[derive(Clone)]
 pub struct Allocator {
@@ -46,6 +58,31 @@ pub struct Allocator {
     client: Client,
     metrics: Arc<Metrics>,
     ready: watch::Receiver<bool>,
+    /// `--webhook-block-size`; 0: every value is claimed inside the call.
+    block_size: u16,
+    /// Wakes the block keeper after a hand-out.
+    blocks_used: Arc<Notify>,
+    /// Held while this replica creates a block.
+    acquiring: Arc<tokio::sync::Mutex<()>>,
+    /// Admission calls waiting for a value from a block: how many values
+    /// the next acquisition should bring.
+    waiting: Arc<AtomicUsize>,
+}
+
+/// One admission call counted in [`Allocator::waiting`] while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One admission call's claims: what it created, so a denial can undo it,
@@ -53,8 +90,11 @@ pub struct Allocator {
 struct Txn<'a> {
     owner: &'a Owner,
     dry_run: bool,
+    validating: bool,
     created: Vec<(Value, Option<String>)>,
     pending: Vec<Value>,
+    /// Handed out from this replica's blocks: claimed after the answer.
+    deferred: Vec<Value>,
 }
 
 /// What a claim create found: the owner holds the value (with the uid of
@@ -79,7 +119,43 @@ impl Allocator {
         metrics: Arc<Metrics>,
         ready: watch::Receiver<bool>,
     ) -> Self {
-        Self { index, claims: Api::all(client.clone()), client, metrics, ready }
+        lock(&index).set_replica(blocks::replica_name());
+        let (block_size, blocks_used, acquiring, waiting) =
+            (0, Arc::default(), Arc::default(), Arc::default());
+        let claims = Api::all(client.clone());
+        Self { index, claims, client, metrics, ready, block_size, blocks_used, acquiring, waiting }
+    }
+
+    /// Hands out dynamic values from blocks of `size` (0: never); the block
+    /// keeper (`block_keeper.rs`) must run beside it.
+    pub fn with_blocks(mut self, size: u16) -> Self {
+        self.block_size = size;
+        self
+    }
+
+    /// `--webhook-block-size`.
+    pub fn block_size(&self) -> u16 {
+        self.block_size
+    }
+
+    /// Notified after each hand-out from a block.
+    pub fn blocks_used(&self) -> Arc<Notify> {
+        self.blocks_used.clone()
+    }
+
+    /// Held while this replica creates a block.
+    pub(crate) fn acquiring(&self) -> &tokio::sync::Mutex<()> {
+        &self.acquiring
+    }
+
+    /// How many admission calls wait for a value from a block.
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The claims API.
+    pub(crate) fn claims_api(&self) -> &Api<AllocationClaim> {
+        &self.claims
     }
 
     /// Whether the index has been rebuilt from the cluster.
@@ -107,12 +183,17 @@ impl Allocator {
         if plan.supersede && !dry_run {
             self.release_superseded(plan).await;
         }
-        let mut txn = Txn { owner: &plan.owner, dry_run, created: Vec::new(), pending: Vec::new() };
+        let (validating, created, pending, deferred) = (plan.validating, Vec::new(), Vec::new(), Vec::new());
+        let mut txn = Txn { owner: &plan.owner, dry_run, validating, created, pending, deferred };
         let result = self.reserve_in(plan, &mut txn).await;
         if result.is_err() {
             self.undo(&txn).await;
         } else if dry_run {
             self.metrics.dry_runs.inc();
+        } else if !txn.deferred.is_empty() {
+            self.metrics.block_handouts.inc_by(txn.deferred.len() as u64);
+            let (allocator, owner, values) = (self.clone(), plan.owner.clone(), txn.deferred.clone());
+            tokio::spawn(async move { allocator.write_deferred(&owner, values).await });
         }
         let mut index = self.index();
         if result.is_ok() {
@@ -139,29 +220,32 @@ impl Allocator {
                 }
                 None => match self.claim_retained_ip(need, txn).await {
                     Some(ip) => ip,
-                    None => {
-                        let pick = |index: &mut Index| index.pick_ip_for(need.family, service);
-                        let family = need.family;
-                        let reusable = move |index: &Index, value: Value| match value {
-                            Value::Ip(ip) => {
-                                IpFamily::of(ip) == family && index.check_in_range(value).is_ok()
-                            }
-                            Value::Port(_) => false,
-                        };
-                        match self.claim_dynamic(pick, Value::Ip, &reusable, &need.field, txn).await {
-                            Ok(ip) => ip,
-                            // A dry run answers with the value the real
-                            // request would take over, releasing nothing.
-                            Err(denial) if txn.dry_run => {
-                                let index = self.index();
-                                match index.retained.oldest(|value| reusable(&index, value)) {
-                                    Some((Value::Ip(ip), _)) => ip,
-                                    _ => return Err(denial),
+                    None => match self.take_ip_from_block(need.family, service, txn).await {
+                        Some(ip) => ip,
+                        None => {
+                            let pick = |index: &mut Index| index.pick_ip_for(need.family, service);
+                            let family = need.family;
+                            let reusable = move |index: &Index, value: Value| match value {
+                                Value::Ip(ip) => {
+                                    IpFamily::of(ip) == family && index.check_in_range(value).is_ok()
                                 }
+                                Value::Port(_) => false,
+                            };
+                            match self.claim_dynamic(pick, Value::Ip, &reusable, &need.field, txn).await {
+                                Ok(ip) => ip,
+                                // A dry run answers with the value the real
+                                // request would take over, releasing nothing.
+                                Err(denial) if txn.dry_run => {
+                                    let index = self.index();
+                                    match index.retained.oldest(|value| reusable(&index, value)) {
+                                        Some((Value::Ip(ip), _)) => ip,
+                                        _ => return Err(denial),
+                                    }
+                                }
+                                Err(denial) => return Err(denial),
                             }
-                            Err(denial) => return Err(denial),
                         }
-                    }
+                    },
                 },
             };
             assigned.ips.push(ip);
@@ -172,26 +256,50 @@ impl Allocator {
                 port_denial(&self.index(), &error, &plan.owner, needs.spec_index.as_slice())
             })?;
             let requested = requested_ports(&needs.ports, needs.needs);
-            let distinct = assigned_ports(&assignment);
+            self.swap_in_block_ports(&mut assignment, &requested, txn).await;
+            let mut distinct = assigned_ports(&assignment);
+            distinct.retain(|port| !txn.deferred.contains(&Value::Port(*port)));
             txn.pending.extend(distinct.iter().map(|p| Value::Port(*p)));
             if !txn.dry_run {
-                let creates = distinct.iter().map(|port| self.create_claim(Value::Port(*port), &plan.owner));
+                let retained = self.index().retained.for_owner(&plan.owner);
+                let dynamic: BTreeSet<u16> = (distinct.iter().copied())
+                    .filter(|port| {
+                        !requested.contains(port) && !retained.iter().any(|(v, _)| *v == Value::Port(*port))
+                    })
+                    .collect();
+                dynamic.iter().for_each(|port| self.expect_echo(Value::Port(*port)));
+                let creates = distinct.iter().map(|port| self.claim_unless_vouched(Value::Port(*port), txn));
                 for (port, outcome) in distinct.iter().zip(join_all(creates).await) {
                     let field = port_field(&assignment, &needs.spec_index, *port);
                     match outcome.map(|outcome| txn.note(Value::Port(*port), outcome)) {
-                        Ok(Ok(())) => {}
-                        Ok(Err(holder)) if requested.contains(port) => {
-                            return Err(taken_denial(field, port, holder));
-                        }
-                        Ok(Err(_)) => {
-                            // Lost a race with another replica: pick again.
+                        Ok(Ok(())) if !dynamic.contains(port) => {}
+                        Ok(Ok(())) if !self.yields_to_a_block(Value::Port(*port), txn).await => {}
+                        Ok(Ok(())) => {
+                            // Picked one at a time inside another replica's
+                            // block: that replica may hand it out; pick again.
                             self.metrics.claim_conflicts.inc();
                             let pick = |index: &mut Index| index.pick_port();
                             let reusable = |_: &Index, value: Value| matches!(value, Value::Port(_));
                             let new = self.claim_dynamic(pick, Value::Port, reusable, &field, txn).await?;
                             replace_port(&mut assignment, *port, new);
                         }
-                        Err(error) => return Err(store_denial(&field, &error)),
+                        Ok(Err(holder)) if requested.contains(port) => {
+                            return Err(taken_denial(field, port, holder));
+                        }
+                        Ok(Err(_)) => {
+                            // Lost a race with another replica: pick again.
+                            self.index().end_echo(Value::Port(*port));
+                            self.metrics.claim_conflicts.inc();
+                            let pick = |index: &mut Index| index.pick_port();
+                            let reusable = |_: &Index, value: Value| matches!(value, Value::Port(_));
+                            let new = self.claim_dynamic(pick, Value::Port, reusable, &field, txn).await?;
+                            replace_port(&mut assignment, *port, new);
+                        }
+                        Err(error) => {
+                            let mut index = self.index();
+                            dynamic.iter().for_each(|port| index.end_echo(Value::Port(*port)));
+                            return Err(store_denial(&field, &error));
+                        }
                     }
                 }
             }
@@ -216,7 +324,7 @@ impl Allocator {
         if txn.dry_run {
             return Ok(());
         }
-        match self.create_claim(value, txn.owner).await {
+        match self.claim_unless_vouched(value, txn).await {
             Ok(outcome) => txn.note(value, outcome).map_err(|holder| taken_denial(field, value, holder)),
             Err(error) => Err(store_denial(field, &error)),
         }
@@ -338,13 +446,22 @@ impl Allocator {
             if txn.dry_run {
                 return Ok(picked);
             }
-            match self.create_claim(value, txn.owner).await {
-                Ok(outcome) => match txn.note(value, outcome) {
-                    Ok(()) => return Ok(picked),
-                    Err(_) => self.metrics.claim_conflicts.inc(),
-                },
-                Err(error) => return Err(store_denial(field, &error)),
-            };
+            self.expect_echo(value);
+            let outcome = self.create_claim(value, txn.owner).await;
+            match outcome.map(|outcome| txn.note(value, outcome)) {
+                Ok(Ok(())) if !self.yields_to_a_block(value, txn).await => return Ok(picked),
+                Ok(Ok(())) => {
+                    self.metrics.claim_conflicts.inc();
+                }
+                Ok(Err(_)) => {
+                    self.index().end_echo(value);
+                    self.metrics.claim_conflicts.inc();
+                }
+                Err(error) => {
+                    self.index().end_echo(value);
+                    return Err(store_denial(field, &error));
+                }
+            }
         }
         Err(Denial { code: 500, ..Denial::invalid(field, "too many allocation conflicts, retry") })
     }
@@ -408,7 +525,200 @@ impl Allocator {
         release_claims(&self.claims, &self.index, superseded, "a failed earlier create claimed it").await;
     }
 
+    /// A value of `family` from this replica's blocks for `service`, recorded
+    /// in `txn` as deferred; `None` without blocks, on dry-run, or for a
+    /// Service a ServiceIPPool of the family selects (pools are claimed one
+    /// value at a time).
+    async fn take_ip_from_block(
+        &self,
+        family: IpFamily,
+        service: ServiceRef<'_>,
+        txn: &mut Txn<'_>,
+    ) -> Option<IpAddr> {
+        if self.block_size == 0 || txn.dry_run || self.index().service_ip_pools().selects(family, service) {
+            return None;
+        }
+        match self.take_or_acquire(BlockKind::Ip(family), txn.owner).await {
+            Some(value @ Value::Ip(ip)) => {
+                txn.deferred.push(value);
+                Some(ip)
+            }
+            _ => None,
+        }
+    }
+
+    /// A value of `kind` from this replica's blocks for `owner`. When they
+    /// have none left (a burst outran the keeper), creates a block now and
+    /// waits for the watch to deliver it (see `BlockRecord::seen`), so that
+    /// in block mode dynamic values come from blocks only: a value picked
+    /// one at a time could lie in a block another replica just created.
+    /// `None` when blocks are not worthwhile or none could be had.
+    async fn take_or_acquire(&self, kind: BlockKind, owner: &Owner) -> Option<Value> {
+        let deadline = Instant::now() + BLOCK_WAIT;
+        let _waiting = Waiting::enter(&self.waiting);
+        loop {
+            let now = SystemTime::now();
+            let (taken, worthwhile, awaited) = {
+                let mut index = self.index();
+                let taken = index.take_from_block(kind, owner, now);
+                (taken, index.blocks_worthwhile(kind, self.block_size), index.awaits_block(kind, now))
+            };
+            self.blocks_used.notify_one();
+            if taken.is_some() || !worthwhile || Instant::now() >= deadline {
+                return taken;
+            }
+            if awaited {
+                tokio::time::sleep(BLOCK_POLL).await;
+            } else if !crate::block_keeper::acquire(self, &self.claims, kind, self.block_size, self.waiting())
+                .await
+            {
+                // Concurrent calls queue in `acquire`: the first creates a
+                // block, the others find it and take from it.
+                return None;
+            }
+        }
+    }
+
+    /// Replaces the dynamically picked nodePorts of `assignment` (neither
+    /// requested nor retained for this Service) with values from this
+    /// replica's blocks while they have some, recording those as deferred.
+    async fn swap_in_block_ports(
+        &self,
+        assignment: &mut NodePortAssignment,
+        requested: &BTreeSet<u16>,
+        txn: &mut Txn<'_>,
+    ) {
+        if self.block_size == 0 || txn.dry_run {
+            return;
+        }
+        let retained = self.index().retained.for_owner(txn.owner);
+        let retained: BTreeSet<Value> = retained.into_iter().map(|(value, _)| value).collect();
+        let picked = assigned_ports(assignment);
+        for port in
+            picked.into_iter().filter(|p| !requested.contains(p) && !retained.contains(&Value::Port(*p)))
+        {
+            let Some(Value::Port(new)) = self.take_or_acquire(BlockKind::Port, txn.owner).await else {
+                break;
+            };
+            replace_port(assignment, port, new);
+            self.index().release_pending(Value::Port(port));
+            txn.deferred.push(Value::Port(new));
+        }
+    }
+
+    /// Starts waiting for the echo of a claim picked one at a time, when
+    /// blocks are on (see [`Allocator::yields_to_a_block`]).
+    fn expect_echo(&self, value: Value) {
+        if self.block_size > 0 {
+            self.index().expect_echo(value);
+        }
+    }
+
+    /// Whether the claim `txn` just created for `value`, a value picked one
+    /// at a time while blocks are on, must give way to a block: it lies in
+    /// another replica's block that existed before the claim. The watch
+    /// delivers writes in order, so once it delivered this claim the index
+    /// holds every block made before it; a block made after it never hands
+    /// the value out (its holder waits for its own block's echo, by which
+    /// time it has seen this claim). Giving way deletes the claim, and
+    /// `txn` forgets it. Without blocks, or when the echo does not come in
+    /// time, the claim stands.
+    async fn yields_to_a_block(&self, value: Value, txn: &mut Txn<'_>) -> bool {
+        if self.block_size == 0 {
+            return false;
+        }
+        let uid = txn.created.iter().find(|(v, _)| *v == value).and_then(|(_, uid)| uid.clone());
+        let Some(uid) = uid else {
+            self.index().end_echo(value);
+            return false;
+        };
+        let deadline = Instant::now() + BLOCK_WAIT;
+        while !self.index().echoed(value, &Some(uid.clone())) && Instant::now() < deadline {
+            tokio::time::sleep(BLOCK_POLL).await;
+        }
+        let yields = {
+            let mut index = self.index();
+            index.end_echo(value);
+            index.in_foreign_block(value)
+        };
+        if yields {
+            if let Err(error) = delete_claim(&self.claims, value, Some(uid)).await {
+                warn!(%value, %error, "could not give way to a block; the repair loop will release the claim");
+            }
+            self.index().delete_claim(value);
+            txn.created.retain(|(v, _)| *v != value);
+        }
+        yields
+    }
+
+    /// Creates the claim of `value` for the request, unless it needs none:
+    /// this replica handed it out from its block to the same Service (its
+    /// claim is on the way), or, in the validating call, it lies in another
+    /// replica's block unclaimed, so that replica handed it out (a mutating
+    /// call on this replica claims any requested value before it gets here).
+    async fn claim_unless_vouched(&self, value: Value, txn: &Txn<'_>) -> Result<ClaimOutcome, kube::Error> {
+        let vouched = {
+            let index = self.index();
+            index.claim(value).is_none()
+                && (index.is_deferred_for(value, txn.owner)
+                    || (txn.validating && index.in_foreign_block(value)))
+        };
+        if vouched {
+            return Ok(Ok(None));
+        }
+        self.create_claim(value, txn.owner).await
+    }
+
+    /// Writes the claims of values handed out from blocks to `owner`, after
+    /// the answer. A claim another request made meanwhile (a user asked for
+    /// the value on another replica before this one's watch saw it) is
+    /// counted in `block_conflicts`: the apiserver's own allocator then
+    /// refuses one of the two Services. A write that keeps failing is left to
+    /// repair, which adopts a value a Service holds; the value stays taken
+    /// here until a Service is seen holding it.
+    async fn write_deferred(&self, owner: &Owner, values: Vec<Value>) {
+        join_all(values.into_iter().map(|value| self.write_one_deferred(owner, value))).await;
+    }
+
+    async fn write_one_deferred(&self, owner: &Owner, value: Value) {
+        let mut backoff = DEFERRED_WRITE_BACKOFF;
+        for attempt in 0..DEFERRED_WRITE_ATTEMPTS {
+            match self.create_claim(value, owner).await {
+                Ok(Ok(uid)) => {
+                    let mut index = self.index();
+                    if uid.is_some() {
+                        self.metrics.allocations.inc();
+                        index.track_unconfirmed(value, owner, uid, Instant::now());
+                    }
+                    index.undefer(value);
+                    return;
+                }
+                // A claim picked one at a time elsewhere gives way to the
+                // block within its echo (`yields_to_a_block`): try again.
+                Ok(Err(holder)) if attempt + 1 < DEFERRED_WRITE_ATTEMPTS => {
+                    debug!(%value, %owner, %holder, "the value handed out is claimed by another request; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Ok(Err(holder)) => {
+                    self.metrics.block_conflicts.inc();
+                    error!(%value, %owner, %holder, "a value handed out from this replica's block was claimed by another request first; the apiserver refuses one of the two Services");
+                    self.index().undefer(value);
+                    return;
+                }
+                Err(error) => {
+                    warn!(%value, %owner, %error, "could not write the claim of a value handed out from a block; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+    }
+
     async fn undo(&self, txn: &Txn<'_>) {
+        for value in &txn.deferred {
+            self.index().undefer(*value);
+        }
         for (value, uid) in &txn.created {
             if let Err(error) = delete_claim(&self.claims, *value, uid.clone()).await {
                 warn!(%value, %error, "could not undo claim; the repair loop will release it");

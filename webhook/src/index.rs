@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnetwork::IpNetwork;
 use svcplane_ipam::{
@@ -29,6 +29,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 
 use crate::admit::{service_owner, service_values};
+use crate::blocks::{BlockId, BlockKind, BlockRecord, MIN_FREE_BLOCKS};
 use crate::claim::{AllocationClaim, Owner, Value, claim_owner};
 use crate::pools::{Draining, PoolConfig};
 use crate::retention::{Retained, Retention};
@@ -131,6 +132,18 @@ pub struct Index {
     service_ip_pools: PoolSet,
     /// The claims retained for deleted Services (see `retention.rs`).
     pub(crate) retained: Retained,
+    /// Every replica's blocks (see `blocks.rs`), and the block of each of
+    /// their values: all marked taken, only this replica's handed out.
+    blocks: BTreeMap<BlockId, BlockRecord>,
+    block_of: HashMap<Value, BlockId>,
+    /// Values handed out from this replica's blocks whose claim is not
+    /// written yet, with the Service they went to.
+    deferred: HashMap<Value, Owner>,
+    /// This replica process's name as a block holder.
+    replica: String,
+    /// Claims this replica is creating whose watch event it waits for, with
+    /// the uid the watch delivered (see `Allocator::yields_to_a_block`).
+    awaiting_echo: HashMap<Value, Option<String>>,
 }
 
 impl Index {
@@ -139,6 +152,7 @@ impl Index {
         let (ips, ports) = build_allocators(&config)?;
         let (claims, held, services, pending, unconfirmed, service_ip_pools) = Default::default();
         let retained = Retained::default();
+        let (blocks, block_of, deferred, replica, awaiting_echo) = Default::default();
         Ok(Self {
             config,
             ips,
@@ -150,6 +164,11 @@ impl Index {
             unconfirmed,
             service_ip_pools,
             retained,
+            blocks,
+            block_of,
+            deferred,
+            replica,
+            awaiting_echo,
         })
     }
 
@@ -246,6 +265,9 @@ impl Index {
         }
         for new in values.difference(&old) {
             self.held.entry(*new).or_default().insert(owner.clone());
+            // A Service holds it now: that keeps it taken, whatever became
+            // of the write of its claim.
+            self.deferred.remove(new);
             self.sync(*new);
         }
     }
@@ -350,7 +372,8 @@ impl Index {
         {
             return Some(Holder::Service(other.clone()));
         }
-        self.pending.contains_key(&value).then_some(Holder::Pending)
+        let deferred_elsewhere = self.deferred.get(&value).is_some_and(|owner| !owner.matches(me));
+        (deferred_elsewhere || self.pending.contains_key(&value)).then_some(Holder::Pending)
     }
 
     /// Whether `value` may be requested: it lies in a pool that gives new
@@ -496,31 +519,49 @@ impl Index {
 
     /// Pool usage for metrics.
     pub fn usage(&self) -> Vec<PoolUsage> {
-        let ips =
-            self.ips.iter().map(|p| PoolUsage { pool: p.cidr().to_string(), used: p.used(), free: p.free() });
+        // Values only a block holds are reserved ahead, not used.
+        let reserved: Vec<Value> = self.block_of.keys().filter(|v| !self.is_taken(**v)).copied().collect();
+        let usage = |pool: String, used: usize, free: usize, reserved: usize| PoolUsage {
+            pool,
+            used: used - reserved.min(used),
+            free: free + reserved.min(used),
+        };
+        let ips = self.ips.iter().map(|p| {
+            let mine = reserved.iter().filter(|v| matches!(v, Value::Ip(ip) if p.contains(*ip))).count();
+            usage(p.cidr().to_string(), p.used(), p.free(), mine)
+        });
         let p = &self.ports;
-        let ports = [PoolUsage { pool: p.range().to_string(), used: p.used(), free: p.free() }];
+        let ports_reserved = reserved.iter().filter(|v| matches!(v, Value::Port(_))).count();
+        let ports = [usage(p.range().to_string(), p.used(), p.free(), ports_reserved)];
         ips.chain(ports).chain(self.service_ip_pool_usage()).collect()
     }
 
     /// Makes the bit of `value` match whether anyone holds it.
     fn sync(&mut self, value: Value) {
-        let wanted = self.claims.contains_key(&value)
-            || self.held.contains_key(&value)
-            || self.pending.contains_key(&value);
+        let held = self.is_taken(value);
+        // A block reserves the value in the ServiceCIDRs and the NodePort
+        // range it came from, never in a ServiceIPPool: a tenant's pool
+        // keeps its capacity.
+        let wanted = held || self.block_of.contains_key(&value);
+        let mark = |pool: &mut ClusterIpAllocator, ip: IpAddr, wanted: bool| {
+            if wanted && !pool.has(ip) {
+                // In range and free, so this cannot fail.
+                let _ = pool.allocate(ip);
+            } else if !wanted {
+                pool.release(ip);
+            }
+        };
         match value {
             // Every pool that contains it: overlapping CIDRs (a /24 inside a
             // /16, a larger one added to extend the range) must not hand it
             // out again from the other one.
             Value::Ip(ip) => {
+                for pool in self.ips.iter_mut().filter(|pool| pool.contains(ip)) {
+                    mark(pool, ip, wanted);
+                }
                 let service_ip_pools = self.service_ip_pools.bitmaps.iter_mut().map(|(_, b)| b);
-                for pool in self.ips.iter_mut().chain(service_ip_pools).filter(|pool| pool.contains(ip)) {
-                    if wanted && !pool.has(ip) {
-                        // In range and free, so this cannot fail.
-                        let _ = pool.allocate(ip);
-                    } else if !wanted {
-                        pool.release(ip);
-                    }
+                for pool in service_ip_pools.filter(|pool| pool.contains(ip)) {
+                    mark(pool, ip, held);
                 }
             }
             Value::Port(port) => {
@@ -531,6 +572,15 @@ impl Index {
                 }
             }
         }
+    }
+
+    /// Whether a claim, a Service, a request in flight or a hand-out from a
+    /// block holds `value` (a block alone does not).
+    fn is_taken(&self, value: Value) -> bool {
+        self.claims.contains_key(&value)
+            || self.held.contains_key(&value)
+            || self.pending.contains_key(&value)
+            || self.deferred.contains_key(&value)
     }
 }
 
@@ -606,11 +656,244 @@ impl Index {
 
     /// Marks every known value again after the bitmaps were rebuilt.
     fn remark_all(&mut self) {
-        let values: BTreeSet<Value> =
-            self.claims.keys().chain(self.held.keys()).chain(self.pending.keys()).copied().collect();
+        let values: BTreeSet<Value> = (self.claims.keys().chain(self.held.keys()))
+            .chain(self.pending.keys().chain(self.deferred.keys()))
+            .chain(self.block_of.keys())
+            .copied()
+            .collect();
         for value in values {
             self.sync(value);
         }
+    }
+}
+
+/// Blocks (`blocks.rs`): every replica's are marked taken; this replica hands
+/// out the free values of its own, recording each as deferred until its
+/// claim is written.
+impl Index {
+    /// Names this replica process as a block holder.
+    pub fn set_replica(&mut self, name: String) {
+        self.replica = name;
+    }
+
+    /// This replica process's name as a block holder.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Records a block the watch saw or this replica just created.
+    pub fn apply_block(&mut self, id: BlockId, mut record: BlockRecord) {
+        // The create's response may come after the watch delivered it.
+        let seen = self.blocks.get(&id).is_some_and(|old| old.seen && old.uid == record.uid);
+        record.seen |= seen;
+        self.blocks.insert(id, record);
+        for value in id.values() {
+            self.block_of.entry(value).or_insert(id);
+            self.sync(value);
+        }
+    }
+
+    /// Forgets a deleted block; its values stay taken where anything else
+    /// holds them (a value handed out from it, deferred or claimed).
+    pub fn delete_block(&mut self, id: BlockId) {
+        if self.blocks.remove(&id).is_none() {
+            return;
+        }
+        for value in id.values() {
+            if self.block_of.get(&value) == Some(&id) {
+                self.block_of.remove(&value);
+            }
+            self.sync(value);
+        }
+    }
+
+    /// Replaces every block (after a relist).
+    pub fn replace_blocks(&mut self, blocks: impl IntoIterator<Item = (BlockId, BlockRecord)>) {
+        let old: Vec<BlockId> = self.blocks.keys().copied().collect();
+        for id in old {
+            self.delete_block(id);
+        }
+        for (id, record) in blocks {
+            self.apply_block(id, record);
+        }
+    }
+
+    /// Every block with its record.
+    pub fn blocks(&self) -> impl Iterator<Item = (&BlockId, &BlockRecord)> {
+        self.blocks.iter()
+    }
+
+    /// Whether `value` lies in another replica's block.
+    pub fn in_foreign_block(&self, value: Value) -> bool {
+        let holder = self.block_of.get(&value).and_then(|id| self.blocks.get(id));
+        holder.is_some_and(|record| record.holder != self.replica)
+    }
+
+    /// Whether `value` was handed out from this replica's block to `owner`
+    /// and its claim is not written yet.
+    pub fn is_deferred_for(&self, value: Value, owner: &Owner) -> bool {
+        self.deferred.get(&value).is_some_and(|o| o.matches(owner))
+    }
+
+    /// Starts waiting for the watch to deliver the claim of `value` about to
+    /// be created.
+    pub fn expect_echo(&mut self, value: Value) {
+        self.awaiting_echo.insert(value, None);
+    }
+
+    /// The watch delivered a claim of `value` with `uid`.
+    pub fn echo(&mut self, value: Value, uid: Option<String>) {
+        if let Some(slot) = self.awaiting_echo.get_mut(&value) {
+            *slot = uid;
+        }
+    }
+
+    /// Whether the watch delivered the claim of `value` with `uid`.
+    pub fn echoed(&self, value: Value, uid: &Option<String>) -> bool {
+        self.awaiting_echo.get(&value).is_some_and(|seen| seen.is_some() && seen == uid)
+    }
+
+    /// Stops waiting for the claim of `value`.
+    pub fn end_echo(&mut self, value: Value) {
+        self.awaiting_echo.remove(&value);
+    }
+
+    /// Whether any handed-out value's claim is still to be written.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Whether `value` was handed out from a block and its claim is not written yet.
+    pub fn is_deferred(&self, value: Value) -> bool {
+        self.deferred.contains_key(&value)
+    }
+
+    /// Ends the deferral of `value`: its claim is written (or its request
+    /// failed, and it is free in the block again).
+    pub fn undefer(&mut self, value: Value) {
+        self.deferred.remove(&value);
+        self.sync(value);
+    }
+
+    /// Hands out a free value of `kind` from this replica's usable blocks to
+    /// `owner`, recording it as deferred; `None` when they have none.
+    pub fn take_from_block(&mut self, kind: BlockKind, owner: &Owner, now: SystemTime) -> Option<Value> {
+        let seen = |id: &BlockId| self.blocks.get(id).is_some_and(|record| record.seen);
+        let value = self
+            .own_blocks(kind, now)
+            .filter(seen)
+            .flat_map(|id| id.values())
+            .find(|v| self.free_in_block(*v))?;
+        self.deferred.insert(value, owner.clone());
+        self.sync(value);
+        Some(value)
+    }
+
+    /// Whether this replica has a usable block of `kind` the watch has not
+    /// delivered yet.
+    pub fn awaits_block(&self, kind: BlockKind, now: SystemTime) -> bool {
+        self.own_blocks(kind, now).any(|id| self.blocks.get(&id).is_some_and(|record| !record.seen))
+    }
+
+    /// How many values this replica's usable blocks of `kind` still have
+    /// (delivered by the watch or not).
+    pub fn own_free(&self, kind: BlockKind, now: SystemTime) -> usize {
+        self.own_blocks(kind, now).flat_map(|id| id.values()).filter(|v| self.free_in_block(*v)).count()
+    }
+
+    /// This replica's blocks it should delete at `now`: no longer usable, or
+    /// with no free value left. With `all`, every one of them. Never one
+    /// with a value handed out whose claim is not written yet: deleted, the
+    /// block would leave that value free to other replicas before its
+    /// Service or its claim marks it taken there.
+    pub fn own_blocks_to_return(&self, now: SystemTime, all: bool) -> Vec<(BlockId, Option<String>)> {
+        self.blocks
+            .iter()
+            .filter(|(_, record)| record.holder == self.replica)
+            .filter(|(id, _)| !id.values().any(|v| self.deferred.contains_key(&v)))
+            .filter(|(id, record)| {
+                all || !record.usable_at(now) || !id.values().any(|v| self.free_in_block(v))
+            })
+            .map(|(id, record)| (*id, record.uid.clone()))
+            .collect()
+    }
+
+    /// Whether blocks of `kind` and `size` are worth holding: the pool they
+    /// come from has at least [`MIN_FREE_BLOCKS`] blocks' worth free.
+    pub fn blocks_worthwhile(&self, kind: BlockKind, size: u16) -> bool {
+        self.block_pool(kind, size).is_some()
+    }
+
+    /// A block of `kind` and `size` for this replica to create: the aligned
+    /// run around a dynamic pick (upstream's strategy, upper band first),
+    /// overlapping no known block and at least half free. `None` when a few
+    /// tries find none or blocks are not worthwhile.
+    pub fn choose_block(&mut self, kind: BlockKind, size: u16) -> Option<BlockId> {
+        let range = self.ports.range();
+        for _ in 0..8 {
+            let (value, cidr) = match self.block_pool(kind, size)? {
+                Some(pool) => {
+                    let pool = &mut self.ips[pool];
+                    let ip = pool.allocate_next().ok()?;
+                    pool.release(ip);
+                    (Value::Ip(ip), Some(pool.cidr()))
+                }
+                None => {
+                    let port = self.ports.allocate_next().ok()?;
+                    self.ports.release(port);
+                    (Value::Port(port), None)
+                }
+            };
+            let Some(id) = BlockId::containing(value, size, cidr, range) else { continue };
+            let in_service_ip_pool =
+                |v: Value| matches!(v, Value::Ip(ip) if self.service_ip_pools.pool_of(ip).is_some());
+            if id.values().any(|v| self.block_of.contains_key(&v) || in_service_ip_pool(v)) {
+                continue;
+            }
+            if id.values().filter(|v| self.free_in_block(*v)).count() * 2 >= usize::from(id.size) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The pool blocks of `kind` come from: `Some(i)`, the first usable
+    /// ServiceCIDR of the family (`self.ips[i]`), `None` the NodePort range;
+    /// the outer `None` when it has too few free values.
+    fn block_pool(&self, kind: BlockKind, size: u16) -> Option<Option<usize>> {
+        let enough = |free: usize| free >= MIN_FREE_BLOCKS * usize::from(size);
+        match kind {
+            BlockKind::Port => enough(self.ports.free()).then_some(None),
+            BlockKind::Ip(family) => self
+                .ips
+                .iter()
+                .position(|p| p.family() == family && self.config.draining(p.cidr()).is_none())
+                .filter(|i| enough(self.ips[*i].free()))
+                .map(Some),
+        }
+    }
+
+    fn own_blocks(&self, kind: BlockKind, now: SystemTime) -> impl Iterator<Item = BlockId> + '_ {
+        self.blocks
+            .iter()
+            .filter(move |(id, record)| {
+                id.kind() == kind && record.holder == self.replica && record.usable_at(now)
+            })
+            .map(|(id, _)| *id)
+    }
+
+    /// Whether the holder of a block may hand out `value`: in a range that
+    /// gives values, outside every ServiceIPPool, and held by nothing else.
+    fn free_in_block(&self, value: Value) -> bool {
+        let unheld = !(self.claims.contains_key(&value)
+            || self.held.contains_key(&value)
+            || self.pending.contains_key(&value)
+            || self.deferred.contains_key(&value));
+        let outside_pools = match value {
+            Value::Ip(ip) => self.service_ip_pools.pool_of(ip).is_none(),
+            Value::Port(_) => true,
+        };
+        unheld && outside_pools && self.check_in_range(value).is_ok()
     }
 }
 
@@ -846,5 +1129,108 @@ pub(crate) mod tests {
         index.apply_service(owner("gen-abc"), [Value::Port(30001)].into());
         index.apply_service(owner("other"), [Value::Port(30002)].into());
         assert_eq!(index.held_placeholders(), [(Value::Port(30001), Some("u1".into()), owner("gen-abc"))]);
+    }
+
+    fn block(first: u16, holder: &str, now: SystemTime) -> (BlockId, BlockRecord) {
+        let expires = Some(now + crate::blocks::BLOCK_LIFETIME);
+        (
+            BlockId { first: Value::Port(first), size: 16 },
+            BlockRecord { holder: holder.into(), uid: None, expires, seen: true },
+        )
+    }
+
+    #[test]
+    fn only_the_holder_hands_out_a_blocks_values_and_skips_those_held_otherwise() {
+        let now = SystemTime::now();
+        let mut index = mk_index("10.0.0.0/24", "30000-30999");
+        index.set_replica("me".into());
+        let (mine, record) = block(30016, "me", now);
+        index.apply_block(mine, record);
+        let (theirs, record) = block(30032, "other", now);
+        index.apply_block(theirs, record);
+        index.apply_claim(Value::Port(30016), ClaimRecord { owner: owner("asked"), uid: None });
+        index.apply_service(owner("bypass"), [Value::Port(30017)].into());
+        index.hold_pending(Value::Port(30018));
+        let handed = index.take_from_block(BlockKind::Port, &owner("web"), now);
+        assert_eq!(handed, Some(Value::Port(30019)), "the first value nothing else holds");
+        assert!(index.is_deferred_for(Value::Port(30019), &owner("web")));
+        assert_eq!(index.other_holder(Value::Port(30019), &owner("db")), Some(Holder::Pending));
+        assert_eq!(index.other_holder(Value::Port(30019), &owner("web")), None);
+        assert_eq!(index.own_free(BlockKind::Port, now), 12);
+        assert!(index.in_foreign_block(Value::Port(30040)) && !index.in_foreign_block(Value::Port(30020)));
+        // Every other pick avoids both blocks.
+        for _ in 0..(1000 - 32) {
+            let port = index.pick_port().unwrap();
+            assert!(!mine.contains(Value::Port(port)) && !theirs.contains(Value::Port(port)), "{port}");
+        }
+        assert!(index.pick_port().is_err(), "the blocks' values are taken for everyone else");
+    }
+
+    #[test]
+    fn a_returned_block_frees_only_the_values_nothing_else_holds() {
+        let now = SystemTime::now();
+        let mut index = mk_index("10.0.0.0/24", "30000-30999");
+        index.set_replica("me".into());
+        let (id, record) = block(30016, "me", now);
+        index.apply_block(id, record);
+        let ports_used =
+            |index: &Index| index.usage().iter().find(|u| u.pool == "30000-30999").map(|u| u.used);
+        assert_eq!(ports_used(&index), Some(0), "reserved ahead is not used");
+        let handed = index.take_from_block(BlockKind::Port, &owner("web"), now).unwrap();
+        assert_eq!(ports_used(&index), Some(1));
+        index.delete_block(id);
+        assert!(index.ports.has(30016) && index.is_deferred(handed), "the handed-out value stays taken");
+        assert!(!index.ports.has(30017), "a free value of the block is free again");
+        index.undefer(handed);
+        assert!(!index.ports.has(30016));
+        assert_eq!(index.take_from_block(BlockKind::Port, &owner("web"), now), None, "no block left");
+    }
+
+    #[test]
+    fn a_block_is_not_handed_out_from_near_its_expiry_and_is_returned_when_used_up() {
+        let now = SystemTime::now();
+        let mut index = mk_index("10.0.0.0/24", "30000-30999");
+        index.set_replica("me".into());
+        let (id, mut record) = block(30016, "me", now);
+        record.expires = Some(now + crate::blocks::HANDOUT_MARGIN);
+        index.apply_block(id, record);
+        assert_eq!(index.take_from_block(BlockKind::Port, &owner("web"), now), None);
+        assert_eq!(index.own_blocks_to_return(now, false), [(id, None)]);
+        let (fresh, record) = block(30048, "me", now);
+        index.apply_block(fresh, record);
+        let handed: Vec<Value> =
+            (0..16).map(|_| index.take_from_block(BlockKind::Port, &owner("web"), now).unwrap()).collect();
+        assert_eq!(index.own_blocks_to_return(now, true), [(id, None)], "not while a claim is unwritten");
+        for (i, value) in handed.into_iter().enumerate() {
+            index.apply_claim(value, ClaimRecord { owner: owner(&format!("web-{i}")), uid: None });
+            index.undefer(value);
+        }
+        assert_eq!(index.own_blocks_to_return(now, false), [(id, None), (fresh, None)], "used up");
+        let (theirs, record) = block(30064, "other", now);
+        index.apply_block(theirs, record);
+        assert!(!index.own_blocks_to_return(now, true).iter().any(|(b, _)| *b == theirs), "never another's");
+    }
+
+    #[test]
+    fn a_new_block_overlaps_no_known_block_and_only_a_roomy_pool_gets_blocks() {
+        let now = SystemTime::now();
+        let mut index = mk_index("10.0.0.0/24", "30000-30999");
+        index.set_replica("me".into());
+        for _ in 0..20 {
+            let id = index.choose_block(BlockKind::Port, 16).unwrap();
+            assert!(id.size == 16 || id == BlockId { first: Value::Port(30992), size: 8 }, "{id:?}");
+            assert!(id.values().all(|v| !index.block_of.contains_key(&v)));
+            index.apply_block(
+                id,
+                BlockRecord { holder: "x".into(), uid: None, expires: Some(now), seen: true },
+            );
+        }
+        let ip_block = index.choose_block(BlockKind::Ip(IpFamily::IPv4), 4).unwrap();
+        assert!(matches!(ip_block.first, Value::Ip(ip) if ip.to_string().starts_with("10.0.0.")));
+        // A /24 has 254 addresses: fewer than 16 blocks of 32.
+        assert!(!index.blocks_worthwhile(BlockKind::Ip(IpFamily::IPv4), 32));
+        assert!(index.choose_block(BlockKind::Ip(IpFamily::IPv4), 32).is_none());
+        let small = mk_index("10.0.0.0/24", "30000-30100");
+        assert!(!small.blocks_worthwhile(BlockKind::Port, 16), "101 ports");
     }
 }

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 pub mod admit;
 pub mod allocator;
+pub mod block_keeper;
+pub mod blocks;
 pub mod claim;
 #[cfg(test)]
 mod fuzz;
@@ -141,6 +143,22 @@ pub struct WebhookArgs {
     /// apiserver's admission-to-persist time; see README.md.
     #[arg(long = "webhook-unconfirmed-grace", default_value = "30s", value_parser = humantime::parse_duration)]
     pub unconfirmed_grace: Duration,
+    /// Values per block a replica reserves ahead (a power of two; 0: none).
+    /// A dynamic ClusterIP or NodePort then comes from the replica's block in
+    /// memory and its claim is written after the answer, instead of one claim
+    /// create per value inside the admission call. See README.md, "Blocks".
+    #[arg(long = "webhook-block-size", default_value_t = 32, value_parser = parse_block_size)]
+    pub block_size: u16,
+}
+
+/// A block size: 0 (off) or a power of two from 4 to 256.
+fn parse_block_size(text: &str) -> Result<u16, String> {
+    let size: u16 = text.parse().map_err(|e| format!("{e}"))?;
+    if size == 0 || (size.is_power_of_two() && (4..=256).contains(&size)) {
+        Ok(size)
+    } else {
+        Err(format!("{size} is not 0 or a power of two from 4 to 256"))
+    }
 }
 
 impl Default for WebhookArgs {

@@ -35,7 +35,7 @@ pub struct AdmissionLabels {
 /// Labels of a repair finding.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RepairLabels {
-    /// `leak`, `adopted`, `duplicate`, `outOfRange`, `error`.
+    /// `leak`, `adopted`, `duplicate`, `outOfRange`, `expiredBlock`, `error`.
     pub r#type: String,
 }
 
@@ -60,6 +60,12 @@ pub struct Metrics {
     pub claim_conflicts: Counter,
     /// Dry-run requests answered without reserving.
     pub dry_runs: Counter,
+    /// Dynamic values handed out from this replica's blocks (claim written
+    /// after the answer).
+    pub block_handouts: Counter,
+    /// Values handed out from a block whose claim another request had
+    /// already made: the apiserver refuses one of the two Services.
+    pub block_conflicts: Counter,
     /// Repair findings by type.
     pub repairs: Family<RepairLabels, Counter>,
     pools: Arc<PoolUsage>,
@@ -84,6 +90,8 @@ impl Metrics {
             allocations: Counter::default(),
             claim_conflicts: Counter::default(),
             dry_runs: Counter::default(),
+            block_handouts: Counter::default(),
+            block_conflicts: Counter::default(),
             repairs: Family::default(),
             pools: Arc::default(),
         };
@@ -101,6 +109,16 @@ impl Metrics {
         registry.register("allocations", "Claims created", m.allocations.clone());
         registry.register("claim_conflicts", "Picks that lost a claim race", m.claim_conflicts.clone());
         registry.register("dry_runs", "Dry-run requests answered without reserving", m.dry_runs.clone());
+        registry.register(
+            "block_handouts",
+            "Dynamic values handed out from this replica's blocks, claimed after the answer",
+            m.block_handouts.clone(),
+        );
+        registry.register(
+            "block_conflicts",
+            "Values handed out from a block that another request had claimed",
+            m.block_conflicts.clone(),
+        );
         registry.register("repair_findings", "Repair findings by type", m.repairs.clone());
         registry.register_collector(Box::new(m.pools.clone()));
         metrics

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::Error;
 use crate::admit::{service_owner, value_fields};
 use crate::allocator::delete_claim;
+use crate::blocks::BlockRecord;
 use crate::claim::{AllocationClaim, Owner, Value, build_claim};
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -125,6 +126,7 @@ pub async fn repair_once(
     let pools = Index::new(pools_from(&cidrs, fallback)).map_err(Error::Pools)?;
     let plan = plan_repair(&claims, &services, |v| pools.covers(v), Timestamp::now().as_millisecond(), grace);
     let service_ip_pools = crate::pool_status::update_pool_status(client, &pools.config().cidrs).await?;
+    return_expired_blocks(&claims_api, &claims, metrics).await;
 
     for (value, uid) in &plan.release {
         match delete_claim(&claims_api, *value, uid.clone()).await {
@@ -180,6 +182,23 @@ pub async fn repair_once(
         publish_usage(client, &alert, &cidrs, &service_ip_pools).await;
     }
     Ok(plan)
+}
+
+/// Deletes the blocks whose time is up: their holder crashed or lost its
+/// connection before returning them (a live holder returns its own before).
+/// Their values stay taken wherever a Service or a claim holds them.
+async fn return_expired_blocks(
+    claims_api: &Api<AllocationClaim>,
+    claims: &[AllocationClaim],
+    metrics: &Metrics,
+) {
+    let now = std::time::SystemTime::now();
+    for (id, record) in claims.iter().filter_map(BlockRecord::of) {
+        if record.expired_at(now) && crate::block_keeper::delete_block(claims_api, id, record.uid).await {
+            metrics.repair("expiredBlock");
+            info!(block = %id.spec_value(), holder = %record.holder, "returned an expired block");
+        }
+    }
 }
 
 /// Records `alert` on its ServiceIPPool (a pool named `name (cidr)`), else on

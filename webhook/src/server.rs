@@ -23,6 +23,7 @@ use tower_http::{limit::RequestBodyLimitLayer, trace::TraceLayer};
 use tracing::info;
 
 use crate::allocator::Allocator;
+use crate::block_keeper::{return_all_blocks, run_block_keeper};
 use crate::handler::{AppState, mutate, validate};
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -110,8 +111,9 @@ impl WebhookServer {
         let index = Arc::new(Mutex::new(Index::new(pools.clone()).map_err(Error::Pools)?));
         metrics.observe_pools(index.clone());
         let (ready_tx, ready_rx) = watch::channel(false);
-        let allocator = Allocator::new(client.clone(), index.clone(), metrics.clone(), ready_rx);
-        let mut tasks = Vec::new();
+        let allocator = Allocator::new(client.clone(), index.clone(), metrics.clone(), ready_rx)
+            .with_blocks(args.block_size);
+        let mut tasks = vec![tokio::spawn(run_block_keeper(allocator.clone()))];
         let (release, grace, retention) = (args.release_on_delete, args.unconfirmed_grace, args.retention);
         let (cluster_tx, cluster_rx) = watch::channel(false);
         let (pools_tx, pools_rx) = watch::channel(false);
@@ -164,6 +166,7 @@ impl WebhookServer {
         for task in tasks {
             task.abort();
         }
+        return_all_blocks(&self.allocator).await;
     }
 }
 

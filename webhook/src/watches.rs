@@ -31,6 +31,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::admit::{service_owner, service_values, value_fields};
 use crate::allocator::{delete_claim, release_claims};
+use crate::blocks::{BlockId, BlockRecord};
 use crate::claim::{AllocationClaim, Owner, Value, build_claim};
 use crate::index::{ClaimRecord, Index, lock};
 use crate::pools::{PoolConfig, pools_from};
@@ -186,6 +187,10 @@ fn fold_claims(index: &mut Index, change: Change<AllocationClaim>) -> bool {
     match change {
         Change::Listed(claims) => {
             index.replace_claims(claims.iter().filter_map(|claim| ClaimRecord::of(claim)));
+            index.replace_blocks(claims.iter().filter_map(|claim| BlockRecord::of(claim)));
+            for claim in &claims {
+                Value::from_spec(&claim.spec).into_iter().for_each(|v| index.echo(v, claim.uid()));
+            }
             index.retained = Retained::default();
             for claim in &claims {
                 Value::from_spec(&claim.spec).into_iter().for_each(|v| index.retained.observe(v, claim));
@@ -194,10 +199,13 @@ fn fold_claims(index: &mut Index, change: Change<AllocationClaim>) -> bool {
         }
         Change::Applied(claim) => {
             ClaimRecord::of(&claim).into_iter().for_each(|(v, r)| index.apply_claim(v, r));
+            Value::from_spec(&claim.spec).into_iter().for_each(|v| index.echo(v, claim.uid()));
+            BlockRecord::of(&claim).into_iter().for_each(|(id, r)| index.apply_block(id, r));
             Value::from_spec(&claim.spec).into_iter().for_each(|v| index.retained.observe(v, &claim));
         }
         Change::Deleted(claim) => {
-            Value::from_spec(&claim.spec).into_iter().for_each(|v| index.delete_claim(v))
+            Value::from_spec(&claim.spec).into_iter().for_each(|v| index.delete_claim(v));
+            BlockId::of_claim(&claim.spec).into_iter().for_each(|id| index.delete_block(id));
         }
     }
     false
