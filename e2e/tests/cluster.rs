@@ -299,8 +299,8 @@ async fn a_service_created_with_kubectl_gets_its_cluster_ip_and_node_port_from_s
     let spec = svc.spec.unwrap();
     let ip = spec.cluster_ip.unwrap();
     let node_port = spec.ports.unwrap()[0].node_port.unwrap();
-    // The values come from the replica's blocks; their claims are written
-    // right after the answer.
+    // With `--webhook-block-size` above 0 the claims of values handed out from
+    // blocks are written right after the answer: poll.
     let claims: Api<AllocationClaim> = Api::all(client.clone());
     eventually("a claim for the ClusterIP and the nodePort", Duration::from_secs(15), || async {
         let held: Vec<(String, String)> = claims

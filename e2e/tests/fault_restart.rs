@@ -176,7 +176,7 @@ async fn restart_under_svcplane(
     println!("{name}: down {down:?}, {during} endpointslice syncs meanwhile, converged {back:?} after");
 
     // The webhook allocated late's ClusterIP and holds it in a claim.
-    // (With blocks, the claim is written right after the answer.)
+    // (With blocks on, the claim is written right after the answer: poll.)
     let ip = late.spec.and_then(|s| s.cluster_ip).expect("late has a ClusterIP");
     let claim = Value::Ip(ip.parse().expect("an IP")).claim_name();
     let claims = Api::<AllocationClaim>::all(ns.client.clone());

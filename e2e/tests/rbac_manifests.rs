@@ -289,7 +289,7 @@ async fn the_webhook_role_allocates_with_only_the_manifests_rbac() {
     assert_eq!(values.len(), 2, "a ClusterIP and a NodePort: {values:?}");
     let claims = Api::<AllocationClaim>::all(admin.clone());
     for value in values {
-        // Written right after the answer (the values come from blocks).
+        // With blocks on, written right after the answer: poll.
         let claim = eventually(&format!("the claim of {value}"), Duration::from_secs(10), || async {
             claims.get(&value.claim_name()).await.map_err(|e| e.to_string())
         })

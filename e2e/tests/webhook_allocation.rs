@@ -48,7 +48,8 @@ async fn node_port_service_gets_its_values_from_the_webhook_and_denials_name_the
     let cp = shared();
     let client = cp.client().await;
     install_crd(&client).await;
-    let (_certs, args) = serving_cert(cp);
+    let (_certs, mut args) = serving_cert(cp);
+    args.block_size = 32;
     let (server, ns) = replica_for_scope(cp, &client, &args, "create").await;
 
     let mut svc = mk_service("web", "NodePort", &[(53, None), (53, None), (80, None)]);

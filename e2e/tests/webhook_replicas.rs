@@ -6,9 +6,9 @@
 //! has one URL), and all draw from the same pools, so every pick races the
 //! other replicas' picks through the AllocationClaim 409 lock. Replica 0 is a
 //! real `svcplane run --roles=webhook` process, killed with SIGKILL mid-run;
-//! replicas 1 and 2 run in-process. Every replica hands dynamic values out of
-//! its blocks (the default `--webhook-block-size`) and writes their claims
-//! after answering.
+//! replicas 1 and 2 run in-process. The in-process replicas hand dynamic values
+//! out of their blocks (`--webhook-block-size=32`) and write their claims after
+//! answering, beside a process that claims one value at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -28,7 +28,10 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
     let cp = shared();
     let client = cp.client().await;
     install_crd(&client).await;
-    let (_certs, args) = serving_cert(cp);
+    let (_certs, mut args) = serving_cert(cp);
+    // Replicas 1 and 2 hand values out of blocks; the process (replica 0)
+    // claims one value at a time: both kinds run side by side.
+    args.block_size = 32;
     // In-process replicas 1..REPLICAS, then replica 0 as a process.
     let ns0 = scoped_namespace(&client, "wh-rep-0", "replica-0").await;
     let mut servers = Vec::new();
@@ -117,9 +120,8 @@ async fn concurrent_creates_across_replicas_never_duplicate_even_when_one_dies()
         if missing.is_empty() { Ok(()) } else { Err(format!("{} values unclaimed", missing.len())) }
     })
     .await;
-    // The surviving replicas handed values out of their blocks (the default
-    // `--webhook-block-size`), and none of those had been claimed by another
-    // request first.
+    // The surviving replicas handed values out of their blocks, and none of
+    // those had been claimed by another request first.
     for server in &servers {
         let metrics = server.metrics.encode();
         let counter = |name: &str| -> u64 {

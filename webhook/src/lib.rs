@@ -147,7 +147,7 @@ pub struct WebhookArgs {
     /// A dynamic ClusterIP or NodePort then comes from the replica's block in
     /// memory and its claim is written after the answer, instead of one claim
     /// create per value inside the admission call. See README.md, "Blocks".
-    #[arg(long = "webhook-block-size", default_value_t = 32, value_parser = parse_block_size)]
+    #[arg(long = "webhook-block-size", default_value_t = 0, value_parser = parse_block_size)]
     pub block_size: u16,
 }
 
