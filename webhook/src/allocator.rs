@@ -261,12 +261,8 @@ impl Allocator {
             distinct.retain(|port| !txn.deferred.contains(&Value::Port(*port)));
             txn.pending.extend(distinct.iter().map(|p| Value::Port(*p)));
             if !txn.dry_run {
-                let retained = self.index().retained.for_owner(&plan.owner);
-                let dynamic: BTreeSet<u16> = (distinct.iter().copied())
-                    .filter(|port| {
-                        !requested.contains(port) && !retained.iter().any(|(v, _)| *v == Value::Port(*port))
-                    })
-                    .collect();
+                let mut dynamic = self.dynamic_ports(&assignment, &requested, &plan.owner);
+                dynamic.retain(|port| distinct.contains(port));
                 dynamic.iter().for_each(|port| self.expect_echo(Value::Port(*port)));
                 let creates = distinct.iter().map(|port| self.claim_unless_vouched(Value::Port(*port), txn));
                 for (port, outcome) in distinct.iter().zip(join_all(creates).await) {
@@ -591,12 +587,7 @@ impl Allocator {
         if self.block_size == 0 || txn.dry_run {
             return;
         }
-        let retained = self.index().retained.for_owner(txn.owner);
-        let retained: BTreeSet<Value> = retained.into_iter().map(|(value, _)| value).collect();
-        let picked = assigned_ports(assignment);
-        for port in
-            picked.into_iter().filter(|p| !requested.contains(p) && !retained.contains(&Value::Port(*p)))
-        {
+        for port in self.dynamic_ports(assignment, requested, txn.owner) {
             let Some(Value::Port(new)) = self.take_or_acquire(BlockKind::Port, txn.owner).await else {
                 break;
             };
@@ -604,6 +595,22 @@ impl Allocator {
             self.index().release_pending(Value::Port(port));
             txn.deferred.push(Value::Port(new));
         }
+    }
+
+    /// The nodePorts of `assignment` that were picked, not asked for:
+    /// neither requested nor retained for `owner`'s re-creation.
+    fn dynamic_ports(
+        &self,
+        assignment: &NodePortAssignment,
+        requested: &BTreeSet<u16>,
+        owner: &Owner,
+    ) -> BTreeSet<u16> {
+        let retained = self.index().retained.for_owner(owner);
+        let mut ports = assigned_ports(assignment);
+        ports.retain(|port| {
+            !requested.contains(port) && !retained.iter().any(|(v, _)| *v == Value::Port(*port))
+        });
+        ports
     }
 
     /// Starts waiting for the echo of a claim picked one at a time, when
