@@ -565,9 +565,7 @@ impl Allocator {
             }
             if awaited {
                 tokio::time::sleep(BLOCK_POLL).await;
-            } else if !crate::block_keeper::acquire(self, &self.claims, kind, self.block_size, self.waiting())
-                .await
-            {
+            } else if !crate::block_keeper::acquire(self, kind, self.block_size, self.waiting()).await {
                 // Concurrent calls queue in `acquire`: the first creates a
                 // block, the others find it and take from it.
                 return None;
@@ -744,11 +742,20 @@ pub async fn delete_claim(
     value: Value,
     uid: Option<String>,
 ) -> Result<bool, kube::Error> {
+    delete_claim_named(claims, &value.claim_name(), uid).await
+}
+
+/// [`delete_claim`] by the object's name (a value's claim or a block).
+pub(crate) async fn delete_claim_named(
+    claims: &Api<AllocationClaim>,
+    name: &str,
+    uid: Option<String>,
+) -> Result<bool, kube::Error> {
     let params = DeleteParams {
         preconditions: uid.map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
         ..DeleteParams::default()
     };
-    match claims.delete(&value.claim_name(), &params).await {
+    match claims.delete(name, &params).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(false),
         Err(error) => Err(error),

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use kube::api::{Api, PostParams};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
-use crate::allocator::Allocator;
+use crate::allocator::{Allocator, delete_claim_named};
 use crate::blocks::{BLOCK_LIFETIME, BlockId, BlockKind, BlockRecord, build_block};
 use crate::claim::AllocationClaim;
 
@@ -54,8 +54,13 @@ async fn keep_once(allocator: &Allocator) {
         let kinds: Vec<BlockKind> =
             (index.config().families().into_iter().map(BlockKind::Ip)).chain([BlockKind::Port]).collect();
         let mut to_return = index.own_blocks_to_return(now, false);
-        let spare = index.own_blocks_to_return(now, true);
-        to_return.extend(spare.into_iter().filter(|(id, _)| !index.blocks_worthwhile(id.kind(), size)));
+        // The spare blocks of a pool too full for blocks, each block once.
+        let spare: Vec<_> = index
+            .own_blocks_to_return(now, true)
+            .into_iter()
+            .filter(|block| !to_return.contains(block) && !index.blocks_worthwhile(block.0.kind(), size))
+            .collect();
+        to_return.extend(spare);
         let low: Vec<BlockKind> = kinds
             .into_iter()
             .filter(|kind| {
@@ -71,7 +76,7 @@ async fn keep_once(allocator: &Allocator) {
         }
     }
     for kind in low {
-        acquire(allocator, claims, kind, size, usize::from(size)).await;
+        acquire(allocator, kind, size, usize::from(size)).await;
     }
 }
 
@@ -79,13 +84,7 @@ async fn keep_once(allocator: &Allocator) {
 /// [`MAX_BLOCKS_AT_ONCE`]) at once, one acquisition at a time per replica
 /// (the keeper's and admission's). False when none could be had; true also
 /// when another call just made enough.
-pub(crate) async fn acquire(
-    allocator: &Allocator,
-    claims: &Api<AllocationClaim>,
-    kind: BlockKind,
-    size: u16,
-    wanted: usize,
-) -> bool {
+pub(crate) async fn acquire(allocator: &Allocator, kind: BlockKind, size: u16, wanted: usize) -> bool {
     let _one_at_a_time = allocator.acquiring().lock().await;
     let size_usize = usize::from(size);
     let free = allocator.index().own_free(kind, SystemTime::now());
@@ -105,6 +104,7 @@ pub(crate) async fn acquire(
         }
     }
     let holder = allocator.index().replica().to_owned();
+    let claims = allocator.claims_api();
     let creates = chosen.iter().map(|id| {
         let expires = SystemTime::now() + BLOCK_LIFETIME;
         let holder = holder.clone();
@@ -139,18 +139,10 @@ pub(crate) async fn acquire(
 /// Deletes the block object of `id` if it is still the one with `uid`;
 /// true when it is gone.
 pub(crate) async fn delete_block(claims: &Api<AllocationClaim>, id: BlockId, uid: Option<String>) -> bool {
-    let params = DeleteParams {
-        preconditions: uid.map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
-        ..DeleteParams::default()
-    };
-    match claims.delete(&id.claim_name(), &params).await {
-        Ok(_) => true,
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => true,
-        Err(error) => {
-            warn!(block = %id.spec_value(), %error, "could not return a block; it expires on its own");
-            false
-        }
-    }
+    delete_claim_named(claims, &id.claim_name(), uid).await.unwrap_or_else(|error| {
+        warn!(block = %id.spec_value(), %error, "could not return a block; it expires on its own");
+        false
+    })
 }
 
 /// Deletes every block this replica holds (graceful shutdown), so its free
