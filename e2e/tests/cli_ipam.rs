@@ -1,10 +1,13 @@
 //! `svcplane ipam status` and `svcplane ipam who` against a real kube-apiserver
 //! (dual-stack Service CIDRs, so a `kubernetes` ServiceCIDR object exists).
 
+use std::time::SystemTime;
+
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::{Api, api::ListParams, core::ObjectMeta};
 use serde_json::Value;
 use svcplane_e2e::{TestNamespace, fixtures::labels, shared, svcplane::svcplane_bin, webhook::install_crd};
+use svcplane_webhook::blocks::{BlockId, build_block};
 use svcplane_webhook::{AllocationClaim, Owner, Value as Held, claim::build_claim};
 
 fn json(args: &[&str]) -> Value {
@@ -48,6 +51,13 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
         .create(&Default::default(), &build_claim(leaked, &owner))
         .await
         .expect("create a claim");
+    // A webhook replica's block (--webhook-block-size): its free values are
+    // reserved ahead, still free, and its claim is not a claim without a Service.
+    let block = BlockId { first: Held::Ip("10.96.254.224".parse().expect("ip")), size: 32 };
+    Api::<AllocationClaim>::all(client.clone())
+        .create(&Default::default(), &build_block(block, "svcplane-replica-x", SystemTime::now()))
+        .await
+        .expect("create a block");
 
     // status: pools from the `kubernetes` ServiceCIDR; used = what Services hold.
     let all = Api::<Service>::all(client.clone()).list(&ListParams::default()).await.expect("list").items;
@@ -78,6 +88,13 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
     assert_eq!(v4["used"], v4_used + 1, "the Services' IPs and the leaked claim's");
     assert_eq!(v4["free"], 65534 - v4_used - 1);
     assert_eq!(v4["claimsWithoutService"], 1);
+    let carried_in_block = all
+        .iter()
+        .flat_map(|s| s.spec.clone().and_then(|s| s.cluster_ips).unwrap_or_default())
+        .filter_map(|ip| ip.parse().ok())
+        .filter(|ip| block.contains(Held::Ip(*ip)))
+        .count();
+    assert_eq!(v4["reservedAhead"], 32 - carried_in_block, "the block's free values");
     pool("ClusterIP", "fd00:10:96::/112");
     let ports = pool("NodePort", "30000-32767");
     assert_eq!((ports["size"].as_u64(), ports["used"].as_u64()), (Some(2768), Some(node_ports_used as u64)));
@@ -85,6 +102,7 @@ async fn status_counts_every_service_and_who_finds_each_holder() {
 
     let (ok, table, _) = shared().run_cli(&svcplane_bin(), &["ipam", "status"]);
     assert!(ok && table.starts_with("SOURCE") && table.contains("CLAIMS WITHOUT SERVICE"), "{table}");
+    assert!(table.contains("RESERVED AHEAD"), "{table}");
     println!("{table}");
 
     // who: an IP, a nodePort, a healthCheckNodePort.

@@ -77,6 +77,10 @@ pub struct PoolStatus {
     pub utilisation: f64,
     /// Claims of values in this pool that no Service carries.
     pub claims_without_service: usize,
+    /// Free values that webhook replicas' blocks reserve ahead (counted in
+    /// `free`: only the block's holder hands them out, until it returns the
+    /// block or the block expires).
+    pub reserved_ahead: usize,
     /// Which Services draw from it: a ServiceIPPool's `serviceAllocation`.
     pub selects: String,
 }
@@ -121,6 +125,7 @@ pub async fn run(args: IpamArgs, client: kube::Client) -> anyhow::Result<()> {
                     "FREE",
                     "UTILISATION",
                     "CLAIMS WITHOUT SERVICE",
+                    "RESERVED AHEAD",
                     "SELECTS",
                 ];
                 let mut table = Table::new(&headers);
@@ -134,6 +139,7 @@ pub async fn run(args: IpamArgs, client: kube::Client) -> anyhow::Result<()> {
                         p.free.to_string(),
                         format!("{:.2}%", p.utilisation),
                         p.claims_without_service.to_string(),
+                        p.reserved_ahead.to_string(),
                         p.selects.clone(),
                     ]);
                 }
@@ -202,8 +208,14 @@ pub fn build_status(
     let mut index = Index::listed(config.clone(), claims, services).context("building the pools")?;
     index.set_service_ip_pools(service_ip_pools.to_vec());
     let carried: BTreeSet<Value> = services.iter().flat_map(service_values).collect();
-    let unheld: Vec<Value> =
-        claims.iter().filter_map(|c| Value::from_spec(&c.spec)).filter(|v| !carried.contains(v)).collect();
+    let claimed: BTreeSet<Value> = claims.iter().filter_map(|c| Value::from_spec(&c.spec)).collect();
+    let unheld: Vec<&Value> = claimed.iter().filter(|v| !carried.contains(v)).collect();
+    let reserved: BTreeSet<Value> = claims
+        .iter()
+        .filter_map(|c| BlockId::of_claim(&c.spec))
+        .flat_map(BlockId::values)
+        .filter(|v| !carried.contains(v) && !claimed.contains(v))
+        .collect();
     let service_cidr_of = |range: &str| {
         let names =
             |c: &&ServiceCIDR| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).any(|c| c == range);
@@ -237,7 +249,8 @@ pub fn build_status(
             used: usage.used,
             free: usage.free,
             utilisation: if size == 0 { 0.0 } else { usage.used as f64 * 100.0 / size as f64 },
-            claims_without_service: unheld.iter().filter(in_pool).count(),
+            claims_without_service: unheld.iter().copied().filter(in_pool).count(),
+            reserved_ahead: reserved.iter().filter(in_pool).count(),
             range,
             selects,
         }
@@ -300,6 +313,29 @@ mod tests {
     use svcplane_webhook::claim::build_claim;
 
     use super::*;
+
+    #[test]
+    fn status_counts_a_blocks_free_values_as_reserved_ahead_and_not_as_leaked_claims() {
+        let web = Owner { namespace: "ns".into(), name: "web".into() };
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": { "namespace": "ns", "name": "web" },
+            "spec": { "type": "NodePort", "clusterIP": "10.0.0.10", "clusterIPs": ["10.0.0.10"],
+                      "ports": [{ "port": 80, "nodePort": 30020 }] }
+        }))
+        .unwrap();
+        let claims = [
+            build_block(BlockId { first: Value::Port(30016), size: 32 }, "replica-a", SystemTime::now()),
+            build_claim(Value::Port(30020), &web),
+            // Handed out from the block, its Service not seen yet.
+            build_claim(Value::Port(30021), &Owner { name: "api".into(), ..web.clone() }),
+        ];
+        let flags = PoolConfig::new(parse_cidrs("10.0.0.0/24").unwrap(), "30000-30999".parse().unwrap());
+        let status = build_status(&[], &flags, &[], &claims, &[service]).unwrap();
+        let ports = status.iter().find(|p| p.kind == "NodePort").unwrap();
+        assert_eq!((ports.used, ports.claims_without_service, ports.reserved_ahead), (2, 1, 30));
+        let ips = status.iter().find(|p| p.kind == "ClusterIP").unwrap();
+        assert_eq!((ips.used, ips.reserved_ahead), (1, 0));
+    }
 
     #[test]
     fn who_names_the_claim_and_the_block_that_reserve_a_value() {
