@@ -10,6 +10,7 @@
 
 use std::{
     collections::BTreeSet,
+    panic::AssertUnwindSafe,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::FutureExt as _;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     coordination::v1::Lease,
@@ -686,30 +688,42 @@ async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
 
     let stopped = Instant::now();
     failed.stop_agents();
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    eventually("kube-controller-manager marks the node not Ready", Duration::from_secs(90), || async {
-        let node = nodes.get(&failed.name).await.map_err(|e| e.to_string())?;
-        if cluster::node_ready(&node) { Err("still Ready".to_string()) } else { Ok(()) }
-    })
-    .await;
-    eprintln!("node {} stopped -> not Ready after {:?}", failed.name, stopped.elapsed());
-    eventually("the failed node's endpoint turns not ready", Duration::from_secs(90), || async {
-        match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
-            Some((false, _, false)) => Ok(()),
-            other => Err(format!("{other:?}")),
+    // The node comes back whatever the checks while it is down find: left
+    // down, it would fail every later test of the suite that needs two nodes.
+    let while_down = async {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        eventually("kube-controller-manager marks the node not Ready", Duration::from_secs(90), || async {
+            let node = nodes.get(&failed.name).await.map_err(|e| e.to_string())?;
+            if cluster::node_ready(&node) { Err("still Ready".to_string()) } else { Ok(()) }
+        })
+        .await;
+        eprintln!("node {} stopped -> not Ready after {:?}", failed.name, stopped.elapsed());
+        eventually("the failed node's endpoint turns not ready", Duration::from_secs(90), || async {
+            match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
+                Some((false, _, false)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        eprintln!("node {} stopped -> its endpoint not ready after {:?}", failed.name, stopped.elapsed());
+        eventually("traffic goes to the other node's Pod only", Duration::from_secs(30), || async {
+            let got = fetch_through(survivor, &target, 10).await;
+            if answered_by(&got) == [kept_name.clone()] { Ok(()) } else { Err(got) }
+        })
+        .await;
+        let got = fetch_through(survivor, &target, 30).await;
+        if !got.iter().all(|r| r.as_deref() == Ok(kept_name.as_str())) {
+            let conditions = endpoint_conditions(&client, &ns, "web").await;
+            panic!(
+                "the failed node's Pod answered: {got:?}; slice conditions (ready, serving, terminating) now: {conditions:?}"
+            );
         }
-    })
-    .await;
-    eprintln!("node {} stopped -> its endpoint not ready after {:?}", failed.name, stopped.elapsed());
-    eventually("traffic goes to the other node's Pod only", Duration::from_secs(30), || async {
-        let got = fetch_through(survivor, &target, 10).await;
-        if answered_by(&got) == [kept_name.clone()] { Ok(()) } else { Err(got) }
-    })
-    .await;
-    let got = fetch_through(survivor, &target, 30).await;
-    assert!(got.iter().all(|r| r.as_deref() == Ok(kept_name.as_str())), "{got:?}");
-
+    };
+    let outcome = AssertUnwindSafe(while_down).catch_unwind().await;
     failed.restart_agents(&svcplane_e2e::bin_dir()).await.unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
     eventually("the node's endpoint is ready again", Duration::from_secs(90), || async {
         match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
             Some((true, true, false)) => Ok(()),
