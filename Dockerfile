@@ -22,12 +22,13 @@ COPY . .
 ENV CC_x86_64_unknown_linux_musl=musl-gcc \
     CC_aarch64_unknown_linux_musl=musl-gcc
 # --locked: the image builds exactly Cargo.lock. Only the binary is built
-# (not benches, tests or the e2e harness). Cache mounts keep the registry and
+# (not benches, tests or the e2e harness), with the dist profile (LTO, see
+# Cargo.toml). Cache mounts keep the registry and
 # target dir between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --locked --release --bin svcplane --target "$(cat /target)" \
- && cp "target/$(cat /target)/release/svcplane" /svcplane
+    cargo build --locked --profile dist --bin svcplane --target "$(cat /target)" \
+ && cp "target/$(cat /target)/dist/svcplane" /svcplane
 
 # ---- runtime --------------------------------------------------------------
 # nonroot = uid/gid 65532, the Deployment's runAsUser.

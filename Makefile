@@ -6,7 +6,9 @@ CARGO ?= cargo
 # package (`-p svcplane-e2e`, or the root package by default) resolves other
 # features and compiles a second copy of most of the tree.
 BUILD := $(CARGO) build --workspace --locked --bins --tests
-BUILD_RELEASE := $(CARGO) build --workspace --locked --release --bins
+# The bench harnesses (release), and the svcplane they measure as users run it (dist).
+BUILD_RELEASE := $(CARGO) build --workspace --locked --release --bins && $(CARGO) build --locked --profile dist --bin svcplane
+DIST_BIN := $(abspath $(TARGET_DIR))/dist/svcplane
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # Seconds each fuzz target runs in `make fuzz`.
 FUZZ_SECONDS ?= 60
@@ -15,7 +17,7 @@ FUZZ_SECONDS ?= 60
 .PHONY: help setup controlplane lint unit e2e test test-datapath test-cluster cluster cluster-down cluster-images demo bench bench-ipam bench-webhook bench-datapath fmt fuzz
 # The static svcplane in the cluster's image (as the Dockerfile builds it).
 MUSL_TARGET := x86_64-unknown-linux-musl
-IMAGE_BIN := $(TARGET_DIR)/$(MUSL_TARGET)/release/svcplane
+IMAGE_BIN := $(TARGET_DIR)/$(MUSL_TARGET)/dist/svcplane
 CLUSTER_BIN := $(TARGET_DIR)/debug/svcplane-cluster
 
 help: ## Show the targets
@@ -59,7 +61,7 @@ test-cluster: cluster-images ## In-cluster suite on a real 2-node cluster (kubel
 	$(CARGO) test --workspace --locked --test cluster -- --ignored --show-output
 
 cluster-images: setup ## svcplane (static musl) and the test images, built without Docker into target/cluster-images
-	CC_$(subst -,_,$(MUSL_TARGET))=musl-gcc $(CARGO) build --locked --release --bin svcplane --target $(MUSL_TARGET)
+	CC_$(subst -,_,$(MUSL_TARGET))=musl-gcc $(CARGO) build --locked --profile dist --bin svcplane --target $(MUSL_TARGET)
 	bash e2e/cluster/images.sh $(IMAGE_BIN) $(TARGET_DIR)/cluster-images
 
 cluster: cluster-images ## Start a real 2-node cluster with svcplane deployed in it, and leave it running
@@ -79,12 +81,12 @@ bench-ipam: setup ## ipam benchmarks against upstream's allocator, with ratios
 
 bench-webhook: setup ## Issue #19 item 4: webhook latency at 50/s, 500/s over 3 replicas (one SIGKILLed) vs plain apiserver, duplicates
 	$(BUILD_RELEASE)
-	SVCPLANE_BIN=$(abspath $(TARGET_DIR))/release/svcplane $(TARGET_DIR)/release/svcplane-webhook-bench $(BENCH_WEBHOOK_ARGS)
+	SVCPLANE_BIN=$(DIST_BIN) $(TARGET_DIR)/release/svcplane-webhook-bench $(BENCH_WEBHOOK_ARGS)
 
 bench-datapath: setup ## Pod Ready -> first request through the ClusterIP, p50/p99: svcplane vs kube-controller-manager (root)
 	$(BUILD_RELEASE)
-	SVCPLANE_BIN=$(abspath $(TARGET_DIR))/release/svcplane $(TARGET_DIR)/release/svcplane-datapath-bench $(BENCH_DATAPATH_ARGS)
+	SVCPLANE_BIN=$(DIST_BIN) $(TARGET_DIR)/release/svcplane-datapath-bench $(BENCH_DATAPATH_ARGS)
 
 bench: bench-ipam bench-webhook ## All benchmarks (not part of make test): ipam, then scenario A vs kube-controller-manager
 	$(BUILD_RELEASE)
-	SVCPLANE_BIN=$(abspath $(TARGET_DIR))/release/svcplane $(TARGET_DIR)/release/svcplane-bench $(BENCH_ARGS)
+	SVCPLANE_BIN=$(DIST_BIN) $(TARGET_DIR)/release/svcplane-bench $(BENCH_ARGS)
