@@ -147,7 +147,7 @@ impl Cluster {
         ];
         cp_options.with_nodes = true;
         cp_options.dir = Some(root.join("controlplane"));
-        cp_options.service_cidrs = "10.96.0.0/16".into();
+        cp_options.service_cidrs = node::SERVICE_CIDR.into();
         let cp = ControlPlane::start(cp_options).await.map_err(setup)?;
         let scheduler = crate::controlplane::binary(&bins, "kube-scheduler").map_err(setup)?;
         cp.spawn(

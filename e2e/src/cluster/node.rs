@@ -30,6 +30,8 @@ use super::host::{self, NODE_PREFIX};
 
 /// The whole Pod network (kube-proxy's `--cluster-cidr`); node N has 10.244.N.0/24.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The cluster's Service range (kube-apiserver's `--service-cluster-ip-range`).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The cluster DNS Service's ClusterIP (kubelet's `clusterDNS`).
 pub const CLUSTER_DNS: &str = "10.96.0.10";
 /// The sandbox image containerd runs for every Pod (built by images.sh from pause.c).
@@ -124,6 +126,24 @@ impl Node {
         n(&["link", "set", "eth0", "up"])?;
         n(&["route", "add", "default", "via", &root_ip])?;
         run("ip", &["netns", "exec", &self.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // A packet still addressed to the Service range after kube-proxy's DNAT is
+        // dropped here, as kube-proxy's nftables mode does itself ("Drop traffic to
+        // unallocated ClusterIPs"); its iptables mode (node 1) lets it out of the
+        // default route. That escape left a trap: a SYN sent to a new Service before
+        // kube-proxy had its rules went out untranslated, and its conntrack entry
+        // (SYN_SENT, 120 s, no NAT) caught the client's next connection from the
+        // same source port a minute later, whose SYNs then all left untranslated
+        // too: a connect timeout while the Service was served (seen in the cluster
+        // suite with a packet capture: 1 request in about 30 000, always from the
+        // client on node 1). Dropped before conntrack confirms it, such a SYN leaves
+        // nothing behind and its resend is translated once the rules exist.
+        let drop_untranslated = format!(
+            "add table ip svcplane-node; \
+             add chain ip svcplane-node forward {{ type filter hook forward priority filter; policy accept; }}; \
+             add rule ip svcplane-node forward ip daddr {SERVICE_CIDR} counter drop \
+             comment \"a ClusterIP kube-proxy has not translated\""
+        );
+        run("ip", &["netns", "exec", &self.name, "nft", &drop_untranslated])?;
         // The CNI bridge, made here with a MAC of its own (the plugin takes an
         // existing bridge as it is). A bridge it creates has none and takes the
         // lowest of its ports' MACs: when that Pod goes, the gateway's MAC
