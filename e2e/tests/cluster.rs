@@ -40,7 +40,7 @@ use svcplane_e2e::{
         traffic::{Load, Lookup},
         wait_available,
         workload::{
-            client_pod, cluster_ip_service, endpoint_conditions, fetch_through, from_json,
+            client_pod, cluster_ip_service, endpoint_conditions, endpoint_is, fetch_through, from_json,
             headless_statefulset, http_get, namespace, pod_ip, pod_node, ready_pods, resolve_in, set_ready,
             testpod_deployment,
         },
@@ -349,11 +349,8 @@ async fn endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod
     set_ready(failing, false).await;
     let flipped = Instant::now();
     let ip = pod_ip(failing);
-    eventually("the failing Pod's endpoint turns not ready", Duration::from_secs(30), || async {
-        match endpoint_conditions(&client, &ns, "web").await.get(&ip) {
-            Some((false, false, false)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    eventually("the failing Pod's endpoint turns not ready", Duration::from_secs(30), || {
+        endpoint_is(&client, &ns, "web", &ip, |c| matches!(c, (false, false, false)))
     })
     .await;
     eprintln!("probe failed -> endpoint not ready in {:?}", flipped.elapsed());
@@ -374,11 +371,8 @@ async fn endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod
     }
 
     set_ready(failing, true).await;
-    eventually("the endpoint turns ready again", Duration::from_secs(30), || async {
-        match endpoint_conditions(&client, &ns, "web").await.get(&ip) {
-            Some((true, true, false)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    eventually("the endpoint turns ready again", Duration::from_secs(30), || {
+        endpoint_is(&client, &ns, "web", &ip, |c| matches!(c, (true, true, false)))
     })
     .await;
     for c in &clients {
@@ -607,11 +601,8 @@ async fn the_standby_takes_over_when_the_leaders_container_is_killed() {
     // Slices keep following changes under the new leader.
     let ip = pod_ip(&web[0]);
     set_ready(&web[0], false).await;
-    eventually("the new leader follows a readiness change", Duration::from_secs(30), || async {
-        match endpoint_conditions(&client, &ns, "web").await.get(&ip) {
-            Some((false, false, false)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    eventually("the new leader follows a readiness change", Duration::from_secs(30), || {
+        endpoint_is(&client, &ns, "web", &ip, |c| matches!(c, (false, false, false)))
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await; // traffic after the takeover, not synchronisation
@@ -698,11 +689,8 @@ async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
         })
         .await;
         eprintln!("node {} stopped -> not Ready after {:?}", failed.name, stopped.elapsed());
-        eventually("the failed node's endpoint turns not ready", Duration::from_secs(90), || async {
-            match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
-                Some((false, _, false)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
+        eventually("the failed node's endpoint turns not ready", Duration::from_secs(90), || {
+            endpoint_is(&client, &ns, "web", &lost_ip, |c| matches!(c, (false, _, false)))
         })
         .await;
         eprintln!("node {} stopped -> its endpoint not ready after {:?}", failed.name, stopped.elapsed());
@@ -724,11 +712,8 @@ async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
-    eventually("the node's endpoint is ready again", Duration::from_secs(90), || async {
-        match endpoint_conditions(&client, &ns, "web").await.get(&lost_ip) {
-            Some((true, true, false)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    eventually("the node's endpoint is ready again", Duration::from_secs(90), || {
+        endpoint_is(&client, &ns, "web", &lost_ip, |c| matches!(c, (true, true, false)))
     })
     .await;
     eprintln!("node {} back -> endpoint ready after {:?}", failed.name, stopped.elapsed());

@@ -280,3 +280,18 @@ pub async fn endpoint_conditions(
     }
     out
 }
+
+/// Ok when Service `service`'s endpoint for `ip` has conditions (ready, serving,
+/// terminating) that `want` accepts, else what it has: a probe for `eventually`.
+pub async fn endpoint_is(
+    client: &kube::Client,
+    namespace: &str,
+    service: &str,
+    ip: &str,
+    want: impl Fn((bool, bool, bool)) -> bool,
+) -> Result<(), String> {
+    match endpoint_conditions(client, namespace, service).await.get(ip) {
+        Some(&conditions) if want(conditions) => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
