@@ -58,9 +58,9 @@ struct State<K> {
     failures: std::collections::HashMap<K, u32>,
     /// Keys held back by the minimum interval, and when each was last started.
     waiting: HashSet<K>,
-    /// Keys to be added after a delay (retries, stale caches), with how many
-    /// delays each has pending.
-    delayed: std::collections::HashMap<K, usize>,
+    /// Keys to be added after a delay (retries, stale caches), each with the
+    /// one time it is due: the earliest asked for (client-go's delaying queue).
+    delayed: std::collections::HashMap<K, Instant>,
     last_started: std::collections::HashMap<K, Instant>,
     min_interval: Duration,
     /// How long a new key waits while keys arrive faster than [`BURST_RATE`].
@@ -228,31 +228,42 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     }
 
     /// Queues `key` after `delay` (retries, stale caches); it counts as pending
-    /// meanwhile.
-    pub fn add_after(self: &Arc<Self>, key: K, delay: Duration) {
+    /// meanwhile. A key has one pending delay, the earliest asked for, as in
+    /// client-go: failures that pile up while a retry is pending (a burst of
+    /// events, each sync failing) do not each start a retry chain of their own.
+    /// Returns how long until the key is queued.
+    pub fn add_after(self: &Arc<Self>, key: K, delay: Duration) -> Duration {
+        let now = Instant::now();
+        let at = now + delay;
         {
             let mut s = self.lock();
-            *s.delayed.entry(key.clone()).or_default() += 1;
+            if let Some(&due) = s.delayed.get(&key)
+                && due <= at
+            {
+                return due.saturating_duration_since(now);
+            }
+            s.delayed.insert(key.clone(), at);
             s.report(&self.metrics);
         }
         let queue = Arc::clone(self);
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep_until(at).await;
             {
                 let mut s = queue.lock();
-                if let Some(n) = s.delayed.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        s.delayed.remove(&key);
-                    }
+                // Superseded by an earlier delay, which has queued the key or will.
+                if s.delayed.get(&key) != Some(&at) {
+                    return;
                 }
+                s.delayed.remove(&key);
             }
             queue.add(key);
         });
+        delay
     }
 
     /// Queues `key` again after a delay that doubles with each consecutive failure
-    /// (client-go's item exponential failure rate limiter); returns the delay.
+    /// (client-go's item exponential failure rate limiter); returns how long
+    /// until it is queued, sooner when an earlier retry is pending already.
     pub fn retry_after_failure(self: &Arc<Self>, key: K) -> Duration {
         let failures = {
             let mut s = self.lock();
@@ -262,8 +273,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
         };
         let delay = RETRY_BASE * 2u32.pow((failures - 1).min(RETRY_MAX_DOUBLINGS));
         self.metrics.retries.inc();
-        self.add_after(key, delay);
-        delay
+        self.add_after(key, delay)
     }
 
     /// Forgets `key`'s failures (it succeeded).
@@ -346,17 +356,45 @@ mod tests {
         assert_eq!(q.next().await, Some("a"));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_first_retry_waits_the_base_delay_which_doubles_per_failure_and_resets_on_forget() {
         let q = WorkQueue::new();
-        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(1));
-        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(2));
-        for _ in 0..20 {
-            q.retry_after_failure("k");
+        let mut retried_after = Vec::new();
+        for _ in 0..11 {
+            let said = q.retry_after_failure("k");
+            let started = Instant::now();
+            assert_eq!(q.next().await, Some("k"));
+            assert_eq!(started.elapsed(), said, "queued when it said");
+            q.done(&"k");
+            retried_after.push(said.as_secs());
         }
-        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(256), "capped, never dropped");
+        assert_eq!(retried_after, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256, 256], "capped, never dropped");
         q.forget(&"k");
         assert_eq!(q.retry_after_failure("k"), Duration::from_secs(1));
+        q.shutdown();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_while_a_retry_is_pending_keep_one_retry_the_earliest() {
+        let q = WorkQueue::new();
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(1));
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(1), "the pending retry stands");
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(1));
+        assert_eq!(
+            q.add_after("k", Duration::from_millis(100)),
+            Duration::from_millis(100),
+            "an earlier one wins"
+        );
+        let started = Instant::now();
+        assert_eq!(q.next().await, Some("k"));
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        q.done(&"k");
+        // The three failures' later delays (1 s, 2 s, 4 s) queue nothing more.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(q.len(), 0, "one retry, not one per failure");
+        // The backoff still counts every failure.
+        assert_eq!(q.retry_after_failure("k"), Duration::from_secs(8));
         q.shutdown();
     }
 
