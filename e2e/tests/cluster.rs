@@ -170,6 +170,19 @@ fn answered_by(results: &[Result<String, String>]) -> Vec<String> {
     names
 }
 
+/// Requests an "only `name` answers" check makes. A Pod still in kube-proxy's
+/// rules answers half of them; with 10, all ten went to the other Pod by chance
+/// (1 in 1024 per poll) while kube-proxy had not synced yet, the poll passed,
+/// and the check after it failed (CI, twice). With 30 that is 1 in 10^9.
+const ONLY_ONE_ANSWERS: usize = 30;
+
+/// Ok when [`ONLY_ONE_ANSWERS`] requests through `client` to `target` were all
+/// answered by Pod `name`; else what answered.
+async fn only_answers(client: &Pod, target: &str, name: &str) -> Result<(), Vec<Result<String, String>>> {
+    let got = fetch_through(client, target, ONLY_ONE_ANSWERS).await;
+    if got.iter().all(|r| r.as_deref() == Ok(name)) { Ok(()) } else { Err(got) }
+}
+
 #[tokio::test]
 #[ignore = "needs root and the real cluster: make test-cluster"]
 async fn svcplane_runs_two_ready_replicas_on_different_nodes_and_exactly_one_leads() {
@@ -356,9 +369,8 @@ async fn endpoints_follow_real_readiness_probes_and_traffic_avoids_a_failing_pod
     eprintln!("probe failed -> endpoint not ready in {:?}", flipped.elapsed());
     for c in &clients {
         // After kube-proxy's sync, no request reaches the failing Pod.
-        eventually("kube-proxy drops the failing Pod", Duration::from_secs(30), || async {
-            let got = fetch_through(c, &target, 10).await;
-            if answered_by(&got) == [healthy_name.clone()] { Ok(()) } else { Err(got) }
+        eventually("kube-proxy drops the failing Pod", Duration::from_secs(30), || {
+            only_answers(c, &target, &healthy_name)
         })
         .await;
         let got = fetch_through(c, &target, 50).await;
@@ -694,9 +706,8 @@ async fn a_failed_node_loses_its_endpoints_and_gets_them_back() {
         })
         .await;
         eprintln!("node {} stopped -> its endpoint not ready after {:?}", failed.name, stopped.elapsed());
-        eventually("traffic goes to the other node's Pod only", Duration::from_secs(30), || async {
-            let got = fetch_through(survivor, &target, 10).await;
-            if answered_by(&got) == [kept_name.clone()] { Ok(()) } else { Err(got) }
+        eventually("traffic goes to the other node's Pod only", Duration::from_secs(30), || {
+            only_answers(survivor, &target, &kept_name)
         })
         .await;
         let got = fetch_through(survivor, &target, 30).await;
