@@ -389,7 +389,8 @@ mod tests {
         assert_eq!(q.next().await, Some("k"));
         assert_eq!(started.elapsed(), Duration::from_millis(100));
         q.done(&"k");
-        // The three failures' later delays (1 s, 2 s, 4 s) queue nothing more.
+        // The first failure's 1 s timer was superseded and the two after it
+        // started none (they asked for 2 s and 4 s): nothing is queued again.
         tokio::time::advance(Duration::from_secs(10)).await;
         tokio::task::yield_now().await;
         assert_eq!(q.len(), 0, "one retry, not one per failure");

@@ -412,7 +412,6 @@ impl<K: Resource<DynamicType = ()> + Clone> Relist<K> {
     /// applied `event` already. An applied object is the store's own `Arc`, so
     /// what the indexes keep of it is not a second copy.
     pub(crate) fn changes(&mut self, event: watcher::Event<K>, store: &Store<K>) -> Vec<Change<K>> {
-        let store_state = || store.state();
         match event {
             watcher::Event::Apply(obj) => {
                 let stored = store.get(&ObjectRef::from_obj(&obj));
@@ -423,12 +422,12 @@ impl<K: Resource<DynamicType = ()> + Clone> Relist<K> {
             // still holds what it held before the first attempt.
             watcher::Event::Init => {
                 self.before =
-                    store_state().into_iter().map(|obj| (ObjectRef::from_obj(obj.as_ref()), obj)).collect();
+                    store.state().into_iter().map(|obj| (ObjectRef::from_obj(obj.as_ref()), obj)).collect();
                 Vec::new()
             }
             watcher::Event::InitApply(_) => Vec::new(),
             watcher::Event::InitDone => {
-                let listed = store_state();
+                let listed = store.state();
                 for obj in &listed {
                     self.before.remove(&ObjectRef::from_obj(obj.as_ref()));
                 }
