@@ -97,18 +97,40 @@ impl WriteTracker {
         stale
     }
 
-    /// Whether a watch event showing `name` at `version` only echoes svcplane's
-    /// own write of it, so the owner need not be queued for it (upstream's
+    /// A watch event showed `name` at `version`. Returns whether it only echoes
+    /// svcplane's own write, so the owner need not be queued for it (upstream's
     /// EndpointSliceTracker.ShouldSync): the version is the one that write
     /// returned and no sync is waiting for the store to show it. An echo that
     /// arrives before the write's response is recorded is not recognised and
     /// queues as any event.
-    pub fn is_own_echo(&self, owner: (ControllerKind, &Key), name: &str, version: Option<&str>) -> bool {
-        let owners = self.lock();
-        let Some(owner) = owners.get(&(owner.0, owner.1.clone())) else { return false };
-        !owner.waiting
-            && version.is_some()
-            && matches!(owner.expected.get(name), Some(Expected::Written { written, .. }) if written.as_deref() == version)
+    ///
+    /// The expectation the event meets is forgotten here, and an owner with none
+    /// left is dropped: the tracker holds only writes still on their way, not one
+    /// entry per object svcplane ever wrote (a Service synced once would
+    /// otherwise keep its entry until its next sync).
+    pub fn observed(&self, owner: (ControllerKind, &Key), name: &str, version: Option<&str>) -> bool {
+        let Some(version) = version else { return false };
+        let mut owners = self.lock();
+        let id = (owner.0, owner.1.clone());
+        let Some(owner) = owners.get_mut(&id) else { return false };
+        let (echo, met) = match owner.expected.get(name) {
+            Some(Expected::Written { superseded, written }) => (
+                !owner.waiting && written.as_deref() == Some(version),
+                superseded.as_deref() != Some(version),
+            ),
+            // Recreated, by someone else, after svcplane deleted it.
+            Some(Expected::Deleted { version: deleted }) => {
+                (false, deleted.as_deref().is_some_and(|d| d != version))
+            }
+            None => (false, false),
+        };
+        if met {
+            owner.expected.remove(name);
+            if owner.expected.is_empty() {
+                owners.remove(&id);
+            }
+        }
+        echo
     }
 
     /// The watch saw `name` deleted (by svcplane or anyone else, e.g. the garbage
@@ -125,6 +147,12 @@ impl WriteTracker {
                 owners.remove(&id);
             }
         }
+    }
+
+    /// Owners with a write still on its way.
+    #[cfg(test)]
+    fn owners(&self) -> usize {
+        self.lock().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ControllerKind, Key), Owner>> {
@@ -177,6 +205,24 @@ mod tests {
     }
 
     #[test]
+    fn an_owner_is_kept_only_while_one_of_its_writes_is_on_its_way() {
+        let t = WriteTracker::default();
+        t.wrote((SLICES, &key()), "a", None, Some("1"));
+        t.wrote((SLICES, &key()), "b", Some("1"), Some("2"));
+        t.deleted((SLICES, &key()), "c", Some("3"));
+        t.wrote((ControllerKind::endpoints, &key()), "web", Some("1"), Some("2"));
+        assert_eq!(t.owners(), 2);
+        t.observed((SLICES, &key()), "a", Some("1"));
+        t.observed((SLICES, &key()), "b", Some("2"));
+        assert!(t.is_stale((SLICES, &key()), &seen(&[("a", "1"), ("b", "2"), ("c", "3")])), "c not yet gone");
+        t.observed((SLICES, &key()), "c", Some("3"));
+        assert_eq!(t.owners(), 2, "the version deleted, seen again, meets nothing");
+        t.observed((SLICES, &key()), "c", Some("8"));
+        t.observed((ControllerKind::endpoints, &key()), "web", Some("2"));
+        assert_eq!(t.owners(), 0, "every write seen: nothing left to hold");
+    }
+
+    #[test]
     fn a_written_object_deleted_by_someone_else_stops_being_awaited() {
         let t = WriteTracker::default();
         t.wrote((SLICES, &key()), "s", None, Some("1"));
@@ -188,23 +234,26 @@ mod tests {
     fn the_event_of_its_own_write_is_an_echo_unless_a_sync_waits_for_it() {
         let t = WriteTracker::default();
         t.wrote((SLICES, &key()), "s", Some("3"), Some("4"));
-        assert!(t.is_own_echo((SLICES, &key()), "s", Some("4")));
-        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("5")), "a later write by someone else");
-        assert!(!t.is_own_echo((SLICES, &key()), "other", Some("4")));
-        assert!(!t.is_own_echo((ControllerKind::mirroring, &key()), "s", Some("4")));
-        assert!(!t.is_own_echo((SLICES, &key()), "s", None));
+        assert!(!t.observed((SLICES, &key()), "other", Some("4")));
+        assert!(!t.observed((ControllerKind::mirroring, &key()), "s", Some("4")));
+        assert!(!t.observed((SLICES, &key()), "s", None));
+        assert!(!t.observed((SLICES, &key()), "s", Some("3")), "the version it replaced");
+        assert!(t.observed((SLICES, &key()), "s", Some("4")));
+        assert!(!t.observed((SLICES, &key()), "s", Some("4")), "forgotten once seen");
+        t.wrote((SLICES, &key()), "s", Some("4"), Some("5"));
+        assert!(!t.observed((SLICES, &key()), "s", Some("6")), "a later write by someone else");
+        t.wrote((SLICES, &key()), "s", Some("6"), Some("7"));
         // A sync that found the store behind returned and waits for this event.
-        assert!(t.is_stale((SLICES, &key()), &seen(&[("s", "3")])));
-        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("4")), "the waiting sync needs the event");
-        assert!(!t.is_stale((SLICES, &key()), &seen(&[("s", "4")])));
-        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("4")), "forgotten once the store caught up");
+        assert!(t.is_stale((SLICES, &key()), &seen(&[("s", "6")])));
+        assert!(!t.observed((SLICES, &key()), "s", Some("7")), "the waiting sync needs the event");
+        assert!(!t.is_stale((SLICES, &key()), &seen(&[("s", "7")])));
     }
 
     #[test]
     fn a_delete_has_no_echo_to_skip() {
         let t = WriteTracker::default();
         t.deleted((SLICES, &key()), "s", Some("4"));
-        assert!(!t.is_own_echo((SLICES, &key()), "s", Some("4")));
+        assert!(!t.observed((SLICES, &key()), "s", Some("4")));
     }
 
     #[test]

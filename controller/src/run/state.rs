@@ -281,15 +281,15 @@ pub fn start_watches(
             // sync that wrote it planned that state (upstream skips it too).
             // Except in a take-over, where the sync after svcplane's slices are
             // written is the one that deletes kube-controller-manager's.
-            if !deleted
-                && migration != Migration::TakeOver
-                && let Some(controller) = controller
-                && tracker.is_own_echo(
-                    (controller, &key),
-                    &slice.name_any(),
-                    slice.resource_version().as_deref(),
-                )
-            {
+            let echo = !deleted
+                && controller.is_some_and(|controller| {
+                    tracker.observed(
+                        (controller, &key),
+                        &slice.name_any(),
+                        slice.resource_version().as_deref(),
+                    )
+                });
+            if echo && migration != Migration::TakeOver {
                 return;
             }
             // kube-controller-manager's slices are watched only while migrating:
@@ -322,11 +322,19 @@ pub fn start_watches(
             // its own object again): syncing on an add would delete a user's
             // Endpoints that arrives before its selectorless Service.
             Change::Applied(ep) => {
-                queues.mirroring.iter().for_each(|q| q.add(Key::of(ep.as_ref())));
+                let key = Key::of(ep.as_ref());
+                // Only to forget the write this event shows (its sync never
+                // follows an add or update, echo or not).
+                tracker.observed(
+                    (ControllerKind::endpoints, &key),
+                    &key.name,
+                    ep.resource_version().as_deref(),
+                );
+                queues.mirroring.iter().for_each(|q| q.add(key.clone()));
                 // In shadow mode the Endpoints controller compares with the object
                 // kube-controller-manager writes: its changes change the verdict.
                 if migration == Migration::Shadow {
-                    queues.endpoints.iter().for_each(|q| q.add(Key::of(ep.as_ref())));
+                    queues.endpoints.iter().for_each(|q| q.add(key.clone()));
                 }
             }
             Change::Deleted(ep) => {
