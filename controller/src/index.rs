@@ -25,7 +25,7 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 
-use crate::{selector, stored_pod::StoredPod};
+use crate::{name_set::NameSet, selector, stored_pod::StoredPod};
 
 type Namespace = String;
 type Name = String;
@@ -48,9 +48,9 @@ struct NamespaceIndex {
     /// Label pair → Pods carrying it.
     pods_by_pair: HashMap<Pair, HashSet<Name>>,
     /// Service name → Pods it selects.
-    members: HashMap<Name, BTreeSet<Name>>,
+    members: HashMap<Name, NameSet>,
     /// Pod name → Services that select it.
-    memberships: HashMap<Name, BTreeSet<Name>>,
+    memberships: HashMap<Name, NameSet>,
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -92,7 +92,7 @@ impl SelectorIndex {
             .min_by_key(|p| ns.services_by_pair.get(p).map_or(0, HashSet::len))
             .unwrap_or_default();
         ns.services_by_pair.entry(pair.clone()).or_default().insert(name.to_string());
-        let members: BTreeSet<Name> = ns
+        let members: NameSet = ns
             .pods_by_pair
             .get(&pair)
             .into_iter()
@@ -101,7 +101,7 @@ impl SelectorIndex {
             .cloned()
             .collect();
         for pod in &members {
-            ns.memberships.entry(pod.clone()).or_default().insert(name.to_string());
+            ns.memberships.entry(pod.clone()).or_default().insert(name);
         }
         ns.members.insert(name.to_string(), members);
         ns.services.insert(name.to_string(), (Arc::clone(svc), pair));
@@ -120,7 +120,8 @@ impl SelectorIndex {
     pub fn upsert_pod(&mut self, namespace: &str, name: &str, pod: &Arc<StoredPod>) -> BTreeSet<String> {
         let labels = labels_of(pod);
         let ns = self.namespaces.entry(namespace.to_string()).or_default();
-        let mut affected = ns.memberships.get(name).cloned().unwrap_or_default();
+        let mut affected: BTreeSet<String> =
+            ns.memberships.get(name).into_iter().flatten().cloned().collect();
         let known = ns.pods.get_mut(name);
         if let Some(old) = known.filter(|old| labels_of(old) == labels) {
             // The new object, so the old one is not kept alive here.
@@ -142,12 +143,12 @@ impl SelectorIndex {
                 }
             }
             for svc in &joined {
-                ns.members.entry(svc.clone()).or_default().insert(name.to_string());
+                ns.members.entry(svc.clone()).or_default().insert(name);
             }
             ns.pods.insert(name.to_string(), Arc::clone(pod));
             affected.extend(joined.iter().cloned());
             if !joined.is_empty() {
-                ns.memberships.insert(name.to_string(), joined);
+                ns.memberships.insert(name.to_string(), joined.into_iter().collect());
             }
         }
         affected
@@ -156,7 +157,7 @@ impl SelectorIndex {
     /// Forgets a Pod; returns the Services it was a member of.
     pub fn remove_pod(&mut self, namespace: &str, name: &str) -> BTreeSet<String> {
         let Some(ns) = self.namespaces.get_mut(namespace) else { return BTreeSet::new() };
-        let affected = ns.memberships.get(name).cloned().unwrap_or_default();
+        let affected = ns.memberships.get(name).into_iter().flatten().cloned().collect();
         ns.remove_pod(name);
         affected
     }

@@ -17,6 +17,7 @@ pub mod labels;
 pub mod metrics;
 pub mod migration;
 pub mod mirroring;
+pub mod name_set;
 pub mod node_index;
 pub mod plan;
 pub mod pod;

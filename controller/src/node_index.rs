@@ -26,9 +26,10 @@ pub struct NodeIndex {
     /// CPU share per zone as of the last Node change.
     shares: Option<Arc<ZoneShares>>,
     /// Node name → (namespace, Pod name) of the Pods bound to it.
-    pods_by_node: HashMap<String, BTreeSet<PodKey>>,
-    /// (namespace, Pod name) → its Node.
-    node_of_pod: HashMap<PodKey, String>,
+    pods_by_node: HashMap<Arc<str>, BTreeSet<PodKey>>,
+    /// (namespace, Pod name) → its Node: the key of `pods_by_node`, shared, not
+    /// a copy of the name per Pod.
+    node_of_pod: HashMap<PodKey, Arc<str>>,
 }
 
 /// What a Node event means for the planners.
@@ -47,13 +48,17 @@ impl NodeIndex {
     pub fn upsert_pod(&mut self, namespace: &str, name: &str, node: Option<&str>) {
         let key = (namespace.to_owned(), name.to_owned());
         let node = node.filter(|n| !n.is_empty());
-        if self.node_of_pod.get(&key).map(String::as_str) == node {
+        if self.node_of_pod.get(&key).map(AsRef::as_ref) == node {
             return;
         }
         self.remove_pod(namespace, name);
         if let Some(node) = node {
-            self.pods_by_node.entry(node.to_owned()).or_default().insert(key.clone());
-            self.node_of_pod.insert(key, node.to_owned());
+            let node = match self.pods_by_node.get_key_value(node) {
+                Some((shared, _)) => Arc::clone(shared),
+                None => Arc::from(node),
+            };
+            self.pods_by_node.entry(Arc::clone(&node)).or_default().insert(key.clone());
+            self.node_of_pod.insert(key, node);
         }
     }
 
@@ -123,6 +128,17 @@ mod tests {
 
     fn pods(keys: &[(&str, &str)]) -> Vec<PodKey> {
         keys.iter().map(|(ns, n)| (ns.to_string(), n.to_string())).collect()
+    }
+
+    #[test]
+    fn the_pods_of_a_node_share_one_copy_of_its_name() {
+        let mut index = NodeIndex::default();
+        index.upsert_pod("ns", "a", Some("node-1"));
+        index.upsert_pod("ns", "b", Some("node-1"));
+        let node_of = |pod: &str| Arc::clone(&index.node_of_pod[&("ns".to_string(), pod.to_string())]);
+        assert!(Arc::ptr_eq(&node_of("a"), &node_of("b")));
+        let (key, _) = index.pods_by_node.get_key_value("node-1").expect("node-1 indexed");
+        assert!(Arc::ptr_eq(key, &node_of("a")));
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::{
     labels,
     metrics::ControllerKind,
     migration::Migration,
+    name_set::NameSet,
     node_index::NodeIndex,
     stored_pod::StoredPod,
     tracker::WriteTracker,
@@ -72,7 +73,7 @@ pub struct Indexes {
     /// Service ↔ Pod membership.
     pub selectors: RwLock<SelectorIndex>,
     /// (namespace, service-name label, managed-by) → slice names.
-    pub slices_by_owner: RwLock<HashMap<(String, String, String), BTreeSet<String>>>,
+    pub slices_by_owner: RwLock<HashMap<(String, String, String), NameSet>>,
     /// Nodes as the planner reads them, CPU per zone, and Pods per Node.
     pub nodes: RwLock<NodeIndex>,
     /// Services with `topology-mode: Auto`: planned again when the CPU share per
@@ -268,13 +269,18 @@ pub fn start_watches(
             }
             {
                 let mut by_owner = write(&indexes.slices_by_owner);
-                let entry = by_owner
-                    .entry((key.namespace.clone(), key.name.clone(), managed_by.clone()))
-                    .or_default();
+                let owner = (key.namespace.clone(), key.name.clone(), managed_by.clone());
                 if deleted {
-                    entry.remove(&slice.name_any());
+                    // An owner without slices is forgotten: a deleted Service
+                    // leaves nothing here.
+                    if let Some(names) = by_owner.get_mut(&owner)
+                        && names.remove(&slice.name_any())
+                        && names.is_empty()
+                    {
+                        by_owner.remove(&owner);
+                    }
                 } else {
-                    entry.insert(slice.name_any());
+                    by_owner.entry(owner).or_default().insert(&slice.name_any());
                 }
             }
             // The echo of svcplane's own write changes nothing to plan: the
