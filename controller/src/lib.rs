@@ -19,6 +19,7 @@ pub mod migration;
 pub mod mirroring;
 pub mod name_set;
 pub mod node_index;
+pub mod packed;
 pub mod plan;
 pub mod pod;
 pub mod quantity;

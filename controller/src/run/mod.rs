@@ -354,14 +354,15 @@ fn queue_orphans(ctx: &Context, queues: &Queues) {
     // Upstream's checkLeftoverEndpoints: every Endpoints is synced once at start, so
     // one whose Service is gone is deleted.
     if let Some(q) = &queues.endpoints {
-        for ep in ctx.stores.endpoints.state() {
+        for packed in ctx.stores.endpoints.state() {
+            let ep = packed.unpack();
             let leader_lock = ep
                 .metadata
                 .annotations
                 .as_ref()
                 .is_some_and(|a| a.contains_key(crate::labels::LEADER_ELECTION));
             if !leader_lock {
-                q.add(Key::of(ep.as_ref()));
+                q.add(Key::of(&ep));
             }
         }
     }

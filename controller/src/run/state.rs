@@ -32,6 +32,7 @@ use crate::{
     migration::Migration,
     name_set::NameSet,
     node_index::NodeIndex,
+    packed::Packed,
     stored_pod::StoredPod,
     tracker::WriteTracker,
     trim,
@@ -50,10 +51,19 @@ pub struct Stores {
     /// All Nodes (what [`NodeInfo::of`] reads only).
     pub nodes: Store<Node>,
     /// Slices managed by svcplane (both managed-by values), and while migrating
-    /// those of kube-controller-manager.
-    pub slices: Store<EndpointSlice>,
-    /// All Endpoints.
-    pub endpoints: Store<Endpoints>,
+    /// those of kube-controller-manager; packed (read them with
+    /// [`Indexes::slices_of`]).
+    pub slices: Store<Packed<EndpointSlice>>,
+    /// All Endpoints, packed (read them with [`Stores::endpoints_of`]).
+    pub endpoints: Store<Packed<Endpoints>>,
+}
+
+impl Stores {
+    /// The Endpoints named as `key`, from the store.
+    pub fn endpoints_of(&self, key: &Key) -> Option<Arc<Endpoints>> {
+        let packed = self.endpoints.get(&ObjectRef::new(&key.name).within(&key.namespace))?;
+        Some(Arc::new(packed.unpack()))
+    }
 }
 
 /// Queues of the controllers the router feeds (absent: controller not running).
@@ -98,6 +108,7 @@ impl Indexes {
         names
             .iter()
             .filter_map(|name| stores.slices.get(&ObjectRef::new(name).within(&key.namespace)))
+            .map(|packed| Arc::new(packed.unpack()))
             .collect()
     }
 }
@@ -122,8 +133,8 @@ pub fn start_watches(
     let (svc_reader, svc_writer) = reflector::store::<Service>();
     let (pod_reader, pod_writer) = reflector::store::<StoredPod>();
     let (node_reader, node_writer) = reflector::store::<Node>();
-    let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
-    let (ep_reader, ep_writer) = reflector::store::<Endpoints>();
+    let (slice_reader, slice_writer) = reflector::store::<Packed<EndpointSlice>>();
+    let (ep_reader, ep_writer) = reflector::store::<Packed<Endpoints>>();
     let stores = Stores {
         services: svc_reader,
         pods: pod_reader,
@@ -247,14 +258,13 @@ pub fn start_watches(
             (indexes.clone(), queues.clone(), synced.clone(), stores.slices.clone(), tracker.clone());
         let stream = reflector::reflector(
             slice_writer,
-            watcher(Api::<EndpointSlice>::all(client.clone()), managed)
-                .default_backoff()
-                .modify(trim::trim_slice),
+            // Trimmed as they are packed.
+            watcher(Api::<Packed<EndpointSlice>>::all(client.clone()), managed).default_backoff(),
         );
         tasks.push(tokio::spawn(route(stream, "endpointslices", store, synced, move |change| {
             let (slice, deleted) = match change {
-                Change::Applied(s) => (s, false),
-                Change::Deleted(s) => (s, true),
+                Change::Applied(s) => (s.unpack(), false),
+                Change::Deleted(s) => (s.unpack(), true),
             };
             let Some(owner) = slice.labels().get(labels::SERVICE_NAME).cloned() else { return };
             let managed_by = slice.labels().get(labels::MANAGED_BY).cloned().unwrap_or_default();
@@ -318,9 +328,8 @@ pub fn start_watches(
             (queues.clone(), synced.clone(), stores.endpoints.clone(), tracker.clone());
         let stream = reflector::reflector(
             ep_writer,
-            watcher(Api::<Endpoints>::all(client.clone()), all)
-                .default_backoff()
-                .modify(trim::trim_endpoints),
+            // Trimmed as they are packed.
+            watcher(Api::<Packed<Endpoints>>::all(client.clone()), all).default_backoff(),
         );
         tasks.push(tokio::spawn(route(stream, "endpoints", store, synced, move |change| match change {
             // Mirroring follows every change of a hand-written Endpoints. The

@@ -10,7 +10,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
-use kube::{Resource, ResourceExt, runtime::reflector::ObjectRef};
+use kube::{Resource, ResourceExt};
 
 use super::{
     Context, Error, Key,
@@ -61,7 +61,7 @@ pub async fn slices(key: &Key, ctx: &Context) -> Result<(), Error> {
 pub async fn endpoints(key: &Key, ctx: &Context) -> Result<(), Error> {
     let kind = ControllerKind::endpoints;
     let mut timer = ctx.metrics.sync(kind.clone());
-    let existing = ctx.stores.endpoints.get(&ObjectRef::new(&key.name).within(&key.namespace));
+    let existing = ctx.stores.endpoints_of(key);
     let observed = observed(existing.as_slice());
     if behind(ctx, &kind, key, &observed, &mut timer) {
         return Err(Error::Stale(key.clone()));
@@ -93,7 +93,7 @@ pub async fn mirrored_slices(key: &Key, ctx: &Context) -> Result<(), Error> {
         return Err(Error::Stale(key.clone()));
     }
     let svc = service(ctx, key);
-    let endpoints = ctx.stores.endpoints.get(&ObjectRef::new(&key.name).within(&key.namespace));
+    let endpoints = ctx.stores.endpoints_of(key);
     let config = &ctx.mirroring_config;
     let plan = plan_mirrored_slices(svc.as_deref(), endpoints.as_deref(), &existing, config);
     let from_scratch = || plan_mirrored_slices(svc.as_deref(), endpoints.as_deref(), &[], config);
