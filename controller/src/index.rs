@@ -13,9 +13,10 @@
 //! The index remembers each Pod's last matches, so a Pod whose labels change is
 //! reported to the Services it left as well as those it joined.
 //!
-//! It holds the stores' own objects (`Arc`s), not copies of their labels and
+//! It holds the Service store's own objects (`Arc`s), not copies of their
 //! selectors: a copied map of one or two labels costs a BTreeMap node of eleven
-//! entries, ~600 bytes per Pod and per Service (6 MiB of `make bench`'s B).
+//! entries, ~600 bytes per Service. The Pod store keeps Pods packed, so the
+//! index keeps each Pod's labels as a sorted list in one allocation.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -43,8 +44,8 @@ struct NamespaceIndex {
     services: HashMap<Name, (Arc<Service>, Pair)>,
     /// Label pair → Services indexed under it.
     services_by_pair: HashMap<Pair, HashSet<Name>>,
-    /// Pod name → the Pod (its labels).
-    pods: HashMap<Name, Arc<StoredPod>>,
+    /// Pod name → its labels.
+    pods: HashMap<Name, PodLabels>,
     /// Label pair → Pods carrying it.
     pods_by_pair: HashMap<Pair, HashSet<Name>>,
     /// Service name → Pods it selects.
@@ -66,6 +67,32 @@ fn selector_of(svc: &Service) -> &BTreeMap<String, String> {
 fn labels_of(pod: &StoredPod) -> &BTreeMap<String, String> {
     static NONE: BTreeMap<String, String> = BTreeMap::new();
     pod.metadata.labels.as_ref().unwrap_or(&NONE)
+}
+
+/// A Pod's labels as the index keeps them: pairs sorted by key, in one
+/// allocation. The Pod store keeps Pods packed (`crate::packed`), so the index
+/// holds a copy, and a BTreeMap copy would take a node of eleven entries
+/// (~560 bytes) for one label.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PodLabels(Box<[Pair]>);
+
+impl PodLabels {
+    fn of(labels: &BTreeMap<String, String>) -> Self {
+        PodLabels(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        let at = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
+        Some(self.0[at].1.as_str())
+    }
+
+    fn is(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0.len() == labels.len() && self.0.iter().zip(labels).all(|((k, v), (k2, v2))| k == k2 && v == v2)
+    }
+
+    fn selected_by(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector::matches_by(selector, |key| self.get(key))
+    }
 }
 
 impl SelectorIndex {
@@ -97,7 +124,7 @@ impl SelectorIndex {
             .get(&pair)
             .into_iter()
             .flatten()
-            .filter(|pod| ns.pods.get(*pod).is_some_and(|p| selects(selector, labels_of(p))))
+            .filter(|pod| ns.pods.get(*pod).is_some_and(|labels| labels.selected_by(selector)))
             .cloned()
             .collect();
         for pod in &members {
@@ -117,16 +144,12 @@ impl SelectorIndex {
     /// Records a Pod (its labels); returns every Service whose membership the Pod
     /// was or is in (left, joined or stayed: a stayed Service must re-sync because
     /// the Pod's status may have changed).
-    pub fn upsert_pod(&mut self, namespace: &str, name: &str, pod: &Arc<StoredPod>) -> BTreeSet<String> {
+    pub fn upsert_pod(&mut self, namespace: &str, name: &str, pod: &StoredPod) -> BTreeSet<String> {
         let labels = labels_of(pod);
         let ns = self.namespaces.entry(namespace.to_string()).or_default();
         let mut affected: BTreeSet<String> =
             ns.memberships.get(name).into_iter().flatten().cloned().collect();
-        let known = ns.pods.get_mut(name);
-        if let Some(old) = known.filter(|old| labels_of(old) == labels) {
-            // The new object, so the old one is not kept alive here.
-            *old = Arc::clone(pod);
-        } else {
+        if !ns.pods.get(name).is_some_and(|old| old.is(labels)) {
             ns.remove_pod(name);
             for pair in labels.iter() {
                 ns.pods_by_pair.entry((pair.0.clone(), pair.1.clone())).or_default().insert(name.to_string());
@@ -145,7 +168,7 @@ impl SelectorIndex {
             for svc in &joined {
                 ns.members.entry(svc.clone()).or_default().insert(name);
             }
-            ns.pods.insert(name.to_string(), Arc::clone(pod));
+            ns.pods.insert(name.to_string(), PodLabels::of(labels));
             affected.extend(joined.iter().cloned());
             if !joined.is_empty() {
                 ns.memberships.insert(name.to_string(), joined.into_iter().collect());
@@ -202,13 +225,12 @@ impl NamespaceIndex {
     }
 
     fn remove_pod(&mut self, name: &str) {
-        if let Some(pod) = self.pods.remove(name) {
-            for (k, v) in labels_of(&pod) {
-                let pair = (k.clone(), v.clone());
-                if let Some(set) = self.pods_by_pair.get_mut(&pair) {
+        if let Some(labels) = self.pods.remove(name) {
+            for pair in labels.0.iter() {
+                if let Some(set) = self.pods_by_pair.get_mut(pair) {
                     set.remove(name);
                     if set.is_empty() {
-                        self.pods_by_pair.remove(&pair);
+                        self.pods_by_pair.remove(pair);
                     }
                 }
             }
@@ -294,23 +316,35 @@ mod tests {
     }
 
     #[test]
-    fn the_index_holds_the_newest_objects_and_no_copy_of_an_old_one() {
+    fn the_index_holds_the_newest_service_and_only_the_labels_of_a_pod() {
         let mut idx = SelectorIndex::default();
         let (svc_v1, svc_v2) = (
             mk_service("ns", "web", Some(&l(&[("app", "web")]))),
             mk_service("ns", "web", Some(&l(&[("app", "web")]))),
         );
-        let (pod_v1, pod_v2) = (pod(Some(&l(&[("app", "web")]))), pod(Some(&l(&[("app", "web")]))));
+        let pod_v1 = pod(Some(&l(&[("app", "web")])));
         idx.upsert_service(&svc_v1);
         idx.upsert_pod("ns", "p", &pod_v1);
-        assert_eq!((Arc::strong_count(&svc_v1), Arc::strong_count(&pod_v1)), (2, 2), "held, not copied");
+        assert_eq!((Arc::strong_count(&svc_v1), Arc::strong_count(&pod_v1)), (2, 1), "Service held, Pod not");
+        let held = &idx.namespaces["ns"].pods["p"];
+        assert_eq!(held, &PodLabels(Box::new([("app".to_string(), "web".to_string())])));
         idx.upsert_service(&svc_v2);
-        assert_eq!(idx.upsert_pod("ns", "p", &pod_v2), BTreeSet::from(["web".to_string()]));
-        assert_eq!((Arc::strong_count(&svc_v1), Arc::strong_count(&pod_v1)), (1, 1), "old versions released");
-        assert_eq!((Arc::strong_count(&svc_v2), Arc::strong_count(&pod_v2)), (2, 2));
-        idx.remove_pod("ns", "p");
+        assert_eq!(Arc::strong_count(&svc_v1), 1, "old version released");
+        assert_eq!(Arc::strong_count(&svc_v2), 2);
         idx.remove_service("ns", "web");
-        assert_eq!((Arc::strong_count(&svc_v2), Arc::strong_count(&pod_v2)), (1, 1), "forgotten");
+        assert_eq!(Arc::strong_count(&svc_v2), 1, "forgotten");
+    }
+
+    #[test]
+    fn kept_labels_read_as_the_map_they_were_copied_from() {
+        let map = l(&[("app", "web"), ("tier", "fe"), ("v", "2")]);
+        let kept = PodLabels::of(&map);
+        assert!(kept.is(&map));
+        assert!(!kept.is(&l(&[("app", "web"), ("tier", "fe")])));
+        assert!(!kept.is(&l(&[("app", "web"), ("tier", "be"), ("v", "2")])));
+        assert_eq!((kept.get("tier"), kept.get("zone")), (Some("fe"), None));
+        assert!(kept.selected_by(&l(&[("tier", "fe"), ("app", "web")])));
+        assert!(!kept.selected_by(&l(&[("tier", "fe"), ("zone", "a")])));
     }
 
     fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {

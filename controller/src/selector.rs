@@ -51,7 +51,13 @@ pub fn mismatches<'a>(
 /// Equality-based match (Go `labels.SelectorFromSet`): every pair is a label.
 /// Callers pass [`service_selector`]'s result, so an empty selector never gets here.
 pub fn matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
-    mismatches(selector, labels).next().is_none()
+    matches_by(selector, |key| labels.and_then(|l| l.get(key)).map(String::as_str))
+}
+
+/// [`matches`] against labels kept in another form, read through `label` (a
+/// label's value by key).
+pub fn matches_by<'a>(selector: &BTreeMap<String, String>, label: impl Fn(&str) -> Option<&'a str>) -> bool {
+    selector.iter().all(|(key, wanted)| label(key) == Some(wanted.as_str()))
 }
 
 /// The Pods this Service selects, deduplicated by namespace/name and sorted, so
@@ -87,6 +93,18 @@ mod tests {
 
     fn svc(selector: Option<BTreeMap<String, String>>) -> Service {
         Service { spec: Some(ServiceSpec { selector, ..Default::default() }), ..Default::default() }
+    }
+
+    proptest::proptest! {
+        /// `matches_by` reads the rule as `mismatches` does: a match is no mismatch.
+        #[test]
+        fn matching_through_a_lookup_agrees_with_the_mismatches(
+            selector in proptest::collection::btree_map("[abc]", "[xy]", 1..3),
+            labels in proptest::option::of(proptest::collection::btree_map("[abc]", "[xy]", 0..3)),
+        ) {
+            let by_lookup = matches_by(&selector, |k| labels.as_ref().and_then(|l| l.get(k)).map(String::as_str));
+            proptest::prop_assert_eq!(by_lookup, mismatches(&selector, labels.as_ref()).next().is_none());
+        }
     }
 
     #[test]

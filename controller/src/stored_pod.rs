@@ -6,86 +6,87 @@
 //! a trimmed `k8s_openapi` Pod: its structs are sized for every field even when
 //! empty (a `Container` is 2.3 KiB, a `Pod` 2.4 KiB), so a trimmed Pod still took
 //! about 6 KiB, the largest share of svcplane's memory. A `StoredPod` takes about
-//! a quarter of that. The planners read `StoredPod` directly, so a sync borrows
-//! its members from the store and copies nothing; `svcplane explain` and the
-//! differential tests list Pods as `StoredPod` too.
+//! a third of that, and the store keeps it packed as its JSON
+//! ([`crate::packed`]), half again: a sync decodes its members. The planners
+//! read `StoredPod` directly; `svcplane explain` and the differential tests list
+//! Pods as `StoredPod` too.
 
 use k8s_openapi::{
     api::core::v1::{ContainerPort, Pod, PodIP},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use kube::Resource;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A Pod with only what the endpoint controllers read.
-#[derive(Resource, Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Resource, Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[resource(inherit = Pod)]
 pub struct StoredPod {
     /// Metadata (trimmed by [`StoredPod::trim`]).
     pub metadata: ObjectMeta,
     /// Containers, hostname, subdomain, node.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<StoredPodSpec>,
     /// Phase, IPs, the Ready condition.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<StoredPodStatus>,
 }
 
 /// The part of `spec` kept.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredPodSpec {
     /// Containers: names and ports.
     #[serde(default)]
     pub containers: Vec<StoredContainer>,
     /// Restartable (sidecar) init containers only, after [`StoredPod::trim`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_containers: Option<Vec<StoredContainer>>,
     /// `spec.hostname`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// `spec.subdomain`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subdomain: Option<String>,
     /// `spec.nodeName`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
 }
 
 /// A container's name, ports and restart policy (sidecars have `Always`).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredContainer {
     /// Name.
     pub name: String,
     /// Ports (named target ports resolve against them).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<ContainerPort>>,
     /// `Always` for a sidecar init container.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<String>,
 }
 
 /// The part of `status` kept.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredPodStatus {
     /// `status.phase`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// `status.podIP`.
-    #[serde(default, rename = "podIP")]
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
     pub pod_ip: Option<String>,
     /// `status.podIPs`.
-    #[serde(default, rename = "podIPs")]
+    #[serde(default, rename = "podIPs", skip_serializing_if = "Option::is_none")]
     pub pod_ips: Option<Vec<PodIP>>,
     /// Conditions; only Ready after [`StoredPod::trim`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<Vec<StoredCondition>>,
 }
 
 /// A condition's type, status and transition time.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredCondition {
     /// Condition type.
@@ -94,7 +95,7 @@ pub struct StoredCondition {
     /// `True`, `False` or `Unknown`.
     pub status: String,
     /// When it last changed (the endpoints' trigger time).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
 }
 
@@ -230,6 +231,14 @@ mod tests {
         let conditions = status.conditions.as_ref().expect("conditions");
         assert_eq!(conditions.len(), 1, "only Ready");
         assert!(conditions[0].last_transition_time.is_some(), "the trigger time source");
+    }
+
+    #[test]
+    fn a_packed_pod_unpacks_to_what_the_watch_stored_before_packing() {
+        let packed: crate::packed::Packed<StoredPod> = serde_json::from_value(full_pod()).expect("packs");
+        let mut watched: StoredPod = serde_json::from_value(full_pod()).expect("stored pod");
+        watched.trim();
+        assert_eq!(packed.unpack(), watched);
     }
 
     #[test]

@@ -46,8 +46,9 @@ const LIST_PAGE: u32 = 100;
 pub struct Stores {
     /// All Services.
     pub services: Store<Service>,
-    /// All Pods (only the fields the controllers read).
-    pub pods: Store<StoredPod>,
+    /// All Pods (only the fields the controllers read), packed (read them with
+    /// [`Indexes::members`]).
+    pub pods: Store<Packed<StoredPod>>,
     /// All Nodes (what [`NodeInfo::of`] reads only).
     pub nodes: Store<Node>,
     /// Slices managed by svcplane (both managed-by values), and while migrating
@@ -98,6 +99,7 @@ impl Indexes {
         names
             .iter()
             .filter_map(|name| stores.pods.get(&ObjectRef::new(name).within(&key.namespace)))
+            .map(|packed| Arc::new(packed.unpack()))
             .collect()
     }
 
@@ -131,7 +133,7 @@ pub fn start_watches(
 ) -> (Stores, Arc<Indexes>, watch::Receiver<bool>, Vec<tokio::task::JoinHandle<()>>) {
     let indexes = Arc::new(Indexes::default());
     let (svc_reader, svc_writer) = reflector::store::<Service>();
-    let (pod_reader, pod_writer) = reflector::store::<StoredPod>();
+    let (pod_reader, pod_writer) = reflector::store::<Packed<StoredPod>>();
     let (node_reader, node_writer) = reflector::store::<Node>();
     let (slice_reader, slice_writer) = reflector::store::<Packed<EndpointSlice>>();
     let (ep_reader, ep_writer) = reflector::store::<Packed<Endpoints>>();
@@ -196,20 +198,20 @@ pub fn start_watches(
         let (indexes, queues, synced) = (indexes.clone(), queues.clone(), synced.clone());
         let stream = reflector::reflector(
             pod_writer,
-            watcher(Api::<StoredPod>::all(client.clone()), all.clone())
-                .default_backoff()
-                .modify(StoredPod::trim),
+            // Trimmed as they are packed.
+            watcher(Api::<Packed<StoredPod>>::all(client.clone()), all.clone()).default_backoff(),
         );
         tasks.push(tokio::spawn(route(stream, "pods", stores.pods.clone(), synced, move |change| {
-            let (pod, deleted) = match change {
+            let (packed, deleted) = match change {
                 Change::Applied(pod) => (pod, false),
                 Change::Deleted(pod) => (pod, true),
             };
-            let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+            let (ns, name) = (packed.namespace().unwrap_or_default(), packed.name_any());
             let affected = if deleted {
                 write(&indexes.nodes).remove_pod(&ns, &name);
                 write(&indexes.selectors).remove_pod(&ns, &name)
             } else {
+                let pod = packed.unpack();
                 let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
                 write(&indexes.nodes).upsert_pod(&ns, &name, node);
                 write(&indexes.selectors).upsert_pod(&ns, &name, &pod)
