@@ -8,7 +8,8 @@
 //! port sets by key), so the plan is one of upstream's possible plans and the
 //! same inputs always give it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::stored_pod::StoredPod;
@@ -189,6 +190,7 @@ fn reconcile_by_port_mapping(
         }
     }
     writes.endpoints.added = desired.len();
+    let mut desired = placement_order(desired);
 
     // 2. Fill slices already being written, fullest first.
     if !desired.is_empty() && !to_update.is_empty() {
@@ -225,11 +227,30 @@ fn reconcile_by_port_mapping(
     writes
 }
 
-/// Moves desired endpoints into `slice` (smallest identity first) until it is full.
-fn fill(slice: &mut EndpointSlice, desired: &mut BTreeMap<EndpointIdentity, Endpoint>, max: usize) {
+/// The order new endpoints are placed in: by address as a number (then by
+/// identity). Upstream places them in Go's random map order, so this is one of
+/// its possible placements; it chooses the one that keeps endpoints likely to
+/// change together in the same slices. Pod IPAM (host-local, Calico blocks,
+/// Cilium's cluster pool) hands a Node's range out in sequence, so numeric
+/// order groups Pods by Node and, on a Node, by when they started: a rollout
+/// wave turning Ready, or a Node going away, rewrites a few slices instead of
+/// touching every one (string order would interleave `10.0.0.1`, `10.0.0.10`,
+/// `10.0.0.100`).
+fn placement_order(desired: BTreeMap<EndpointIdentity, Endpoint>) -> VecDeque<Endpoint> {
+    let mut ordered: Vec<(Option<IpAddr>, Endpoint)> = desired
+        .into_values()
+        .map(|endpoint| (endpoint.addresses.first().and_then(|a| a.parse().ok()), endpoint))
+        .collect();
+    // Stable: equal addresses keep their identity order.
+    ordered.sort_by_key(|(address, _)| *address);
+    ordered.into_iter().map(|(_, endpoint)| endpoint).collect()
+}
+
+/// Moves desired endpoints into `slice`, in placement order, until it is full.
+fn fill(slice: &mut EndpointSlice, desired: &mut VecDeque<Endpoint>, max: usize) {
     let endpoints = slice.endpoints.get_or_insert_with(Vec::new);
     while endpoints.len() < max {
-        let Some((_, endpoint)) = desired.pop_first() else {
+        let Some(endpoint) = desired.pop_front() else {
             break;
         };
         endpoints.push(endpoint);

@@ -295,6 +295,30 @@ fn many_pods_fill_three_slices() {
 }
 
 #[test]
+fn new_endpoints_are_placed_in_numeric_address_order() {
+    // Pods 0..250 get 10.1.0.1 ..= 10.1.0.250 (`mk_pod`), a Node's range handed
+    // out in sequence. In string order `10.1.0.1`, `10.1.0.10`, `10.1.0.100`
+    // come first and each slice would hold Pods from all over the range.
+    let svc = mk_service("foo");
+    let slices = synced(&svc, &mk_pods(250));
+    let mut ranges: Vec<(u32, u32)> = slices
+        .iter()
+        .map(|slice| {
+            let last_octets: Vec<u32> = slice
+                .endpoints
+                .iter()
+                .flatten()
+                .map(|e| e.addresses[0].rsplit('.').next().unwrap().parse().unwrap())
+                .collect();
+            assert!(last_octets.is_sorted(), "placed in order within a slice: {last_octets:?}");
+            (last_octets[0], *last_octets.last().unwrap())
+        })
+        .collect();
+    ranges.sort_unstable();
+    assert_eq!(ranges, [(1, 100), (101, 200), (201, 250)]);
+}
+
+#[test]
 fn some_preexisting_slices_get_one_filled_and_one_created() {
     // upstream TestReconcileEndpointSlicesSomePreexisting
     let svc = mk_service("foo");
