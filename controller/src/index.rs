@@ -13,15 +13,12 @@
 //! The index remembers each Pod's last matches, so a Pod whose labels change is
 //! reported to the Services it left as well as those it joined.
 //!
-//! It holds the Service store's own objects (`Arc`s), not copies of their
-//! selectors: a copied map of one or two labels costs a BTreeMap node of eleven
-//! entries, ~600 bytes per Service. The Pod store keeps Pods packed, so the
-//! index keeps each Pod's labels as a sorted list in one allocation.
+//! The Service and Pod stores keep their objects packed (`crate::packed`), so
+//! the index keeps copies of each Service's selector and each Pod's labels, as
+//! sorted lists in one allocation each: a copied map of one or two labels would
+//! cost a BTreeMap node of eleven entries, ~600 bytes.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    sync::Arc,
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
@@ -40,12 +37,12 @@ pub struct SelectorIndex {
 
 #[derive(Debug, Default)]
 struct NamespaceIndex {
-    /// Service name → the Service (with a selector) and the pair it is indexed under.
-    services: HashMap<Name, (Arc<Service>, Pair)>,
+    /// Service name → its selector (never empty) and the pair it is indexed under.
+    services: HashMap<Name, (Labels, Pair)>,
     /// Label pair → Services indexed under it.
     services_by_pair: HashMap<Pair, HashSet<Name>>,
     /// Pod name → its labels.
-    pods: HashMap<Name, PodLabels>,
+    pods: HashMap<Name, Labels>,
     /// Label pair → Pods carrying it.
     pods_by_pair: HashMap<Pair, HashSet<Name>>,
     /// Service name → Pods it selects.
@@ -54,31 +51,19 @@ struct NamespaceIndex {
     memberships: HashMap<Name, NameSet>,
 }
 
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector::matches(selector, Some(labels))
-}
-
-/// The selector of a Service the index holds (it holds only those with one).
-fn selector_of(svc: &Service) -> &BTreeMap<String, String> {
-    static NONE: BTreeMap<String, String> = BTreeMap::new();
-    selector::service_selector(svc).unwrap_or(&NONE)
-}
-
 fn labels_of(pod: &StoredPod) -> &BTreeMap<String, String> {
     static NONE: BTreeMap<String, String> = BTreeMap::new();
     pod.metadata.labels.as_ref().unwrap_or(&NONE)
 }
 
-/// A Pod's labels as the index keeps them: pairs sorted by key, in one
-/// allocation. The Pod store keeps Pods packed (`crate::packed`), so the index
-/// holds a copy, and a BTreeMap copy would take a node of eleven entries
-/// (~560 bytes) for one label.
+/// A Pod's labels or a Service's selector as the index keeps them: pairs sorted
+/// by key, in one allocation.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct PodLabels(Box<[Pair]>);
+struct Labels(Box<[Pair]>);
 
-impl PodLabels {
+impl Labels {
     fn of(labels: &BTreeMap<String, String>) -> Self {
-        PodLabels(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        Labels(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -90,8 +75,18 @@ impl PodLabels {
         self.0.len() == labels.len() && self.0.iter().zip(labels).all(|((k, v), (k2, v2))| k == k2 && v == v2)
     }
 
-    fn selected_by(&self, selector: &BTreeMap<String, String>) -> bool {
-        selector::matches_by(selector, |key| self.get(key))
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// As a selector: whether it selects these Pod labels.
+    fn selects(&self, labels: &Labels) -> bool {
+        selector::matches_by(self.pairs(), |key| labels.get(key))
+    }
+
+    /// As a selector: whether it selects labels kept as a map.
+    fn selects_map(&self, labels: &BTreeMap<String, String>) -> bool {
+        selector::matches_by(self.pairs(), |key| labels.get(key).map(String::as_str))
     }
 }
 
@@ -99,24 +94,24 @@ impl SelectorIndex {
     /// Records a Service's selector as [`selector::service_selector`] reads it
     /// (absent or empty: selects nothing). Returns nothing: the caller triggers the
     /// Service itself.
-    pub fn upsert_service(&mut self, svc: &Arc<Service>) {
+    pub fn upsert_service(&mut self, svc: &Service) {
         let (namespace, name) = (svc.metadata.namespace.as_deref().unwrap_or_default(), svc.name_any());
         let name = name.as_str();
         let ns = self.namespaces.entry(namespace.to_string()).or_default();
         let selector = selector::service_selector(svc);
-        if let Some((old, _)) = ns.services.get_mut(name)
-            && Some(selector_of(old)) == selector
+        if let Some((old, _)) = ns.services.get(name)
+            && selector.is_some_and(|selector| old.is(selector))
         {
-            // The new object, so the old one is not kept alive here.
-            *old = Arc::clone(svc);
             return;
         }
         ns.remove_service(name);
         let Some(selector) = selector else { return };
+        let selector = Labels::of(selector);
         let pair = selector
+            .0
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .min_by_key(|p| ns.services_by_pair.get(p).map_or(0, HashSet::len))
+            .min_by_key(|p| ns.services_by_pair.get(*p).map_or(0, HashSet::len))
+            .cloned()
             .unwrap_or_default();
         ns.services_by_pair.entry(pair.clone()).or_default().insert(name.to_string());
         let members: NameSet = ns
@@ -124,14 +119,14 @@ impl SelectorIndex {
             .get(&pair)
             .into_iter()
             .flatten()
-            .filter(|pod| ns.pods.get(*pod).is_some_and(|labels| labels.selected_by(selector)))
+            .filter(|pod| ns.pods.get(*pod).is_some_and(|labels| selector.selects(labels)))
             .cloned()
             .collect();
         for pod in &members {
             ns.memberships.entry(pod.clone()).or_default().insert(name);
         }
         ns.members.insert(name.to_string(), members);
-        ns.services.insert(name.to_string(), (Arc::clone(svc), pair));
+        ns.services.insert(name.to_string(), (selector, pair));
     }
 
     /// Forgets a Service.
@@ -160,7 +155,7 @@ impl SelectorIndex {
                     continue;
                 };
                 for svc in candidates {
-                    if ns.services.get(svc).is_some_and(|(svc, _)| selects(selector_of(svc), labels)) {
+                    if ns.services.get(svc).is_some_and(|(selector, _)| selector.selects_map(labels)) {
                         joined.insert(svc.clone());
                     }
                 }
@@ -168,7 +163,7 @@ impl SelectorIndex {
             for svc in &joined {
                 ns.members.entry(svc.clone()).or_default().insert(name);
             }
-            ns.pods.insert(name.to_string(), PodLabels::of(labels));
+            ns.pods.insert(name.to_string(), Labels::of(labels));
             affected.extend(joined.iter().cloned());
             if !joined.is_empty() {
                 ns.memberships.insert(name.to_string(), joined.into_iter().collect());
@@ -245,9 +240,15 @@ impl NamespaceIndex {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use proptest::prelude::*;
 
     use super::*;
+
+    fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+        selector::matches(selector, Some(labels))
+    }
 
     fn mk_service(namespace: &str, name: &str, selector: Option<&BTreeMap<String, String>>) -> Arc<Service> {
         let mut svc = Service::default();
@@ -316,35 +317,38 @@ mod tests {
     }
 
     #[test]
-    fn the_index_holds_the_newest_service_and_only_the_labels_of_a_pod() {
+    fn the_index_holds_copies_of_selectors_and_labels_only() {
         let mut idx = SelectorIndex::default();
-        let (svc_v1, svc_v2) = (
-            mk_service("ns", "web", Some(&l(&[("app", "web")]))),
-            mk_service("ns", "web", Some(&l(&[("app", "web")]))),
+        let svc = mk_service("ns", "web", Some(&l(&[("app", "web"), ("tier", "fe")])));
+        let pod = pod(Some(&l(&[("app", "web"), ("tier", "fe"), ("v", "2")])));
+        idx.upsert_service(&svc);
+        idx.upsert_pod("ns", "p", &pod);
+        assert_eq!((Arc::strong_count(&svc), Arc::strong_count(&pod)), (1, 1), "neither object held");
+        let ns = &idx.namespaces["ns"];
+        assert_eq!(ns.services["web"].0, Labels::of(&l(&[("app", "web"), ("tier", "fe")])));
+        assert_eq!(ns.pods["p"], Labels::of(&l(&[("app", "web"), ("tier", "fe"), ("v", "2")])));
+        idx.upsert_service(&mk_service("ns", "web", Some(&l(&[("app", "web")]))));
+        assert_eq!(
+            idx.namespaces["ns"].services["web"].0,
+            Labels::of(&l(&[("app", "web")])),
+            "the new selector"
         );
-        let pod_v1 = pod(Some(&l(&[("app", "web")])));
-        idx.upsert_service(&svc_v1);
-        idx.upsert_pod("ns", "p", &pod_v1);
-        assert_eq!((Arc::strong_count(&svc_v1), Arc::strong_count(&pod_v1)), (2, 1), "Service held, Pod not");
-        let held = &idx.namespaces["ns"].pods["p"];
-        assert_eq!(held, &PodLabels(Box::new([("app".to_string(), "web".to_string())])));
-        idx.upsert_service(&svc_v2);
-        assert_eq!(Arc::strong_count(&svc_v1), 1, "old version released");
-        assert_eq!(Arc::strong_count(&svc_v2), 2);
         idx.remove_service("ns", "web");
-        assert_eq!(Arc::strong_count(&svc_v2), 1, "forgotten");
+        assert!(idx.namespaces["ns"].services.is_empty(), "forgotten");
     }
 
     #[test]
     fn kept_labels_read_as_the_map_they_were_copied_from() {
         let map = l(&[("app", "web"), ("tier", "fe"), ("v", "2")]);
-        let kept = PodLabels::of(&map);
+        let kept = Labels::of(&map);
         assert!(kept.is(&map));
         assert!(!kept.is(&l(&[("app", "web"), ("tier", "fe")])));
         assert!(!kept.is(&l(&[("app", "web"), ("tier", "be"), ("v", "2")])));
         assert_eq!((kept.get("tier"), kept.get("zone")), (Some("fe"), None));
-        assert!(kept.selected_by(&l(&[("tier", "fe"), ("app", "web")])));
-        assert!(!kept.selected_by(&l(&[("tier", "fe"), ("zone", "a")])));
+        assert!(Labels::of(&l(&[("tier", "fe"), ("app", "web")])).selects(&kept));
+        assert!(!Labels::of(&l(&[("tier", "fe"), ("zone", "a")])).selects(&kept));
+        assert!(Labels::of(&l(&[("tier", "fe")])).selects_map(&map));
+        assert!(!Labels::of(&l(&[("tier", "be")])).selects_map(&map));
     }
 
     fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {

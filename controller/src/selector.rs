@@ -51,13 +51,17 @@ pub fn mismatches<'a>(
 /// Equality-based match (Go `labels.SelectorFromSet`): every pair is a label.
 /// Callers pass [`service_selector`]'s result, so an empty selector never gets here.
 pub fn matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
-    matches_by(selector, |key| labels.and_then(|l| l.get(key)).map(String::as_str))
+    let pairs = selector.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    matches_by(pairs, |key| labels.and_then(|l| l.get(key)).map(String::as_str))
 }
 
-/// [`matches`] against labels kept in another form, read through `label` (a
-/// label's value by key).
-pub fn matches_by<'a>(selector: &BTreeMap<String, String>, label: impl Fn(&str) -> Option<&'a str>) -> bool {
-    selector.iter().all(|(key, wanted)| label(key) == Some(wanted.as_str()))
+/// [`matches`] for a selector and labels kept in other forms: the selector as
+/// its (key, value) pairs, the labels read through `label` (a value by key).
+pub fn matches_by<'s, 'l>(
+    selector: impl IntoIterator<Item = (&'s str, &'s str)>,
+    label: impl Fn(&str) -> Option<&'l str>,
+) -> bool {
+    selector.into_iter().all(|(key, wanted)| label(key) == Some(wanted))
 }
 
 /// The Pods this Service selects, deduplicated by namespace/name and sorted, so
@@ -102,7 +106,8 @@ mod tests {
             selector in proptest::collection::btree_map("[abc]", "[xy]", 1..3),
             labels in proptest::option::of(proptest::collection::btree_map("[abc]", "[xy]", 0..3)),
         ) {
-            let by_lookup = matches_by(&selector, |k| labels.as_ref().and_then(|l| l.get(k)).map(String::as_str));
+            let pairs = selector.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            let by_lookup = matches_by(pairs, |k| labels.as_ref().and_then(|l| l.get(k)).map(String::as_str));
             proptest::prop_assert_eq!(by_lookup, mismatches(&selector, labels.as_ref()).next().is_none());
         }
     }

@@ -393,5 +393,5 @@ async fn worker(queue: Arc<queue::WorkQueue<Key>>, ctx: Arc<Context>, kind: Cont
 
 /// The Service of `key` from the store.
 pub(crate) fn service(ctx: &Context, key: &Key) -> Option<Arc<Service>> {
-    ctx.stores.services.get(&kube::runtime::reflector::ObjectRef::new(&key.name).within(&key.namespace))
+    ctx.stores.service(key)
 }

@@ -129,11 +129,12 @@ pub(super) async fn run(ctx: Arc<Context>, grace: Duration) {
         tick.tick().await;
         let now = Instant::now();
         let mut live = HashSet::new();
-        for svc in ctx.stores.services.state() {
+        for packed in ctx.stores.services.state() {
+            let svc = packed.unpack();
             if svc.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            let key = Key::of(svc.as_ref());
+            let key = Key::of(&svc);
             let pods = ctx.indexes.members(&ctx.stores, &key);
             let summary = summarize(&svc, &pods, &*super::state::read(&ctx.indexes.nodes));
             let Some(summary) = summary else {

@@ -44,8 +44,8 @@ const LIST_PAGE: u32 = 100;
 /// Reflector stores of everything the controllers read.
 #[derive(Clone)]
 pub struct Stores {
-    /// All Services.
-    pub services: Store<Service>,
+    /// All Services, packed (read them with [`Stores::service`]).
+    pub services: Store<Packed<Service>>,
     /// All Pods (only the fields the controllers read), packed (read them with
     /// [`Indexes::members`]).
     pub pods: Store<Packed<StoredPod>>,
@@ -60,6 +60,12 @@ pub struct Stores {
 }
 
 impl Stores {
+    /// The Service named as `key`, from the store.
+    pub fn service(&self, key: &Key) -> Option<Arc<Service>> {
+        let packed = self.services.get(&ObjectRef::new(&key.name).within(&key.namespace))?;
+        Some(Arc::new(packed.unpack()))
+    }
+
     /// The Endpoints named as `key`, from the store.
     pub fn endpoints_of(&self, key: &Key) -> Option<Arc<Endpoints>> {
         let packed = self.endpoints.get(&ObjectRef::new(&key.name).within(&key.namespace))?;
@@ -132,7 +138,7 @@ pub fn start_watches(
     migration: Migration,
 ) -> (Stores, Arc<Indexes>, watch::Receiver<bool>, Vec<tokio::task::JoinHandle<()>>) {
     let indexes = Arc::new(Indexes::default());
-    let (svc_reader, svc_writer) = reflector::store::<Service>();
+    let (svc_reader, svc_writer) = reflector::store::<Packed<Service>>();
     let (pod_reader, pod_writer) = reflector::store::<Packed<StoredPod>>();
     let (node_reader, node_writer) = reflector::store::<Node>();
     let (slice_reader, slice_writer) = reflector::store::<Packed<EndpointSlice>>();
@@ -165,14 +171,14 @@ pub fn start_watches(
         let (indexes, queues, synced) = (indexes.clone(), queues.clone(), synced.clone());
         let stream = reflector::reflector(
             svc_writer,
-            watcher(Api::<Service>::all(client.clone()), all.clone())
-                .default_backoff()
-                .modify(trim::trim_service),
+            // Trimmed as they are packed.
+            watcher(Api::<Packed<Service>>::all(client.clone()), all.clone()).default_backoff(),
         );
         tasks.push(tokio::spawn(route(stream, "services", stores.services.clone(), synced, move |change| {
             match change {
-                Change::Applied(svc) => {
-                    let key = Key::of(svc.as_ref());
+                Change::Applied(packed) => {
+                    let svc = packed.unpack();
+                    let key = Key::of(&svc);
                     write(&indexes.selectors).upsert_service(&svc);
                     let mut auto = write(&indexes.topology_auto);
                     if topology_hints_enabled(&svc) {
@@ -183,8 +189,8 @@ pub fn start_watches(
                     drop(auto);
                     queues.all(&key);
                 }
-                Change::Deleted(svc) => {
-                    let key = Key::of(svc.as_ref());
+                Change::Deleted(packed) => {
+                    let key = Key::of(packed.as_ref());
                     write(&indexes.selectors).remove_service(&key.namespace, &key.name);
                     write(&indexes.topology_auto).remove(&key);
                     queues.all(&key);
