@@ -56,22 +56,65 @@ async fn converge_with(
 ) -> Pair {
     let api: Api<EndpointSlice> = ns.api();
     eventually(&format!("svcplane's slices of {}/{svc} to equal upstream's", ns.name), CONVERGE, || {
-        let api = api.clone();
-        let expect = &expect;
-        async move {
-            let upstream = normalize(&slices_of(&api, svc, upstream_by).await);
-            let svcplane = normalize(&slices_of(&api, svc, svcplane_by).await);
-            if upstream.endpoints == svcplane.endpoints
-                && upstream.labels == svcplane.labels
-                && expect(&upstream)
-            {
-                Ok(Pair { upstream, svcplane })
-            } else {
-                Err(diff(&upstream, &svcplane))
-            }
-        }
+        compare_slices(&api, svc, upstream_by, svcplane_by, &expect)
     })
     .await
+}
+
+/// One look: both controllers' slices of `svc` when they agree and `expect`
+/// holds on upstream's, else the first difference.
+async fn compare_slices(
+    api: &Api<EndpointSlice>,
+    svc: &str,
+    upstream_by: &str,
+    svcplane_by: &str,
+    expect: &impl Fn(&Normalized) -> bool,
+) -> Result<Pair, String> {
+    let upstream = normalize(&slices_of(api, svc, upstream_by).await);
+    let svcplane = normalize(&slices_of(api, svc, svcplane_by).await);
+    if upstream.endpoints == svcplane.endpoints && upstream.labels == svcplane.labels && expect(&upstream) {
+        Ok(Pair { upstream, svcplane })
+    } else {
+        Err(diff(&upstream, &svcplane))
+    }
+}
+
+/// [`converge_slices`] for a change kube-controller-manager follows only when
+/// the Service syncs for another reason: calls `nudge` (which should make both
+/// controllers sync the Service), then polls for `settle`, and repeats until
+/// [`CONVERGE`] has passed. A sync that read its Pod cache before the change
+/// arrived there (the Service and Pod watches are separate streams) is not
+/// followed by another one, so one nudge is not enough on a loaded machine.
+pub async fn converge_slices_nudged<N, F>(
+    ns: &TestNamespace,
+    svc: &str,
+    settle: Duration,
+    mut nudge: N,
+    expect: impl Fn(&Normalized) -> bool,
+) -> Pair
+where
+    N: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let api: Api<EndpointSlice> = ns.api();
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        nudge().await;
+        let settled = tokio::time::Instant::now() + settle;
+        loop {
+            match compare_slices(&api, svc, UPSTREAM, SVCPLANE, &expect).await {
+                Ok(pair) => return pair,
+                Err(last) if tokio::time::Instant::now() >= deadline => {
+                    panic!(
+                        "timed out after {CONVERGE:?} of nudges waiting for svcplane's slices of {}/{svc} to equal upstream's; last observation: {last}",
+                        ns.name
+                    )
+                }
+                Err(_) if tokio::time::Instant::now() >= settled => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
 }
 
 fn diff(upstream: &Normalized, svcplane: &Normalized) -> String {

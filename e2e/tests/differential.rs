@@ -7,13 +7,17 @@
 //! Endpoints are compared between kube-controller-manager's object and svcplane's
 //! planner run on the same live objects (one Endpoints object per Service can exist).
 
+use std::time::Duration;
+
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use svcplane_e2e::{
     ControlPlaneOptions, TestNamespace,
-    differential::{CONVERGE, converge_endpoints, converge_mirrored, converge_slices},
+    differential::{
+        CONVERGE, converge_endpoints, converge_mirrored, converge_slices, converge_slices_nudged,
+    },
     fixtures::{ensure_node, mk_pod, mk_port, mk_service, set_pod_phase, set_pod_ready},
     shared_with,
     slices::Normalized,
@@ -588,27 +592,30 @@ async fn d37_pending_pod_with_an_ip_is_a_not_ready_endpoint() {
     // keeps the finished Pod until its Service syncs for another reason; svcplane
     // syncs on any change of a member and drops it at once (a deliberate
     // difference). A Service label change makes both sync; then they agree.
-    let touch = |n: &'static str| {
+    let touches = std::sync::atomic::AtomicUsize::new(0);
+    let touch = || {
         let services = ns.api::<Service>();
+        let n = touches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         async move {
             services
                 .patch(
                     "s",
                     &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"labels": {"sync": n}}})),
+                    &Patch::Merge(json!({"metadata": {"labels": {"sync": n.to_string()}}})),
                 )
                 .await
                 .expect("touch the Service");
         }
     };
-    touch("1").await;
-    converge_slices(&ns, "s", count(1)).await;
-    // The Service and Pod watches are separate streams: the Endpoints
-    // controller's sync for the touch may read its Pod cache before the phase
-    // change arrived, and then nothing syncs it again (a CI run saw this). The
-    // slices above were planned from the same shared Pod cache with the Pod
-    // finished, so a second touch now is read with it.
-    touch("2").await;
+    // The Service and Pod watches are separate streams: the sync for a touch may
+    // read the Pod cache before the phase change arrived, and then nothing syncs
+    // the Service again (CI runs saw this for both controllers): touched again
+    // until the slices agree.
+    converge_slices_nudged(&ns, "s", Duration::from_secs(5), touch, count(1)).await;
+    // The slices were planned from kube-controller-manager's shared Pod cache
+    // with the Pod finished, so the Endpoints controller's sync for one more
+    // touch reads it too.
+    touch().await;
     converge_endpoints(&ns, "s", |_| true).await;
 }
 
