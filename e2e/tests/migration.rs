@@ -535,10 +535,11 @@ async fn shadow_then_take_over_out_of_order_then_in_order_then_hand_back() {
     // Blocked: both managers keep their slices, so every Service ends up served by both.
     eventually("both managers' slices of every Service", STEP, || async {
         let slices = sampler.timeline.lock().unwrap_or_else(|p| p.into_inner()).slices.clone();
-        let partial: Vec<&String> = expected
+        // Each Service missing a manager, with (upstream's, svcplane's) coverage.
+        let partial: Vec<(&String, (bool, bool))> = expected
             .iter()
-            .filter(|(s, want)| coverage(&slices, s, want) != (true, true))
-            .map(|(s, _)| s)
+            .map(|(s, want)| (s, coverage(&slices, s, want)))
+            .filter(|(_, covered)| *covered != (true, true))
             .collect();
         if partial.is_empty() { Ok(()) } else { Err(format!("{partial:?}")) }
     })

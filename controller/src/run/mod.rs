@@ -150,6 +150,9 @@ pub struct Context {
     pub takeover_guard: TakeOverGuard,
     /// The failure Events' rate bound.
     pub failure_events: apply::FailureEvents,
+    /// Services the endpointslice controller synced since the `NoReadyEndpoints`
+    /// sweep last looked.
+    pub synced_since_sweep: no_ready::SyncedSinceSweep,
 }
 
 /// One token bucket per controller, as kube-controller-manager gives each
@@ -261,6 +264,7 @@ pub async fn run(
         shadow: ShadowBook::default(),
         takeover_guard: TakeOverGuard::default(),
         failure_events: Default::default(),
+        synced_since_sweep: Default::default(),
     });
 
     let mut shutdown = std::pin::pin!(shutdown);

@@ -34,6 +34,7 @@ use crate::{
 pub async fn slices(key: &Key, ctx: &Context) -> Result<(), Error> {
     let kind = ControllerKind::endpointslice;
     let mut timer = ctx.metrics.sync(kind.clone());
+    ctx.synced_since_sweep.record(key);
     let existing = ctx.indexes.slices_of(&ctx.stores, key, &ctx.slice_config.managed_by);
     let observed = observed(&existing);
     if behind(ctx, &kind, key, &observed, &mut timer) {
